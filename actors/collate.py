@@ -1,0 +1,44 @@
+"""Stack per-item model inputs into one batch, exactly as the processor would have batched them.
+
+Text is left-padded (batched logits then equal single ones). Audio features and image crops are padded
+the processor's way (zeros; masks), but the scheduler only batches equal audio lengths and equal crop
+counts, because the audio encoder does not mask its padding (see NOTES-phi4mm.md): equal shapes make
+batched output equal unbatched output by construction.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _pad_stack(arrays: list[np.ndarray], value: float = 0.0) -> np.ndarray:
+    """Right-pad along the first axis to the longest and stack."""
+    longest = max(a.shape[0] for a in arrays)
+    out = np.full((len(arrays), longest, *arrays[0].shape[1:]), value, dtype=arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        out[i, : a.shape[0]] = a
+    return out
+
+
+def collate(items: list[dict[str, np.ndarray]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    lengths = [len(it["input_ids"]) for it in items]
+    longest = max(lengths)
+    input_ids = np.full((len(items), longest), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(items), longest), dtype=np.int64)
+    for i, it in enumerate(items):
+        input_ids[i, longest - lengths[i]:] = it["input_ids"]
+        attention_mask[i, longest - lengths[i]:] = 1
+    batch: dict[str, np.ndarray] = {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    if "audio_input_features" in items[0]:
+        feats = [it["audio_input_features"] for it in items]
+        batch["audio_input_features"] = _pad_stack(feats)
+        batch["audio_embed_sizes"] = np.stack([np.asarray(it["audio_embed_sizes"]) for it in items])
+        frames = [f.shape[0] for f in feats]
+        if len(items) > 1 and len(set(frames)) > 1:  # the processor adds this mask only for ragged batches
+            batch["audio_attention_mask"] = np.arange(max(frames))[None, :] < np.asarray(frames)[:, None]
+    if "image_pixel_values" in items[0]:
+        batch["image_pixel_values"] = _pad_stack([it["image_pixel_values"] for it in items], 0.0)
+        batch["image_attention_mask"] = _pad_stack([it["image_attention_mask"] for it in items], 1)
+        batch["image_sizes"] = np.stack([it["image_sizes"] for it in items])
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}

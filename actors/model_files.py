@@ -1,0 +1,13 @@
+"""Where this node finds the checkpoint: resolved once per node by whichever stage needs it first."""
+from __future__ import annotations
+
+from schemas.config import JobConfig
+
+
+def local_model_dir(config: JobConfig) -> str:
+    """A local folder holding the checkpoint (hub snapshot, s3:// copy, or the folder given)."""
+    from actors.model_source import resolve_model
+    from pipeline.storage import StorageOptions
+
+    return resolve_model(config.model.source, revision=config.model.resolved_revision(),
+                         cache_dir=config.model.cache_dir, options=StorageOptions(endpoint_url=config.s3_endpoint))

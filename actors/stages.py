@@ -1,0 +1,115 @@
+"""GPU stages: Ray Data actor classes that each hold one model replica for one modality.
+
+A stage receives work items (pipeline/work_items.py) as a pyarrow Table, generates for the rows of its
+modality that carry no error, and passes every other row through untouched, so no row is ever dropped.
+A batch that fails is retried one row at a time; a row that still fails becomes an error row.
+"""
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.config import JobConfig
+
+log = logging.getLogger(__name__)
+
+
+class ModelStage:
+    """`__call__(batch)` -> the batch with `text`, `output_tokens`, `latency_s` (and `error`) filled."""
+
+    modality: str = ""
+
+    def __init__(self, config_json: str):
+        from actors.engine import Phi4MMEngine
+        from actors.model_files import local_model_dir
+
+        self.config = JobConfig.model_validate_json(config_json)
+        self.engine = Phi4MMEngine(local_model_dir(self.config), self.modality, self.config.model,
+                                   self.config.batching)
+
+    @classmethod
+    def ray_options(cls, config: JobConfig, cluster_gpus: float) -> dict:
+        """Resources declared by the stage: GPUs per replica and the pool size range."""
+        res = config.resources
+        gpus = res.gpus_per_replica if cluster_gpus > 0 else 0.0
+        if gpus > 0:
+            fit = max(1, int(cluster_gpus / gpus))
+            high = min(res.max_replicas or fit, fit)
+        else:
+            high = res.max_replicas or 1
+        low = min(res.min_replicas, high)
+        return {"num_gpus": gpus, "concurrency": (low, high) if high > low else high,
+                "batch_size": config.batching.rows_per_call}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipeline.model_inputs import decode_item
+
+        mine = pc.and_(pc.equal(batch["modality"], self.modality), pc.is_null(batch["error"])).to_pylist()
+        rows = [i for i, m in enumerate(mine) if m]
+        n = batch.num_rows
+        text: list[str | None] = batch["text"].to_pylist()
+        out_tokens: list[int | None] = batch["output_tokens"].to_pylist()
+        latency: list[float | None] = batch["latency_s"].to_pylist()
+        error: list[str | None] = batch["error"].to_pylist()
+        if rows:
+            blobs = batch["model_inputs"].to_pylist()
+            items = {i: decode_item(blobs[i]) for i in rows}
+            buckets = batch["bucket"].to_pylist()
+            in_tokens = batch["input_tokens"].to_pylist()
+            tasks = batch["task"].to_pylist()
+            limits = self.config.generation.max_new_tokens
+            max_new = {i: limits.get(tasks[i], 256) for i in rows}
+            plan = self.engine.plan_batches([buckets[i] for i in rows], [in_tokens[i] for i in rows],
+                                            [max_new[i] for i in rows])
+            for group in plan:
+                idx = [rows[j] for j in group]
+                for i, gen in self._generate(idx, items, max_new[idx[0]], batch["id"]):
+                    if isinstance(gen, Exception):
+                        error[i] = f"{batch['id'][i].as_py()}: generation failed ({type(gen).__name__}: {gen})"
+                    else:
+                        text[i], out_tokens[i], latency[i] = gen.text, len(gen.token_ids), gen.latency_s
+        batch = batch.drop_columns(["model_inputs"]).append_column("model_inputs", pa.nulls(n, pa.binary()))
+        for name, values, typ in (("text", text, pa.string()), ("output_tokens", out_tokens, pa.int64()),
+                                  ("latency_s", latency, pa.float64()), ("error", error, pa.string())):
+            batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, typ))
+        return batch
+
+    def _generate(self, idx: list[int], items: dict, max_new: int, ids):
+        min_new = min(self.config.generation.min_new_tokens, max_new)
+        try:
+            gens = self.engine.generate_batch([items[i] for i in idx], max_new, min_new)
+            return list(zip(idx, gens))
+        except Exception as exc:  # noqa: BLE001 - one bad row must not sink its batch
+            if len(idx) == 1:
+                log.warning("generation failed for %s: %s", ids[idx[0]], exc)
+                return [(idx[0], exc)]
+            log.warning("batch of %d failed (%s); retrying row by row", len(idx), exc)
+            _free_cuda_cache()
+            return [pair for i in idx for pair in self._generate([i], items, max_new, ids)]
+
+
+def _free_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+class SpeechStage(ModelStage):
+    modality = "speech"
+
+
+class VisionStage(ModelStage):
+    modality = "vision"
+
+
+class TextStage(ModelStage):
+    modality = "text"
+
+
+STAGE_FOR_MODALITY = {"speech": SpeechStage, "vision": VisionStage, "text": TextStage}

@@ -1,0 +1,172 @@
+"""`phi4mm` command line (stable): transcribe, ocr, meetings, report, tiny-model, run.
+
+`python -m jobs.transcribe ...` (and jobs.ocr, jobs.meetings, jobs.report) take the same arguments, so
+`ray job submit --working-dir . -- python -m jobs.transcribe IN OUT` works on a cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from pydantic import ValidationError
+
+from schemas.config import DEFAULT_MODEL, JobConfig
+
+
+def _local_abspath(value: str) -> str:
+    """Local paths become absolute: Ray workers do not share the driver's working directory."""
+    if "://" in value or not value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
+    parser.add_argument("input", help="manifest (Parquet file/folder/glob, CSV, JSON Lines) or a media prefix")
+    parser.add_argument("output", help="output dataset folder (local or s3://)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder or s3:// prefix")
+    parser.add_argument("--model-revision", default=None)
+    parser.add_argument("--resume", action="store_true", help="skip rows already written with status=ok")
+    parser.add_argument("--run-id", default=None)
+    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (MinIO, Ceph, R2)")
+    parser.add_argument("--suffix", action="append", dest="suffixes", default=None,
+                        help="with a media prefix as input: only keys ending so (repeatable)")
+    parser.add_argument("--modified-since", default=None, help="with a media prefix: ISO date/time")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences decoded together")
+    parser.add_argument("--gpus-per-replica", type=float, default=None, help="0.5: two replicas per GPU")
+    parser.add_argument("--max-replicas", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--config", default=None, help="YAML with further JobConfig fields")
+    if job == "transcribe":
+        parser.add_argument("--translate-to", action="append", default=[], metavar="LANG",
+                            help="translate the speech too (ISO 639-1; repeatable)")
+        parser.add_argument("--summarize", action="store_true", help="also summarise each recording")
+    if job in ("transcribe", "meetings"):
+        parser.add_argument("--split-channels", action="store_true",
+                            help="stereo calls: transcribe each channel (agent/customer) separately")
+        parser.add_argument("--max-chunk-s", type=float, default=None)
+    if job == "ocr":
+        parser.add_argument("--dynamic-hd", type=int, default=None, help="crop cap per page (default 36)")
+        parser.add_argument("--pdf-dpi", type=int, default=None)
+
+
+def config_from_args(job: str, args: argparse.Namespace) -> JobConfig:
+    data: dict = {}
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            data = yaml.safe_load(f) or {}
+    data.update(job=job, input=_local_abspath(args.input), output=_local_abspath(args.output))
+    model = dict(data.get("model", {}))
+    model["source"] = _local_abspath(args.model) if os.path.exists(args.model) else args.model
+    if args.model_revision:
+        model["revision"] = args.model_revision
+    data["model"] = model
+    for key in ("resume",):
+        if getattr(args, key):
+            data[key] = True
+    for key, value in (("run_id", args.run_id), ("s3_endpoint", args.s3_endpoint),
+                       ("manifest_suffixes", args.suffixes), ("modified_since", args.modified_since)):
+        if value:
+            data[key] = value
+    _nested(data, "batching", "max_batch_size", args.batch_size)
+    _nested(data, "resources", "gpus_per_replica", args.gpus_per_replica)
+    _nested(data, "resources", "max_replicas", args.max_replicas)
+    if args.max_new_tokens:
+        data.setdefault("generation", {})["max_new_tokens"] = {
+            t: args.max_new_tokens for t in ("asr", "translate", "ocr", "summarize")}
+    if job == "transcribe":
+        data["translate_to"] = args.translate_to or data.get("translate_to", [])
+        data["summarize"] = args.summarize or data.get("summarize", False)
+    if job in ("transcribe", "meetings"):
+        if args.split_channels:
+            _nested(data, "audio", "split_channels", True)
+        _nested(data, "audio", "max_chunk_s", args.max_chunk_s)
+    if job == "ocr":
+        _nested(data, "image", "dynamic_hd", args.dynamic_hd)
+        _nested(data, "image", "pdf_dpi", args.pdf_dpi)
+    return JobConfig.model_validate(data)
+
+
+def _nested(data: dict, section: str, key: str, value) -> None:
+    if value is not None:
+        data.setdefault(section, {})[key] = value
+
+
+def run_job_main(job: str, argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"phi4mm {job}")
+    add_job_arguments(parser, job)
+    args = parser.parse_args(argv)
+    return execute(lambda: config_from_args(job, args))
+
+
+def execute(make_config) -> int:
+    """Build and validate the config, run it, print where the output is. Errors: one clear line."""
+    from pipeline.errors import InputError
+    from schemas.manifest import ManifestError
+
+    logging.basicConfig(level=os.environ.get("PHI4MM_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = make_config()
+    except ValidationError as exc:
+        print(f"phi4mm: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    from jobs.runner import run_job
+
+    try:
+        record = run_job(config)
+    except (ManifestError, InputError, ValueError, FileNotFoundError) as exc:
+        print(f"phi4mm: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"output": config.output, "run_id": record["run_id"], "counts": record["counts"],
+                      "wall_s": round(record["wall_s"], 2)}, indent=None))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = ("transcribe", "ocr", "meetings", "report", "tiny-model", "run")
+    if not argv or argv[0] not in commands:
+        print(f"usage: phi4mm {{{','.join(commands)}}} ...", file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    if command in ("transcribe", "ocr", "meetings"):
+        return run_job_main(command, rest)
+    if command == "report":
+        from jobs.report import main as report_main
+
+        return report_main(rest) or 0
+    if command == "tiny-model":
+        parser = argparse.ArgumentParser(prog="phi4mm tiny-model")
+        parser.add_argument("dir")
+        args = parser.parse_args(rest)
+        from actors.tiny_model import build_tiny_model
+
+        print(build_tiny_model(args.dir))
+        return 0
+    parser = argparse.ArgumentParser(prog="phi4mm run")
+    parser.add_argument("job_yaml")
+    args = parser.parse_args(rest)
+
+    def from_yaml() -> JobConfig:
+        import yaml
+
+        with open(args.job_yaml) as f:
+            data = yaml.safe_load(f) or {}
+        for key in ("input", "output"):
+            if key in data:
+                data[key] = _local_abspath(str(data[key]))
+        source = data.get("model", {}).get("source")
+        if source and os.path.exists(source):
+            data["model"]["source"] = _local_abspath(source)
+        return JobConfig.model_validate(data)
+
+    return execute(from_yaml)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The Ray Data graph of a job, as a flat list of declared stages.
+
+    manifest -> PrepareWork (CPU) -> <modality>Stage (GPU pool) -> assemble (groupby) ->
+    [PrepareSummaries (CPU) -> TextStage (GPU pool)] -> ResultRows (CPU) -> Parquet
+
+Only the actor stages touch a GPU; every stage passes rows it does not own through, so the row count
+only changes where a stage says so (fan-out into chunks and pages, fan-in in assembly, +1 summary).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pyarrow as pa
+
+from actors.stages import STAGE_FOR_MODALITY, TextStage
+from pipeline.assemble import PrepareSummaries, ResultRows, assemble_group
+from pipeline.prepare import MODALITY_FOR_TASK, PrepareWork
+from schemas.config import JobConfig
+
+
+def manifest_blocks(manifest: pa.Table, rows_per_block: int) -> list[pa.Table]:
+    """Small blocks so that decoding spreads over all CPU workers from the start."""
+    n = manifest.num_rows
+    return [manifest.slice(i, rows_per_block) for i in range(0, n, rows_per_block)] or [manifest]
+
+
+def cluster_resources() -> tuple[float, float]:
+    import ray
+
+    res = ray.cluster_resources()
+    return float(res.get("CPU", os.cpu_count() or 1)), float(res.get("GPU", 0))
+
+
+def build_dataset(config: JobConfig, manifest: pa.Table, model_name: str, model_revision: str | None, passthrough_schema: pa.Schema):
+    import ray
+
+    cpus, gpus = cluster_resources()
+    cfg_json = config.model_dump_json()
+    prepare_workers = max(1, min(int(cpus) - 1, math.ceil(manifest.num_rows / 2)))
+    rows_per_block = max(1, min(16, math.ceil(manifest.num_rows / (2 * prepare_workers))))
+    ds = ray.data.from_arrow(manifest_blocks(manifest, rows_per_block))
+    ds = ds.map_batches(PrepareWork, fn_constructor_args=(cfg_json,), batch_format="pyarrow",
+                        batch_size=rows_per_block, concurrency=(1, prepare_workers),
+                        num_cpus=config.resources.cpus_per_prepare_task)
+    modalities = {MODALITY_FOR_TASK[t] for t in config.tasks} - {"text"}
+    for modality in sorted(modalities):
+        stage = STAGE_FOR_MODALITY[modality]
+        ds = ds.map_batches(stage, fn_constructor_args=(cfg_json,), batch_format="pyarrow",
+                            **stage.ray_options(config, gpus))
+    ds = ds.groupby("group_key").map_groups(assemble_group, batch_format="pyarrow")
+    if "summarize" in config.tasks:
+        ds = ds.map_batches(PrepareSummaries, fn_constructor_args=(cfg_json,),
+                            batch_format="pyarrow", batch_size=64, concurrency=1)
+        ds = ds.map_batches(TextStage, fn_constructor_args=(cfg_json,), batch_format="pyarrow",
+                            **TextStage.ray_options(config, gpus))
+    ds = ds.map_batches(ResultRows, fn_constructor_args=(cfg_json, model_name, model_revision,
+                                                         passthrough_schema),
+                        batch_format="pyarrow", batch_size=1024, concurrency=1)
+    return ds

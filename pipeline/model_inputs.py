@@ -1,0 +1,79 @@
+"""Model inputs built on CPU, one item at a time, with the checkpoint's own processor.
+
+The GPU actor only stacks them (`actors/collate.py`): feature extraction, image crops and tokenisation
+never run on the GPU's critical path. An item travels through Ray as one pickled dict of numpy arrays
+(`encode_item` / `decode_item`), which keeps arbitrary shapes out of Arrow's tensor types.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.prompts import chat_messages
+
+SAMPLE_RATE = 16000
+
+
+def load_processor(model_dir: str):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    # transformers 5.17 drops the processor's chat template on reload; the tokenizer keeps the same one
+    if getattr(processor, "chat_template", None) is None:
+        processor.chat_template = processor.tokenizer.chat_template
+    return processor
+
+
+@dataclass(frozen=True)
+class BuiltItem:
+    inputs: dict[str, np.ndarray]  # per-item arrays, no batch dimension
+    bucket: str  # items batch together only within one bucket (equal audio length / crop count)
+    input_tokens: int
+
+
+def encode_item(inputs: dict[str, np.ndarray]) -> bytes:
+    return pickle.dumps(inputs, protocol=5)
+
+
+def decode_item(blob: bytes) -> dict[str, np.ndarray]:
+    return pickle.loads(blob)
+
+
+class InputBuilder:
+    """Turns (media, instruction) into the processor's per-item arrays."""
+
+    def __init__(self, model_dir: str, system_prompt: str | None = None, dynamic_hd: int | None = None):
+        self.processor = load_processor(model_dir)
+        self.system_prompt = system_prompt
+        self.dynamic_hd = dynamic_hd
+
+    def prompt(self, instruction: str, media: str | None) -> str:
+        return self.processor.apply_chat_template(
+            chat_messages(instruction, media, self.system_prompt), add_generation_prompt=True, tokenize=False)
+
+    def _run(self, prompt: str, **media) -> dict[str, np.ndarray]:
+        out = self.processor(text=[prompt], return_tensors="pt", **media)
+        return {k: v[0].numpy() for k, v in out.items() if hasattr(v, "numpy")}
+
+    def audio(self, audio: np.ndarray, instruction: str) -> BuiltItem:
+        inputs = self._run(self.prompt(instruction, "audio"), audio=[audio], sampling_rate=SAMPLE_RATE)
+        inputs.pop("attention_mask", None)  # rebuilt when batching
+        inputs.pop("audio_attention_mask", None)
+        frames = inputs["audio_input_features"].shape[0]
+        return BuiltItem(inputs, f"audio:{frames}", int(inputs["input_ids"].shape[0]))
+
+    def image(self, image, instruction: str) -> BuiltItem:
+        kwargs = {"images": [image]}
+        if self.dynamic_hd is not None:
+            kwargs["dynamic_hd"] = self.dynamic_hd
+        inputs = self._run(self.prompt(instruction, "image"), **kwargs)
+        inputs.pop("attention_mask", None)
+        crops = inputs["image_pixel_values"].shape[0]
+        return BuiltItem(inputs, f"image:{crops}", int(inputs["input_ids"].shape[0]))
+
+    def text(self, instruction: str) -> BuiltItem:
+        inputs = self._run(self.prompt(instruction, None))
+        inputs.pop("attention_mask", None)
+        return BuiltItem(inputs, "text", int(inputs["input_ids"].shape[0]))

@@ -1,0 +1,157 @@
+"""CPU stage: manifest rows -> work items (fetch, decode, segment, prompt, features).
+
+Runs in Ray tasks on CPU nodes, before the GPU actors, so a GPU never waits on decoding, resampling,
+VAD, feature extraction, image cropping or tokenisation.
+"""
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+
+from pipeline.errors import InputError
+from pipeline.model_inputs import InputBuilder, encode_item
+from pipeline.prompts import task_instruction
+from pipeline.work_items import work_item, work_table
+from schemas.config import JobConfig
+from schemas.manifest import passthrough_columns
+
+log = logging.getLogger(__name__)
+
+MODALITY_FOR_TASK = {"asr": "speech", "translate": "speech", "ocr": "vision", "summarize": "text"}
+
+
+class PrepareWork:
+    """`__call__(batch)`: a pyarrow batch of manifest rows -> a pyarrow table of work items."""
+
+    def __init__(self, config_json: str):
+        from actors.model_files import local_model_dir
+        from pipeline.storage import StorageOptions
+
+        self.config = JobConfig.model_validate_json(config_json)
+        processor_dir = local_model_dir(self.config)
+        self.storage = StorageOptions(endpoint_url=self.config.s3_endpoint)
+        self.builder = InputBuilder(processor_dir, self.config.system_prompt, self.config.image.dynamic_hd)
+        self._segmenter = None
+
+    @property
+    def segmenter(self):
+        if self._segmenter is None:  # loaded once per worker, only by audio jobs
+            from pipeline.segment import SpeechSegmenter
+
+            self._segmenter = SpeechSegmenter(max_chunk_s=self.config.audio.max_chunk_s,
+                                              grid_s=self.config.audio.grid_s)
+        return self._segmenter
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        items: list[dict] = []
+        source_rows: list[int] = []
+        rows = batch.select([c for c in ("id", "uri", "data", "kind", "language", "target_language")
+                             if c in batch.column_names]).to_pylist()
+        for i, row in enumerate(rows):
+            try:
+                made = self.prepare_row(row)
+            except InputError as exc:
+                made = self.error_items(row, str(exc))
+            except Exception as exc:  # noqa: BLE001 - a row never takes the job down
+                log.exception("preparing %s failed", row.get("id"))
+                made = self.error_items(row, f"{self.name(row)}: could not be prepared "
+                                             f"({type(exc).__name__}: {exc})")
+            items.extend(made)
+            source_rows.extend([i] * len(made))
+        keep = passthrough_columns(batch.schema)
+        return work_table(items, batch.select(keep).take(source_rows) if keep else None)
+
+    # -- per row ---------------------------------------------------------------------------------
+    @staticmethod
+    def name(row: dict) -> str:
+        return row.get("uri") or f"id {row['id']}"
+
+    def targets(self, row: dict) -> list[str]:
+        """Translation targets: the row's own target_language overrides the job's list."""
+        return [row["target_language"]] if row.get("target_language") else list(self.config.translate_to)
+
+    def speech_tasks(self, row: dict) -> list[tuple[str, str | None]]:
+        tasks: list[tuple[str, str | None]] = [("asr", None)]
+        if "translate" in self.config.tasks:
+            tasks += [("translate", t) for t in self.targets(row)]
+        return tasks
+
+    def error_items(self, row: dict, message: str) -> list[dict]:
+        """One error item per output row the input would have produced."""
+        if self.config.job == "ocr":
+            pairs = [("ocr", None)]
+        else:
+            pairs = self.speech_tasks(row)
+        return [work_item(row["id"], task, target_language=target, language=row.get("language"), error=message)
+                for task, target in pairs]
+
+    def load_bytes(self, row: dict) -> bytes:
+        from pipeline.fetch import fetch_bytes
+
+        if row.get("data") is not None:
+            return row["data"]
+        return fetch_bytes(row["uri"], self.storage)
+
+    def prepare_row(self, row: dict) -> list[dict]:
+        from pipeline.decode import sniff_kind
+
+        data = self.load_bytes(row)
+        kind = row.get("kind") or sniff_kind(data, row.get("uri"))
+        if self.config.job == "ocr":
+            if kind not in ("image", "document"):
+                raise InputError(f"{self.name(row)}: is {kind_phrase(kind)}, but the ocr job takes images "
+                                 "and documents (PNG, JPEG, TIFF, WebP, BMP, GIF, PDF)")
+            return self.document_items(row, data)
+        if kind not in ("audio", "meeting"):
+            raise InputError(f"{self.name(row)}: is {kind_phrase(kind)}, but the {self.config.job} job takes "
+                             "audio (WAV, FLAC, OGG, MP3)")
+        return self.audio_items(row, data)
+
+    def audio_items(self, row: dict, data: bytes) -> list[dict]:
+        from pipeline.decode import SAMPLE_RATE, decode_audio, decode_audio_channels
+
+        name = self.name(row)
+        cfg = self.config.audio
+        if cfg.split_channels:
+            channels = decode_audio_channels(data, name)
+            speakers = [f"channel {c + 1}" for c in range(len(channels))] if len(channels) > 1 else [None]
+        else:
+            channels, speakers = [decode_audio(data, name)], [None]
+        duration = len(channels[0]) / SAMPLE_RATE
+        if cfg.reject_no_speech and not any(self.segmenter.has_speech(a) for a in channels):
+            raise InputError(f"{name}: no speech detected in {duration:.1f} s of audio")
+        chunks = [(speaker, chunk) for audio, speaker in zip(channels, speakers)
+                  for chunk in self.segmenter.split(audio)]
+        items = []
+        for task, target in self.speech_tasks(row):
+            instruction = task_instruction(task, target)
+            for index, (speaker, chunk) in enumerate(chunks):
+                built = self.builder.audio(chunk.audio, instruction)
+                items.append(work_item(
+                    row["id"], task, target_language=target, language=row.get("language"),
+                    chunk_index=index, n_chunks=len(chunks), speaker=speaker, start_s=chunk.start_s,
+                    end_s=chunk.end_s, duration_s=duration, modality="speech", bucket=built.bucket,
+                    model_inputs=encode_item(built.inputs), input_tokens=built.input_tokens))
+        return items
+
+    def document_items(self, row: dict, data: bytes) -> list[dict]:
+        from pipeline.decode import decode_pages
+
+        cfg = self.config.image
+        pages = decode_pages(data, self.name(row), max_pixels=cfg.max_pixels, pdf_dpi=cfg.pdf_dpi,
+                             max_pages=cfg.max_pages)
+        instruction = task_instruction("ocr")
+        items = []
+        for number, image in enumerate(pages, start=1):
+            built = self.builder.image(image, instruction)
+            items.append(work_item(
+                row["id"], "ocr", language=row.get("language"), page=number, pages=len(pages),
+                modality="vision", bucket=built.bucket, model_inputs=encode_item(built.inputs),
+                input_tokens=built.input_tokens))
+        return items
+
+
+def kind_phrase(kind: str) -> str:
+    return {"image": "an image", "document": "a document", "audio": "audio", "meeting": "audio",
+            "unknown": "not a recognised audio, image or document format"}.get(kind, kind)

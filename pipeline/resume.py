@@ -1,0 +1,116 @@
+"""Resume: rerun into the same output, redo only what is missing or failed, leave every key once.
+
+Before the run, `rows_to_redo` keeps the manifest rows that lack an `ok` row for some task of this job
+(and removes files that a killed run left half-written). After the run, `drop_superseded` removes the
+older rows whose key this run wrote again (retried errors, or tasks redone with their input), so the
+dataset holds each (id, task, target_language, page) once.
+"""
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas.config import JobConfig
+from schemas.results import STATUS_OK
+
+log = logging.getLogger(__name__)
+KEY = ("id", "task", "target_language", "page")
+
+
+def _files(output: str, fs) -> list[str]:
+    from pyarrow.fs import FileSelector, FileType
+
+    try:
+        infos = fs.get_file_info(FileSelector(output, recursive=True, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    return sorted(i.path for i in infos if i.type == FileType.File and i.path.endswith(".parquet")
+                  and "/_" not in i.path[len(output):] and "/." not in i.path[len(output):])
+
+
+def _task_of(path: str) -> str | None:
+    for part in path.split("/"):
+        if part.startswith("task="):
+            return part[len("task="):]
+    return None
+
+
+def _read(path: str, fs, columns: list[str] | None = None) -> pa.Table | None:
+    try:
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f, columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        log.warning("resume: %s is unreadable (%s), a killed write: removing it", path, exc)
+        fs.delete_file(path)
+        return None
+    return table.append_column("task", pa.array([_task_of(path)] * table.num_rows, pa.string()))
+
+
+def existing_keys(output: str, fs) -> pa.Table:
+    tables = [t for p in _files(output, fs) if (t := _read(p, fs, ["id", "target_language", "page",
+                                                                    "status", "run_id"])) is not None]
+    if not tables:
+        return pa.table({"id": pa.array([], pa.string()), "task": pa.array([], pa.string()),
+                         "status": pa.array([], pa.string())})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def rows_to_redo(manifest: pa.Table, config: JobConfig, storage) -> pa.Table:
+    from pipeline.storage import pyarrow_filesystem
+
+    fs, path = pyarrow_filesystem(config.output, storage)
+    done = existing_keys(path, fs)
+    if done.num_rows == 0:
+        return manifest
+    ok = done.filter(pc.equal(done["status"], STATUS_OK))
+    failed_ids = set(done.filter(pc.not_equal(done["status"], STATUS_OK))["id"].to_pylist())
+    complete: set[str] | None = None
+    for task in config.tasks:
+        ids = set(ok.filter(pc.equal(ok["task"], task))["id"].to_pylist())
+        complete = ids if complete is None else complete & ids
+    if "translate" in config.tasks and config.translate_to:
+        tr = ok.filter(pc.equal(ok["task"], "translate"))
+        have = {}
+        for rid, lang in zip(tr["id"].to_pylist(), tr["target_language"].to_pylist()):
+            have.setdefault(rid, set()).add(lang)
+        wanted = set(config.translate_to)
+        complete = {i for i in complete or set() if wanted <= have.get(i, set())}
+    skip = (complete or set()) - failed_ids
+    keep = pc.invert(pc.is_in(manifest["id"], pa.array(sorted(skip), pa.string())))
+    return manifest.filter(keep)
+
+
+def drop_superseded(output: str, fs, run_id: str) -> int:
+    """Remove rows of earlier runs whose key this run wrote again. Returns how many were removed."""
+    files = _files(output, fs)
+    new_keys: set[tuple] = set()
+    for p in files:
+        if f"part-{run_id}-" in p:
+            t = _read(p, fs, ["id", "target_language", "page"])
+            if t is not None:
+                new_keys.update(zip(*(t[c].to_pylist() for c in KEY)))
+    removed = 0
+    for p in files:
+        if f"part-{run_id}-" in p or not new_keys:
+            continue
+        with fs.open_input_file(p) as f:
+            table = pq.read_table(f)
+        task = _task_of(p)
+        stale = [(rid, task, tl, pg) in new_keys for rid, tl, pg in zip(
+            table["id"].to_pylist(), table["target_language"].to_pylist(), table["page"].to_pylist())]
+        if not any(stale):
+            continue
+        kept = table.filter(pa.array([not s for s in stale]))
+        removed += table.num_rows - kept.num_rows
+        if kept.num_rows == 0:
+            fs.delete_file(p)
+            continue
+        tmp = p + ".rewrite"
+        with fs.open_output_stream(tmp) as f:
+            pq.write_table(kept, f)
+        fs.move(tmp, p)
+    return removed
+

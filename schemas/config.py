@@ -1,0 +1,134 @@
+"""Typed job configuration. Everything a run needs is here, validated before Ray or a GPU starts."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+JobName = Literal["transcribe", "ocr", "meetings"]
+SpeechTask = Literal["asr", "translate"]
+
+DEFAULT_MODEL = "microsoft/Phi-4-multimodal-instruct"
+DEFAULT_REVISION = "refs/pr/70"  # the hub branch that holds the native transformers format
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """Which checkpoint every replica loads, and how."""
+    source: str = DEFAULT_MODEL  # hub id, local folder or s3:// prefix
+    revision: str | None = None  # None: DEFAULT_REVISION for the default hub id, else the hub's default
+    cache_dir: str | None = None  # where s3:// checkpoints are copied, once per node
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    merge_adapters: bool = True  # merge the modality's LoRA into the base weights (no per-token cost)
+
+    def resolved_revision(self) -> str | None:
+        if self.revision is None and self.source == DEFAULT_MODEL:
+            return DEFAULT_REVISION
+        return self.revision
+
+
+class GenerationConfig(_Strict):
+    """Greedy decoding limits per task (the model card decodes greedily)."""
+    max_new_tokens: dict[str, int] = Field(default_factory=lambda: {
+        "asr": 256, "translate": 320, "ocr": 1024, "summarize": 512})
+    min_new_tokens: int = 0  # benchmarks set min == max to fix the work done
+
+
+class BatchingConfig(_Strict):
+    """How work is grouped on the GPU actors."""
+    rows_per_call: int = Field(64, ge=1)  # rows handed to one actor call by Ray Data
+    max_batch_size: int = Field(32, ge=1)  # sequences decoded together
+    max_batch_tokens: int = Field(65536, ge=512)  # prompt tokens in one batch (memory bound)
+
+
+class AudioConfig(_Strict):
+    max_chunk_s: float = Field(30.0, gt=1.0, le=40.0)  # the model is trained on clips up to ~40 s
+    grid_s: float = Field(0.5, gt=0.0)  # chunk lengths snap to this grid so equal-length batches form
+    split_channels: bool = False  # stereo call recordings: one transcript per channel (agent/customer)
+    reject_no_speech: bool = True  # a clip where the VAD finds no speech becomes an error row
+    summarize_from_audio: bool = False  # summaries of recordings up to 30 min from the audio itself
+    max_summary_audio_s: float = 1800.0
+
+
+class ImageConfig(_Strict):
+    max_pixels: int = Field(40_000_000, ge=10_000)  # decompression-bomb guard per page
+    pdf_dpi: int = Field(150, ge=36, le=600)
+    max_pages: int | None = Field(None, ge=1)
+    dynamic_hd: int = Field(36, ge=1, le=64)  # crop cap: fewer crops trade detail for speed
+
+
+class ResourcesConfig(_Strict):
+    """Actor pools: Ray Data sizes them between min and max from the cluster's resources."""
+    gpus_per_replica: float = Field(1.0, ge=0.0)  # 0.5 puts two replicas on one GPU; 0 runs on CPU
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int | None = Field(None, ge=1)  # None: as many as the cluster has GPUs for
+    cpus_per_prepare_task: float = Field(1.0, gt=0.0)
+
+
+class JobConfig(_Strict):
+    """One run of one job. `phi4mm run JOB.yaml` reads this from YAML; the subcommands build it."""
+    job: JobName
+    input: str
+    output: str
+    translate_to: list[str] = Field(default_factory=list)
+    summarize: bool = False
+    resume: bool = False
+    run_id: str = Field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+                        + "-" + uuid.uuid4().hex[:6])
+    system_prompt: str | None = None
+    s3_endpoint: str | None = None
+    manifest_suffixes: list[str] | None = None
+    modified_since: datetime | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    audio: AudioConfig = Field(default_factory=AudioConfig)
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @field_validator("translate_to")
+    @classmethod
+    def _languages(cls, value: list[str]) -> list[str]:
+        from pipeline.prompts import language_name
+
+        out = []
+        for code in value:
+            language_name(code)  # raises ValueError naming the unknown code
+            if code not in out:
+                out.append(code)
+        return out
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str) -> str:
+        if not value or any(c in value for c in "/\\ =") or value.startswith(("_", ".")):
+            raise ValueError(f"run_id {value!r} must be a plain file name (no '/', '=', spaces)")
+        return value
+
+    @model_validator(mode="after")
+    def _job_tasks(self) -> "JobConfig":
+        if self.job != "transcribe" and self.translate_to:
+            raise ValueError(f"--translate-to applies to the transcribe job, not {self.job}")
+        return self
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks this run writes, each a partition of the output."""
+        if self.job == "ocr":
+            return ["ocr"]
+        tasks = ["asr"]
+        if self.translate_to:
+            tasks.append("translate")
+        if self.summarize or self.job == "meetings":
+            tasks.append("summarize")
+        return tasks
+
+    @property
+    def media_kind(self) -> str:
+        return "document" if self.job == "ocr" else "audio"

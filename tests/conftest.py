@@ -1,0 +1,145 @@
+"""Shared fixtures: the tiny offline checkpoint, one local Ray for the session, and job runners."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+from PIL import Image
+
+import pyarrow.dataset as pads
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples"
+MAX_NEW = "12"  # new tokens per item in the CPU tests: enough to compare texts, quick on the tiny model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from actors.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-phi4mm"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def run_job(ray_session, tiny_model):
+    """Run `phi4mm <job> ...` in this process (sharing the session's Ray) and return its exit code."""
+    from jobs.cli import main
+
+    def run(job: str, manifest, output, *args: str, model: str | None = None) -> int:
+        return main([job, str(manifest), str(output), "--model", model or tiny_model, *args])
+
+    return run
+
+
+def read_output(output) -> "pyarrow.Table":  # noqa: F821
+    return pads.dataset(str(output), format="parquet", partitioning="hive",
+                        ignore_prefixes=["_", "."]).to_table()
+
+
+def copy_samples(dst: Path) -> Path:
+    """The shipped samples in a scratch folder (tests may add broken inputs beside them)."""
+    shutil.copytree(SAMPLES, dst, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    return dst
+
+
+@pytest.fixture
+def samples_copy(tmp_path) -> Path:
+    return copy_samples(tmp_path / "samples")
+
+
+def _wav_bytes(samples: np.ndarray, rate: int = 16000) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="WAV")
+    return buf.getvalue()
+
+
+def add_bad_audio_rows(folder: Path) -> list[dict]:
+    """Inputs a nightly batch really meets: a missing file, junk bytes, silence, an empty file, an image."""
+    (folder / "bad").mkdir()
+    (folder / "bad" / "junk.wav").write_bytes(b"RIFF....not really a wave file" * 10)
+    (folder / "bad" / "silent.wav").write_bytes(_wav_bytes(np.zeros(16000 * 2, dtype=np.float32)))
+    (folder / "bad" / "empty.wav").write_bytes(_wav_bytes(np.zeros(0, dtype=np.float32)))
+    Image.new("RGB", (64, 64), "white").save(folder / "bad" / "scan.png")
+    return [
+        {"id": "missing", "uri": "bad/does_not_exist.wav", "language": "en", "customer_segment": "x"},
+        {"id": "junk", "uri": "bad/junk.wav", "language": "en", "customer_segment": "x"},
+        {"id": "silent", "uri": "bad/silent.wav", "language": "en", "customer_segment": "x"},
+        {"id": "empty", "uri": "bad/empty.wav", "language": "en", "customer_segment": "x"},
+        {"id": "image", "uri": "bad/scan.png", "language": "en", "customer_segment": "x"},
+    ]
+
+
+def _png_header_claiming(width: int, height: int) -> bytes:
+    """A small valid PNG whose header claims a huge canvas (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="session")
+def transcribe_run(run_job, tmp_path_factory):
+    """The shipped calls plus broken inputs, transcribed, translated to fr and de, and summarised."""
+    samples = copy_samples(tmp_path_factory.mktemp("transcribe") / "samples")
+    good = pd.read_csv(samples / "transcribe.csv")
+    bad = pd.DataFrame(add_bad_audio_rows(samples))
+    manifest = samples / "with_bad.csv"
+    pd.concat([good, bad]).to_csv(manifest, index=False)
+    out = samples.parent / "out"
+    rc = run_job("transcribe", manifest, out, "--translate-to", "fr", "--translate-to", "de", "--summarize",
+                 "--max-new-tokens", MAX_NEW, "--run-id", "e2e-transcribe")
+    assert rc == 0
+    return samples, good, bad, out
+
+
+@pytest.fixture(scope="session")
+def meetings_run(run_job, tmp_path_factory):
+    samples = copy_samples(tmp_path_factory.mktemp("meetings") / "samples")
+    out = samples.parent / "out"
+    assert run_job("meetings", samples / "meetings.jsonl", out, "--max-new-tokens", MAX_NEW) == 0
+    return samples, out
+
+
+@pytest.fixture(scope="session")
+def ocr_run(run_job, tmp_path_factory):
+    samples = copy_samples(tmp_path_factory.mktemp("ocr") / "samples")
+    manifest = pd.read_csv(samples / "ocr.csv")
+    (samples / "bad").mkdir()
+    (samples / "bad" / "bomb.png").write_bytes(_png_header_claiming(60000, 60000))
+    (samples / "bad" / "truncated.pdf").write_bytes((samples / "docs" / "packet.pdf").read_bytes()[:300])
+    extra = pd.DataFrame([
+        {"id": "audio_given", "uri": "audio/call_0001.wav", "archive_box": "B-999"},
+        {"id": "bomb", "uri": "bad/bomb.png", "archive_box": "B-999"},
+        {"id": "truncated_pdf", "uri": "bad/truncated.pdf", "archive_box": "B-999"},
+    ])
+    path = samples / "ocr_with_bad.parquet"
+    pd.concat([manifest, extra]).to_parquet(path)
+    out = samples.parent / "out"
+    assert run_job("ocr", path, out, "--max-new-tokens", MAX_NEW, "--dynamic-hd", "4") == 0
+    return samples, manifest, extra, out
