@@ -1,0 +1,500 @@
+"""Bytes -> model-ready media: 16 kHz mono float32 audio, RGB page images.
+
+Every function here takes the raw bytes of one input plus its name (`source`, the uri or id) and either
+returns decoded media or raises `InputError` with a sentence naming that input and the cause, so a bad
+file becomes an error row and never a failed job. Nothing here touches the network or the GPU.
+
+- `sniff_kind`: which decoder an input needs (magic bytes first: extensions lie).
+- `decode_audio` / `decode_audio_channels`: soundfile (WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF, ...),
+  streamed in blocks through soxr so an hour of 44.1 kHz stereo never sits in memory at its source rate.
+- `decode_pages` / `iter_pages` / `count_pages`: Pillow for images (multi-page TIFF page by page), pypdfium2
+  for PDFs, every page flattened to RGB, with a pixel cap checked *before* pixels are decoded.
+"""
+from __future__ import annotations
+
+import io
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import PurePosixPath
+
+import numpy as np
+import soundfile as sf
+import soxr
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.errors import InputError
+
+__all__ = [
+    "SAMPLE_RATE",
+    "SILENCE_PEAK",
+    "sniff_kind",
+    "decode_audio",
+    "decode_audio_channels",
+    "decode_pages",
+    "iter_pages",
+    "count_pages",
+]
+
+SAMPLE_RATE = 16000
+"""The model's audio rate: every decoded waveform comes back at this rate."""
+
+SILENCE_PEAK = 1e-4
+"""Peak level (full scale = 1.0) under which audio counts as digital silence: about -80 dBFS."""
+
+_BLOCK_FRAMES = 1 << 20  # ~65 s at 16 kHz per read: bounds memory for long files, few Python round trips
+
+# ----------------------------------------------------------------------------------------------------
+# Kind sniffing
+# ----------------------------------------------------------------------------------------------------
+
+_AUDIO_EXT = {
+    "wav", "wave", "flac", "ogg", "oga", "opus", "mp3", "aif", "aiff", "aifc", "au", "snd", "caf",
+    "w64", "rf64", "m4a", "aac",
+}
+_IMAGE_EXT = {
+    "png", "jpg", "jpeg", "jpe", "jfif", "webp", "bmp", "dib", "gif", "tif", "tiff", "jp2", "j2k",
+    "ppm", "pgm", "pbm", "pnm",
+}
+_DOCUMENT_EXT = {"pdf"}
+
+
+def sniff_kind(data: bytes, uri: str | None = None) -> str:
+    """Return "audio", "image", "document" (PDF or multi-page TIFF) or "unknown".
+
+    Magic bytes decide first (a .wav that is really an MP3 still decodes, a .jpg that is really a PDF
+    goes to the PDF renderer); the uri's extension is only the fallback for bytes we don't recognise.
+    """
+    if _is_pdf(data):
+        return "document"
+    kind = _kind_from_magic(data)
+    if kind != "unknown":
+        return kind
+    return _kind_from_extension(uri)
+
+
+def _is_pdf(data: bytes) -> bool:
+    """A PDF header at the start, or (PDF readers allow leading junk) within the first KiB of bytes
+    that carry no other known signature."""
+    head = bytes(data[:1024])
+    if head.startswith(b"%PDF-"):
+        return True
+    return b"%PDF-" in head and _kind_from_magic(data) == "unknown"
+
+
+def _kind_from_magic(data: bytes) -> str:
+    head = bytes(data[:64])
+    if head[:4] == b"RIFF" and len(head) >= 12:
+        if head[8:12] == b"WAVE":
+            return "audio"
+        if head[8:12] == b"WEBP":
+            return "image"
+        return "unknown"
+    if head[:4] in (b"RF64", b"fLaC", b"OggS", b".snd", b"caff") or head[:4] == b"riff":  # riff: W64
+        return "audio"
+    if head[:3] == b"ID3":
+        return "audio"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "audio"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"M4A ", b"M4B "):
+        return "audio"
+    if head[:8] == b"\x89PNG\r\n\x1a\n" or head[:3] == b"\xff\xd8\xff" or head[:6] in (b"GIF87a", b"GIF89a"):
+        return "image"
+    if head[:2] == b"BM" and len(head) >= 26 and head[6:10] == b"\0\0\0\0":
+        return "image"
+    if head[:12] == b"\0\0\0\x0cjP  \r\n\x87\n" or head[:4] == b"\xff\x4f\xff\x51":  # JPEG 2000
+        return "image"
+    if head[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):  # TIFF / BigTIFF
+        return "document" if _tiff_pages(data) > 1 else "image"
+    if len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0:  # MPEG audio frame sync
+        return "audio"
+    return "unknown"
+
+
+def _kind_from_extension(uri: str | None) -> str:
+    if not uri:
+        return "unknown"
+    path = uri.split("?", 1)[0].split("#", 1)[0]
+    ext = PurePosixPath(path).suffix.lower().lstrip(".")
+    if ext in _AUDIO_EXT:
+        return "audio"
+    if ext in _IMAGE_EXT:
+        return "image"
+    if ext in _DOCUMENT_EXT:
+        return "document"
+    return "unknown"
+
+
+def _tiff_pages(data: bytes) -> int:
+    """Page count of a TIFF (walks the IFD chain only; no pixels decoded). 1 when unreadable."""
+    try:
+        with _pixel_limit(None), Image.open(io.BytesIO(data), formats=["TIFF"]) as im:
+            return int(getattr(im, "n_frames", 1))
+    except Exception:  # noqa: BLE001 - sniffing must never raise; decode will report the real error
+        return 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Audio
+# ----------------------------------------------------------------------------------------------------
+
+
+def decode_audio(data: bytes, source: str, *, channels: str = "mix") -> np.ndarray:
+    """Decode any soundfile-readable audio to float32 mono at 16 kHz, peak within [-1, 1].
+
+    channels: "mix" averages all channels (what ASR of a whole call wants); "left" / "right" take one
+    channel of a stereo recording (a right channel of a mono file is an InputError).
+    Raises InputError for undecodable bytes, empty audio, NaN/inf samples and digital silence.
+    """
+    if channels == "mix":
+        out = _read_resampled(data, source, select=None)
+    elif channels in ("left", "right"):
+        out = _read_resampled(data, source, select=0 if channels == "left" else 1)
+    else:
+        raise ValueError(f"channels must be 'mix', 'left' or 'right', not {channels!r}")
+    wave = out[:, 0]
+    _check_signal(wave, source)
+    return wave
+
+
+def decode_audio_channels(data: bytes, source: str) -> list[np.ndarray]:
+    """Decode to one float32 16 kHz waveform per channel (stereo calls: agent and customer apart).
+
+    Raises InputError when the file is undecodable or empty, or when *every* channel is silent. A
+    single silent channel (a muted side of a call) is returned as is, since the other side is still
+    worth transcribing; callers can test it with `SpeechSegmenter.has_speech`.
+    """
+    out = _read_resampled(data, source, select=None, mix=False)
+    waves = [np.ascontiguousarray(out[:, c]) for c in range(out.shape[1])]
+    _check_not_empty(waves[0], source)
+    if all(_peak(w) < SILENCE_PEAK for w in waves):
+        raise InputError.about(source, "silent audio: no signal on any channel")
+    return waves
+
+
+def _read_resampled(data: bytes, source: str, *, select: int | None, mix: bool = True) -> np.ndarray:
+    """Read all frames block by block, mix or pick channels, resample to 16 kHz; shape (n, channels).
+
+    Mixing before resampling makes soxr do one channel's work instead of N. Blocks keep the peak memory
+    near the size of the 16 kHz output, whatever the source rate and length.
+    """
+    try:
+        f = sf.SoundFile(io.BytesIO(data))
+    except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as err:
+        raise InputError.about(source, f"cannot decode audio ({_sf_reason(err)})") from err
+    with f:
+        rate, n_channels = f.samplerate, f.channels
+        if select is not None and select >= n_channels:
+            plural = "s" if n_channels != 1 else ""
+            raise InputError.about(
+                source, f"has {n_channels} channel{plural}, so there is no channel {select + 1} to take"
+            )
+        out_channels = 1 if (select is not None or mix) else n_channels
+        stream = None
+        if rate != SAMPLE_RATE:
+            stream = soxr.ResampleStream(rate, SAMPLE_RATE, out_channels, dtype="float32", quality="HQ")
+        parts: list[np.ndarray] = []
+        while True:
+            try:
+                block = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
+            except (sf.SoundFileError, RuntimeError) as err:
+                raise InputError.about(source, f"cannot decode audio ({_sf_reason(err)})") from err
+            last = len(block) < _BLOCK_FRAMES
+            if not np.isfinite(block).all():
+                raise InputError.about(source, "audio contains NaN or infinite samples")
+            if select is not None:
+                block = block[:, select : select + 1]
+            elif mix and n_channels > 1:
+                block = block.mean(axis=1, keepdims=True, dtype=np.float32)
+            if stream is not None:
+                block = stream.resample_chunk(np.ascontiguousarray(block), last=last)
+            if len(block):
+                parts.append(np.asarray(block, dtype=np.float32))
+            if last:
+                break
+    if not parts:
+        return np.zeros((0, out_channels), dtype=np.float32)
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    # Resampling can overshoot full scale slightly, and float files may hold values past 1.0: scale
+    # down (never clip) so the contract "within [-1, 1]" holds without distortion.
+    peak = max(_peak(p) for p in parts)
+    if peak > 1.0:
+        out *= np.float32(1.0 / peak)
+    return out
+
+
+def _check_not_empty(wave: np.ndarray, source: str) -> None:
+    if wave.size == 0:
+        raise InputError.about(source, "empty audio: the file holds no samples")
+
+
+def _check_signal(wave: np.ndarray, source: str) -> None:
+    _check_not_empty(wave, source)
+    if _peak(wave) < SILENCE_PEAK:
+        raise InputError.about(source, "silent audio: no signal")
+
+
+def _peak(x: np.ndarray) -> float:
+    if x.size == 0:
+        return 0.0
+    return float(max(abs(float(x.max())), abs(float(x.min()))))  # no |x| copy of a long signal
+
+
+def _sf_reason(err: Exception) -> str:
+    """libsndfile's own reason ("Format not recognised"), without the "Error opening <BytesIO ...>" noise."""
+    reason = (getattr(err, "error_string", None) or str(err)).strip().rstrip(".")
+    if "does not exist or is not a regular file" in reason:  # libsndfile's words for unparseable memory input
+        return "unrecognised or truncated audio data"
+    return reason
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pages (images and documents)
+# ----------------------------------------------------------------------------------------------------
+
+# Formats we accept. Restricting Image.open keeps out plugins with large attack surfaces (EPS runs
+# Ghostscript, PSD, ...) that a document pipeline has no use for.
+# (MPO, cameras' multi-picture JPEG, opens through the JPEG plugin; its first picture is the page.)
+_PIL_FORMATS = ["PNG", "JPEG", "TIFF", "WEBP", "BMP", "DIB", "GIF", "JPEG2000", "PPM"]
+_MULTI_PAGE_FORMATS = {"TIFF"}  # GIF/WebP/MPO frames are animation or previews: first frame only
+
+_PIL_LOCK = threading.RLock()  # Image.MAX_IMAGE_PIXELS is process-global: set it under a lock
+_PDFIUM_LOCK = threading.RLock()  # pdfium is not thread-safe
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def decode_pages(
+    data: bytes,
+    source: str,
+    *,
+    max_pixels: int = 40_000_000,
+    pdf_dpi: int = 150,
+    max_pages: int | None = None,
+) -> list[Image.Image]:
+    """Decode an image or a document into RGB pages (one for a plain image, one per PDF/TIFF page).
+
+    max_pixels: any page with width*height above it is refused (InputError) before its pixels are
+    decoded or rendered: a 100000x100000 PNG header costs nothing to send and 30 GB to decode.
+    pdf_dpi: PDF render resolution. max_pages: keep only the first `max_pages` pages (None: all);
+    `count_pages` gives the full count. Raises InputError for undecodable or oversized input.
+    """
+    return list(iter_pages(data, source, max_pixels=max_pixels, pdf_dpi=pdf_dpi, max_pages=max_pages))
+
+
+def iter_pages(
+    data: bytes,
+    source: str,
+    *,
+    max_pixels: int = 40_000_000,
+    pdf_dpi: int = 150,
+    max_pages: int | None = None,
+) -> Iterator[Image.Image]:
+    """Like `decode_pages`, one page at a time, so a 300-page PDF needn't be held rendered in memory."""
+    if max_pages is not None and max_pages < 1:
+        raise ValueError(f"max_pages must be at least 1, not {max_pages}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, not {max_pixels}")
+    if _is_pdf(data):
+        yield from _iter_pdf(data, source, max_pixels=max_pixels, dpi=pdf_dpi, max_pages=max_pages)
+    else:
+        yield from _iter_image(data, source, max_pixels=max_pixels, max_pages=max_pages)
+
+
+def count_pages(data: bytes, source: str) -> int:
+    """Number of pages without rendering any: PDF pages, TIFF frames, else 1. InputError if unreadable."""
+    if _is_pdf(data):
+        with _PDFIUM_LOCK:
+            pdf = _open_pdf(data, source)
+            try:
+                return len(pdf)
+            finally:
+                pdf.close()
+    with _pixel_limit(None):
+        im = _open_image(data, source)
+        try:
+            return int(getattr(im, "n_frames", 1)) if im.format in _MULTI_PAGE_FORMATS else 1
+        finally:
+            im.close()
+
+
+@contextmanager
+def _pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Set Pillow's bomb limit for the duration of one open/load, then restore it for other code.
+
+    Pillow only *warns* between 1x and 2x its limit; we do our own exact check on each page's size,
+    so its warning is silenced here and its error (over 2x) is converted by the caller.
+    """
+    with _PIL_LOCK:
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+def _open_image(data: bytes, source: str, max_pixels: int | None = None) -> Image.Image:
+    Image.init()  # Pillow raises KeyError for a format name it has no plugin for: ask only for those it has
+    formats = [name for name in _PIL_FORMATS if name in Image.OPEN]
+    try:
+        return Image.open(io.BytesIO(data), formats=formats)
+    except Image.DecompressionBombError as err:
+        limit = f"the {max_pixels / 1e6:.1f} MP limit" if max_pixels else "the pixel limit"
+        raise InputError.about(source, f"image is over {limit} (possible decompression bomb): {err}") from err
+    except UnidentifiedImageError as err:
+        raise InputError.about(
+            source, "cannot decode image (not a PNG, JPEG, TIFF, WebP, BMP, GIF or PDF file)"
+        ) from err
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise InputError.about(source, f"cannot decode image ({err})") from err
+
+
+def _iter_image(data: bytes, source: str, *, max_pixels: int, max_pages: int | None) -> Iterator[Image.Image]:
+    with _pixel_limit(max_pixels):
+        im = _open_image(data, source, max_pixels)
+        n = int(getattr(im, "n_frames", 1)) if im.format in _MULTI_PAGE_FORMATS else 1
+    if max_pages is not None:
+        n = min(n, max_pages)
+    try:
+        for index in range(n):
+            # Decode one page under the limit, release the lock before handing the page out.
+            with _pixel_limit(max_pixels):
+                page = _decode_frame(im, index, n, source, max_pixels)
+            yield page
+    finally:
+        im.close()
+
+
+def _decode_frame(im: Image.Image, index: int, n: int, source: str, max_pixels: int) -> Image.Image:
+    where = f"page {index + 1} of {n}" if n > 1 else "image"
+    try:
+        if index:
+            im.seek(index)
+        width, height = im.size
+        if width * height > max_pixels:
+            raise InputError.about(
+                source,
+                f"{where} is {width}x{height} pixels ({width * height / 1e6:.1f} MP), over the "
+                f"{max_pixels / 1e6:.1f} MP limit (possible decompression bomb); "
+                "downscale it or raise max_pixels",
+            )
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+        rgb = _to_rgb(im, source)
+    except InputError:
+        raise
+    except Image.DecompressionBombError as err:
+        limit = f"{max_pixels / 1e6:.1f} MP"
+        reason = f"{where} is over the {limit} limit (possible decompression bomb): {err}"
+        raise InputError.about(source, reason) from err
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as err:
+        raise InputError.about(source, f"cannot decode {where} ({err})") from err
+    if orientation in _TRANSPOSE:  # phone photos of documents: upright text for OCR
+        rgb = rgb.transpose(_TRANSPOSE[orientation])
+    return rgb
+
+
+def _to_rgb(im: Image.Image, source: str) -> Image.Image:
+    """Any Pillow mode -> RGB: alpha flattened on white, 16-bit/float grey scaled (not clipped)."""
+    mode = im.mode
+    if mode == "RGB":
+        return im.copy()
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _high_depth_grey_to_rgb(im)
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    try:
+        return im.convert("RGB")
+    except ValueError as err:
+        raise InputError.about(source, f"unsupported colour mode {mode!r} ({err})") from err
+
+
+def _high_depth_grey_to_rgb(im: Image.Image) -> Image.Image:
+    """16-bit and float greyscale scans: Pillow's own convert clips at 255 (a white page); scale instead."""
+    arr = np.asarray(im, dtype=np.float32)
+    if im.mode.startswith("I;16"):
+        scale = 255.0 / 65535.0
+    else:
+        hi = float(arr.max()) if arr.size else 0.0
+        if im.mode == "F" and hi <= 1.0:
+            scale = 255.0
+        elif hi <= 255.0:
+            scale = 1.0
+        elif hi <= 65535.0:
+            scale = 255.0 / 65535.0
+        else:
+            scale = 255.0 / hi
+    grey = np.clip(arr * scale, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
+def _open_pdf(data: bytes, source: str):  # -> pypdfium2.PdfDocument
+    import pypdfium2 as pdfium  # imported here: only documents pay for it
+
+    try:
+        return pdfium.PdfDocument(bytes(data))
+    except pdfium.PdfiumError as err:
+        reason = str(err).strip().rstrip(".")
+        if "password" in reason.lower():
+            raise InputError.about(source, f"PDF is password-protected ({reason})") from err
+        raise InputError.about(source, f"cannot open PDF ({reason})") from err
+
+
+def _iter_pdf(
+    data: bytes, source: str, *, max_pixels: int, dpi: int, max_pages: int | None
+) -> Iterator[Image.Image]:
+    import pypdfium2 as pdfium
+
+    if dpi < 1:
+        raise ValueError(f"pdf_dpi must be positive, not {dpi}")
+    with _PDFIUM_LOCK:
+        pdf = _open_pdf(data, source)
+        n = len(pdf)
+    try:
+        if n == 0:
+            raise InputError.about(source, "PDF has no pages")
+        scale = dpi / 72.0
+        for index in range(n if max_pages is None else min(n, max_pages)):
+            with _PDFIUM_LOCK:
+                try:
+                    page = pdf[index]
+                    try:
+                        w_pt, h_pt = page.get_size()
+                        width, height = round(w_pt * scale), round(h_pt * scale)
+                        if width * height > max_pixels:
+                            raise InputError.about(
+                                source,
+                                f"page {index + 1} of {n} would render at {width}x{height} pixels at "
+                                f"{dpi} dpi, over the {max_pixels / 1e6:.1f} MP limit; lower pdf_dpi or "
+                                "raise max_pixels",
+                            )
+                        bitmap = page.render(scale=scale)
+                        try:
+                            image = _to_rgb(bitmap.to_pil(), source)
+                        finally:
+                            bitmap.close()
+                    finally:
+                        page.close()
+                except pdfium.PdfiumError as err:
+                    reason = f"cannot render PDF page {index + 1} of {n} ({err})"
+                    raise InputError.about(source, reason) from err
+            yield image
+    finally:
+        with _PDFIUM_LOCK:
+            pdf.close()
