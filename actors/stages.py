@@ -30,18 +30,25 @@ class ModelStage:
                                    self.config.batching)
 
     @classmethod
-    def ray_options(cls, config: JobConfig, cluster_gpus: float) -> dict:
-        """Resources declared by the stage: GPUs per replica and the pool size range."""
+    def ray_options(cls, config: JobConfig, cluster_gpus: float, autoscaling: bool = False) -> dict:
+        """Resources declared by the stage: GPUs per replica and the pool size range.
+
+        On an autoscaling cluster the GPU nodes may not exist yet when the job starts, so the request
+        comes from the config, not from the GPUs present; the pool grows as nodes join.
+        """
         res = config.resources
-        gpus = res.gpus_per_replica if cluster_gpus > 0 else 0.0
+        gpus = res.gpus_per_replica if (cluster_gpus > 0 or autoscaling) else 0.0
         if gpus > 0:
-            fit = max(1, int(cluster_gpus / gpus))
-            high = min(res.max_replicas or fit, fit)
+            fit = int(cluster_gpus / gpus)
+            high = res.max_replicas or (max(fit, res.autoscale_max_replicas) if autoscaling else max(fit, 1))
         else:
             high = res.max_replicas or 1
         low = min(res.min_replicas, high)
-        return {"num_gpus": gpus, "concurrency": (low, high) if high > low else high,
-                "batch_size": config.batching.rows_per_call}
+        options = {"num_gpus": gpus, "concurrency": (low, high) if high > low else high,
+                   "batch_size": config.batching.rows_per_call}
+        if gpus > 0 and res.accelerator_type:
+            options["accelerator_type"] = res.accelerator_type
+        return options
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.model_inputs import decode_item

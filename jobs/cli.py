@@ -37,6 +37,7 @@ def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="sequences decoded together")
     parser.add_argument("--gpus-per-replica", type=float, default=None, help="0.5: two replicas per GPU")
     parser.add_argument("--max-replicas", type=int, default=None)
+    parser.add_argument("--accelerator-type", default=None, help="GPU type for the actor pools, e.g. L40S")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--config", default=None, help="YAML with further JobConfig fields")
     if job == "transcribe":
@@ -75,6 +76,7 @@ def config_from_args(job: str, args: argparse.Namespace) -> JobConfig:
     _nested(data, "batching", "max_batch_size", args.batch_size)
     _nested(data, "resources", "gpus_per_replica", args.gpus_per_replica)
     _nested(data, "resources", "max_replicas", args.max_replicas)
+    _nested(data, "resources", "accelerator_type", args.accelerator_type)
     if args.max_new_tokens:
         data.setdefault("generation", {})["max_new_tokens"] = {
             t: args.max_new_tokens for t in ("asr", "translate", "ocr", "summarize")}

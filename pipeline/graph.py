@@ -36,6 +36,7 @@ def build_dataset(config: JobConfig, manifest: pa.Table, model_name: str, model_
     import ray
 
     cpus, gpus = cluster_resources()
+    autoscaling = bool(os.environ.get("RAY_ADDRESS"))  # joined a cluster that may add GPU nodes
     cfg_json = config.model_dump_json()
     prepare_workers = max(1, min(int(cpus) - 1, math.ceil(manifest.num_rows / 2)))
     rows_per_block = max(1, min(16, math.ceil(manifest.num_rows / (2 * prepare_workers))))
@@ -47,13 +48,13 @@ def build_dataset(config: JobConfig, manifest: pa.Table, model_name: str, model_
     for modality in sorted(modalities):
         stage = STAGE_FOR_MODALITY[modality]
         ds = ds.map_batches(stage, fn_constructor_args=(cfg_json,), batch_format="pyarrow",
-                            **stage.ray_options(config, gpus))
+                            **stage.ray_options(config, gpus, autoscaling))
     ds = ds.groupby("group_key").map_groups(assemble_group, batch_format="pyarrow")
     if "summarize" in config.tasks:
         ds = ds.map_batches(PrepareSummaries, fn_constructor_args=(cfg_json,),
                             batch_format="pyarrow", batch_size=64, concurrency=1)
         ds = ds.map_batches(TextStage, fn_constructor_args=(cfg_json,), batch_format="pyarrow",
-                            **TextStage.ray_options(config, gpus))
+                            **TextStage.ray_options(config, gpus, autoscaling))
     ds = ds.map_batches(ResultRows, fn_constructor_args=(cfg_json, model_name, model_revision,
                                                          passthrough_schema),
                         batch_format="pyarrow", batch_size=1024, concurrency=1)

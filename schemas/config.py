@@ -68,6 +68,8 @@ class ResourcesConfig(_Strict):
     gpus_per_replica: float = Field(1.0, ge=0.0)  # 0.5 puts two replicas on one GPU; 0 runs on CPU
     min_replicas: int = Field(1, ge=1)
     max_replicas: int | None = Field(None, ge=1)  # None: as many as the cluster has GPUs for
+    autoscale_max_replicas: int = Field(16, ge=1)  # joining a cluster: how far pools may grow
+    accelerator_type: str | None = None  # e.g. "L40S", "H100": which GPU nodes the autoscaler adds
     cpus_per_prepare_task: float = Field(1.0, gt=0.0)
 
 
