@@ -44,6 +44,8 @@ def run_job(config: JobConfig) -> dict:
 
     started = datetime.now(timezone.utc)
     storage = StorageOptions(endpoint_url=config.s3_endpoint)
+    if storage.endpoint_url and not config.s3_endpoint:  # from the driver's environment: ship it to workers
+        config = config.model_copy(update={"s3_endpoint": storage.endpoint_url})
     manifest = read_manifest(config.input, storage, suffixes=config.manifest_suffixes,
                              modified_since=config.modified_since)
     model_dir = resolve_model(config.model.source, revision=config.model.resolved_revision(),

@@ -14,6 +14,8 @@ from PIL import Image
 import pyarrow.dataset as pads
 import pytest
 
+pytest_plugins = ["tests.s3server"]
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
 MAX_NEW = "12"  # new tokens per item in the CPU tests: enough to compare texts, quick on the tiny model

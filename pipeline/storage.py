@@ -1,0 +1,181 @@
+"""Filesystems for every uri the pipeline reads or writes: local paths, file://, s3:// and fsspec's others.
+
+One `StorageOptions` object says how to reach object storage (endpoint, region, profile, retries). It is
+a small frozen pydantic model, so it pickles and travels to Ray tasks and actors unchanged: build it once
+on the driver, where the environment (AWS_ENDPOINT_URL_S3, ...) is known, and ship it.
+
+Two views of the same storage:
+- `fsspec_filesystem` (s3fs for S3): listing, globbing, whole-object reads (`pipeline.fetch`), copies.
+- `pyarrow_filesystem`: what pyarrow and Ray Data take as `filesystem=` for Parquet reads and writes.
+  For S3 it is pyarrow's native C++ client (`pyarrow.fs.S3FileSystem`): it reads and writes Parquet
+  without the GIL and in parallel, and it is the client Ray Data itself uses for s3:// paths. It works
+  against moto (and MinIO) through `endpoint_override` + `scheme`, which is why the endpoint must be
+  passed explicitly: that client ignores boto's configuration and moto's in-process mocks. It cannot be
+  given a named profile, so with `profile` set the s3fs filesystem is wrapped for pyarrow instead
+  (`PyFileSystem(FSSpecHandler(...))`: correct, slower).
+
+Retries: S3 requests are retried inside the client (botocore / the AWS C++ SDK, "standard" mode:
+SlowDown, 503, 500, throttling, connection errors, exponential backoff with jitter) `retries` times.
+s3fs's own retry loop is set to a single try so the layers do not multiply; `pipeline.fetch` adds an
+outer loop around whole-object reads for what escapes the client (broken bodies, timeouts).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+import fsspec
+import pyarrow.fs as pafs
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["StorageOptions", "fsspec_filesystem", "pyarrow_filesystem", "protocol_of", "is_local",
+           "find_files", "is_file_entry", "ENDPOINT_ENV_VARS"]
+
+# Read, in this order, when `endpoint_url` is not given (the AWS SDKs' own names for the setting).
+ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+_S3_PROTOCOLS = ("s3", "s3a")
+
+
+class StorageOptions(BaseModel):
+    """How to reach object storage. Frozen and picklable: it travels to Ray workers as is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 (MinIO, moto); None: AWS
+    region: str | None = None  # None: the SDK's default chain (AWS_DEFAULT_REGION, config file)
+    profile: str | None = None  # a named profile from ~/.aws; None: the default credential chain
+    anon: bool = False  # unsigned requests (public buckets)
+    retries: int = Field(4, ge=0, le=20)  # retries of one S3 request inside the client
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _endpoint_from_env(cls, data: Any) -> Any:
+        """Fill a missing endpoint from the environment *now*, on the process that builds the options,
+        so the value travels with the object to workers whose environment may lack it."""
+        if isinstance(data, dict) and not data.get("endpoint_url"):
+            env = next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+            data = {**data, "endpoint_url": env}
+        return data
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_has_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().rstrip("/")
+        if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc:
+            raise ValueError(f"endpoint_url {value!r} must look like http://HOST:PORT or https://HOST")
+        return value
+
+    def s3fs_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `s3fs.S3FileSystem` (also usable as fsspec `storage_options`)."""
+        client_kwargs: dict[str, Any] = {}
+        if self.endpoint_url:
+            client_kwargs["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        kwargs: dict[str, Any] = {
+            "anon": self.anon,
+            "client_kwargs": client_kwargs,
+            "config_kwargs": {
+                "retries": {"mode": "standard", "total_max_attempts": self.retries + 1},
+                "connect_timeout": self.connect_timeout_s,
+                "read_timeout": self.read_timeout_s,
+            },
+            # New objects arrive while a long-lived worker runs: never answer a listing from memory.
+            "use_listings_cache": False,
+        }
+        if self.profile:
+            kwargs["profile"] = self.profile
+        return kwargs
+
+
+def protocol_of(uri: str) -> str:
+    """'s3', 'gs', 'https', ... or 'file' for plain paths and file:// uris."""
+    scheme, sep, _ = uri.partition("://")
+    if not sep or not scheme or "/" in scheme:
+        return "file"
+    return scheme.lower()
+
+
+def is_local(uri: str) -> bool:
+    return protocol_of(uri) == "file"
+
+
+def _local_path(uri: str) -> str:
+    """Absolute local path: Ray workers do not share the driver's cwd."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def fsspec_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for `uri`. S3 paths come back as "bucket/key", local ones absolute.
+
+    s3fs instances are cached by fsspec per argument set, so calling this per row is cheap.
+    """
+    options = options or StorageOptions()
+    protocol = protocol_of(uri)
+    if protocol == "file":
+        return LocalFileSystem(), _local_path(uri)
+    if protocol in _S3_PROTOCOLS:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**options.s3fs_kwargs())
+        fs.retries = 1  # s3fs's own retry loop (a class attribute): one try, botocore retries instead
+        return fs, uri.split("://", 1)[1]
+    fs, path = fsspec.core.url_to_fs(uri)  # gs://, https://, ...: fsspec's own, with its defaults
+    return fs, path
+
+
+def is_file_entry(path: str, info: dict) -> bool:
+    """A real file, not an S3 "directory marker": the zero-byte `prefix/` objects that the S3 console's
+    "Create folder", pyarrow's S3 client and Ray writes leave behind, which s3fs reports as files."""
+    return info.get("type") == "file" and not path.endswith("/")
+
+
+def find_files(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict]:
+    """{path: info} of every file below `path` (recursive), directory markers left out."""
+    return {p: i for p, i in fs.find(path, detail=True).items() if is_file_entry(p, i)}
+
+
+def pyarrow_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for pyarrow / Ray Data `filesystem=` arguments."""
+    options = options or StorageOptions()
+    protocol = protocol_of(uri)
+    if protocol == "file":
+        return pafs.LocalFileSystem(), _local_path(uri)
+    if protocol in _S3_PROTOCOLS and not options.profile:
+        path = uri.split("://", 1)[1]
+        return _native_s3(options, bucket=path.split("/", 1)[0]), path
+    fs, path = fsspec_filesystem(uri, options)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def _native_s3(options: StorageOptions, bucket: str) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {
+        "anonymous": options.anon,
+        "connect_timeout": options.connect_timeout_s,
+        "request_timeout": options.read_timeout_s,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=options.retries + 1),
+    }
+    region = options.region
+    if options.endpoint_url:
+        parts = urlsplit(options.endpoint_url)
+        kwargs["endpoint_override"] = parts.netloc + parts.path
+        kwargs["scheme"] = parts.scheme
+    elif region is None and bucket:
+        # AWS answers a request sent to the wrong region with a redirect the C++ client does not
+        # follow (s3fs/botocore do); ask the bucket where it lives (one HEAD request).
+        try:
+            region = pafs.resolve_s3_region(bucket)
+        except (OSError, ValueError):
+            region = None  # let the SDK's default chain decide; the real error surfaces on use
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)

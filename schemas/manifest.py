@@ -1,0 +1,173 @@
+"""The manifest contract (stable): what an input table must hold before any GPU starts.
+
+A manifest is checked here once, on the driver, so a bad one fails in seconds with a message that names
+the column or the ids, instead of hours later on a GPU node. After `validate_manifest` the rest of the
+pipeline may rely on every known column being present with its contract type:
+
+| column            | type   |                                                              |
+|-------------------|--------|--------------------------------------------------------------|
+| `id`              | string | required, non-empty, unique                                  |
+| `uri`             | string | local path, file://, s3://, gs://, https:// ... (or null)    |
+| `data`            | binary | the bytes themselves, instead of a uri (or null)             |
+| `kind`            | string | audio, image, document, meeting (or null: inferred later)    |
+| `language`        | string | source language, ISO 639-1 (or null)                         |
+| `target_language` | string | translation target (or null)                                 |
+| `reference`       | string | reference text for scoring (or null)                         |
+
+Every other column is passed through, type untouched, to every result row.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.results import RESULT_COLUMNS
+
+__all__ = [
+    "ID", "URI", "DATA", "KIND", "LANGUAGE", "TARGET_LANGUAGE", "REFERENCE", "KINDS", "KNOWN_FIELDS",
+    "KNOWN_COLUMNS", "PASSTHROUGH_EXCLUDE", "ManifestError", "validate_manifest", "passthrough_columns",
+]
+
+ID = "id"
+URI = "uri"
+DATA = "data"
+KIND = "kind"
+LANGUAGE = "language"
+TARGET_LANGUAGE = "target_language"
+REFERENCE = "reference"
+
+KINDS = ("audio", "image", "document", "meeting")
+
+# The known columns in the order a validated manifest has them, with their contract types.
+KNOWN_FIELDS: dict[str, pa.DataType] = {
+    ID: pa.string(),
+    URI: pa.string(),
+    DATA: pa.binary(),
+    KIND: pa.string(),
+    LANGUAGE: pa.string(),
+    TARGET_LANGUAGE: pa.string(),
+    REFERENCE: pa.string(),
+}
+KNOWN_COLUMNS: tuple[str, ...] = tuple(KNOWN_FIELDS)
+
+# Manifest columns never copied into result rows:
+# - `data`: the binary payload would bloat every result row (one per task and page);
+# - the result schema's own names (`id`, `language`, `target_language`, `task`, `text`, `status`, ...):
+#   a result row already carries them with the value the run used, so a manifest column of the same
+#   name cannot travel "unchanged" next to it.
+# `uri`, `kind` and `reference` DO pass through: analysts want the source file next to the text, and
+# jobs/scoring.py reads the row's `reference` (or `reference_<task>`) from the results.
+PASSTHROUGH_EXCLUDE: frozenset[str] = frozenset({DATA, *RESULT_COLUMNS})
+
+# How many offending ids a message lists before it just counts.
+_MAX_LISTED = 10
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be run as given; the message names the column or the ids at fault."""
+
+
+def passthrough_columns(schema: pa.Schema) -> list[str]:
+    """The manifest columns copied unchanged into every result row, in manifest order."""
+    return [name for name in schema.names if name not in PASSTHROUGH_EXCLUDE]
+
+
+def validate_manifest(table: pa.Table) -> pa.Table:
+    """Refuse a manifest the pipeline cannot run; return it with the contract types.
+
+    Refused (ManifestError): no `id` column; neither `uri` nor `data`; zero rows; null or blank ids;
+    rows with neither a uri nor data; duplicate ids; a `kind` outside audio|image|document|meeting;
+    a known column that cannot be cast to its type; repeated column names. Row-level problems are
+    collected and reported together so one run of the check shows everything to fix.
+
+    Returned: known columns first (in KNOWN_COLUMNS order, missing ones added as typed nulls), then
+    the pass-through columns in their original order and types. Blank `uri`, `kind`, `language` and
+    `target_language` values (CSV gives "" for an empty cell) become null, and `kind` is lower-cased,
+    so "absent" has one spelling downstream.
+    """
+    names = table.column_names
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ManifestError(f"manifest has repeated column names: {', '.join(repeated)}")
+    if ID not in names:
+        raise ManifestError(f"manifest has no 'id' column (columns: {_list(names)})")
+    if URI not in names and DATA not in names:
+        raise ManifestError(f"manifest has neither a 'uri' nor a 'data' column (columns: {_list(names)})")
+    if table.num_rows == 0:
+        raise ManifestError("manifest has no rows")
+
+    columns = {name: _cast(table.column(name), name) for name in KNOWN_COLUMNS if name in names}
+    for name in (URI, KIND, LANGUAGE, TARGET_LANGUAGE):
+        if name in columns:
+            columns[name] = _blank_to_null(columns[name])
+    if KIND in columns:
+        columns[KIND] = pc.utf8_lower(columns[KIND])
+    for name, typ in KNOWN_FIELDS.items():
+        if name not in columns:
+            columns[name] = pa.chunked_array([pa.nulls(table.num_rows, typ)])
+
+    problems = _row_problems(columns)
+    if problems:
+        raise ManifestError("manifest refused: " + "; ".join(problems))
+
+    arrays = [columns[name] for name in KNOWN_COLUMNS]
+    fields = [pa.field(name, KNOWN_FIELDS[name]) for name in KNOWN_COLUMNS]
+    for field in table.schema:
+        if field.name not in KNOWN_FIELDS:
+            arrays.append(table.column(field.name))
+            fields.append(field)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=table.schema.metadata))
+
+
+def _row_problems(columns: dict[str, pa.ChunkedArray]) -> list[str]:
+    """Every row-level reason to refuse, each a phrase naming the column and the ids (or rows)."""
+    problems = []
+    ids = columns[ID]
+    blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(ids), ""), True)
+    if pc.any(blank).as_py():
+        rows = pc.indices_nonzero(blank).to_pylist()
+        problems.append(f"'id' is null or empty in {len(rows)} row(s) (row numbers from 0: {_list(rows)})")
+
+    missing = pc.and_(pc.is_null(columns[URI]), pc.is_null(columns[DATA]))
+    if pc.any(missing).as_py():
+        bad = pc.filter(ids, missing).to_pylist()
+        problems.append(f"{len(bad)} row(s) have neither a 'uri' nor 'data': ids {_list(bad)}")
+
+    counts = pc.value_counts(pc.drop_null(ids))
+    dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
+    if dup:
+        problems.append(f"{len(dup)} duplicate id(s) in column 'id': {_list(dup)}")
+
+    kinds = columns[KIND]
+    unknown = pc.and_(pc.is_valid(kinds), pc.invert(pc.is_in(kinds, value_set=pa.array(KINDS))))
+    if pc.any(unknown).as_py():
+        values = pc.unique(pc.filter(kinds, unknown)).to_pylist()
+        bad = pc.filter(ids, unknown).to_pylist()
+        problems.append(f"column 'kind' has unknown value(s) {_list(values)} (expected one of "
+                        f"{', '.join(KINDS)}) in {len(bad)} row(s): ids {_list(bad)}")
+    return problems
+
+
+def _cast(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
+    """The column as its contract type (dictionary, large_string, null, int ids ... are all accepted)."""
+    target = KNOWN_FIELDS[name]
+    if column.type == target:
+        return column
+    try:
+        return column.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ManifestError(f"column {name!r} has type {column.type}, which cannot be read as {target} "
+                            f"({exc})") from None
+
+
+def _blank_to_null(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Strip surrounding whitespace; an empty string becomes null."""
+    stripped = pc.utf8_trim_whitespace(column)
+    return pc.if_else(pc.equal(stripped, ""), pa.scalar(None, pa.string()), stripped)
+
+
+def _list(values: list) -> str:
+    """At most _MAX_LISTED values, then how many more."""
+    shown = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in values[:_MAX_LISTED])
+    more = len(values) - _MAX_LISTED
+    return shown + (f" ... and {more} more" if more > 0 else "")
