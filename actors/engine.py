@@ -53,6 +53,8 @@ def load_model(model_dir: str, modality: str, cfg: ModelConfig, device: torch.de
     """The base model with the modality's adapter merged in (or attached, when merging is off)."""
     from transformers import AutoModelForCausalLM
 
+    if cfg.random_weights:
+        return random_model(model_dir, device, pick_dtype(cfg, device), pick_attention(cfg))
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=pick_dtype(cfg, device), attn_implementation=pick_attention(cfg))
     adapter = ADAPTER_FOR_MODALITY[modality]
@@ -70,26 +72,53 @@ def load_model(model_dir: str, modality: str, cfg: ModelConfig, device: torch.de
     return model.to(device).eval()
 
 
+def random_model(model_dir: str, device: torch.device, dtype: torch.dtype, attn: str):
+    """The checkpoint's architecture with random weights made on the device (benchmarks: real shapes,
+    no 11 GB read). A merged LoRA changes values, not shapes or cost, so adapters are skipped."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config._attn_implementation = attn
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    finally:
+        torch.set_default_dtype(previous)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        model.generation_config.eos_token_id = config.eos_token_id
+        model.generation_config.pad_token_id = config.pad_token_id
+    return model.to(dtype).eval()
+
+
 class Phi4MMEngine:
-    """Greedy batched generation over pre-built items (see pipeline/model_inputs.py)."""
+    """Greedy generation over pre-built items (see pipeline/model_inputs.py), for one modality."""
 
     def __init__(self, model_dir: str, modality: str, model_cfg: ModelConfig, batching: BatchingConfig,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, model=None):
         from pipeline.model_inputs import load_processor
 
         self.device = device or pick_device()
         self.modality = modality
         self.batching = batching
         self.processor = load_processor(model_dir)
-        self.model = load_model(model_dir, modality, model_cfg, self.device)
+        self.model = model if model is not None else load_model(model_dir, modality, model_cfg, self.device)
         self.dtype = next(self.model.parameters()).dtype
         tok = self.processor.tokenizer
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         # random (test) weights can emit the placeholders; a real model never should: forbid them
-        self.bad_words_ids = [[self.processor.image_token_id], [self.processor.audio_token_id]]
+        self.banned_ids = [self.processor.image_token_id, self.processor.audio_token_id]
+        self.bad_words_ids = [[t] for t in self.banned_ids]
+        mode = batching.decoder
+        self.use_static = mode == "static" or (mode == "auto" and self.device.type == "cuda")
+        self._decoder = None
 
+    # -- scheduling ------------------------------------------------------------------------------
     def plan_batches(self, buckets: list[str], input_tokens: list[int], max_new: list[int]) -> list[list[int]]:
         """Group item indices: same bucket and token budget, similar prompt lengths, capped sizes."""
         order = sorted(range(len(buckets)), key=lambda i: (buckets[i], max_new[i], input_tokens[i]))
@@ -107,27 +136,135 @@ class Phi4MMEngine:
             batches.append(current)
         return batches
 
-    @torch.inference_mode()
-    def generate_batch(self, items: list[dict[str, np.ndarray]], max_new_tokens: int,
-                       min_new_tokens: int = 0) -> list[Generation]:
-        start = time.perf_counter()
-        batch = collate(items, self.pad_token_id)
+    def generate(self, items: list[dict[str, np.ndarray]], buckets: list[str], max_new: list[int],
+                 min_new: int = 0) -> list[Generation | Exception]:
+        """Generations for all items, in order; an item that fails on its own gets its exception."""
+        input_tokens = [len(it["input_ids"]) for it in items]
+        plan = self.plan_batches(buckets, input_tokens, max_new)
+        if self.use_static:
+            try:
+                return self._generate_static(items, plan, max_new, min_new)
+            except torch.cuda.OutOfMemoryError:
+                log.warning("static decoder out of memory; falling back to generate for this call")
+                self._decoder = None
+                _free_cuda_cache()
+        results: list[Generation | Exception] = [None] * len(items)  # type: ignore[list-item]
+        for group in plan:
+            for i, gen in self._generate_group(items, group, max_new[group[0]], min_new):
+                results[i] = gen
+        return results
+
+    def _generate_group(self, items, group: list[int], max_new: int, min_new: int):
+        try:
+            gens = self.generate_batch([items[i] for i in group], max_new, min(min_new, max_new))
+            return list(zip(group, gens))
+        except Exception as exc:  # noqa: BLE001 - one bad row must not sink its batch
+            if len(group) == 1:
+                return [(group[0], exc)]
+            log.warning("batch of %d failed (%s); retrying row by row", len(group), exc)
+            _free_cuda_cache()
+            return [pair for i in group for pair in self._generate_group(items, [i], max_new, min_new)]
+
+    # -- transformers generate ------------------------------------------------------------------
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         for key in ("audio_input_features", "image_pixel_values"):
             if key in batch:
                 batch[key] = batch[key].to(self.dtype)
+        return batch
+
+    @torch.inference_mode()
+    def generate_batch(self, items: list[dict[str, np.ndarray]], max_new_tokens: int,
+                       min_new_tokens: int = 0) -> list[Generation]:
+        start = time.perf_counter()
+        batch = self._to_device(collate(items, self.pad_token_id))
         out = self.model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                   do_sample=False, bad_words_ids=self.bad_words_ids,
                                   pad_token_id=self.pad_token_id)
         new = out[:, batch["input_ids"].shape[1]:].tolist()
-        latency = time.perf_counter() - start
-        results = []
-        for row in new:
-            ids = []
-            for t in row:
-                if t in self.eos_ids:
-                    break
-                ids.append(t)
-            text = self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            results.append(Generation(ids, text, latency / len(new)))
+        latency = (time.perf_counter() - start) / len(new)
+        return [self._finish(row, latency) for row in new]
+
+    def _finish(self, token_ids: list[int], latency: float) -> Generation:
+        ids = []
+        for t in token_ids:
+            if t in self.eos_ids:
+                break
+            ids.append(t)
+        text = self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return Generation(ids, text, latency)
+
+    # -- static cache + CUDA graph + continuous batching ------------------------------------------
+    def decoder_for(self, max_len: int):
+        from actors.slot_decoder import SlotDecoder
+
+        need = 128 * -(-max_len // 128)
+        if self._decoder is not None and self._decoder.max_len >= need:
+            return self._decoder
+        self._decoder = None
+        _free_cuda_cache()
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * self.dtype.itemsize
+        slots = self.batching.decode_slots
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            slots = max(1, min(slots, int(free * self.batching.kv_cache_fraction) // (need * per_token)))
+        self._decoder = SlotDecoder(self.model, slots, need, self.eos_ids, self.banned_ids)
+        return self._decoder
+
+    def _generate_static(self, items, plan: list[list[int]], max_new: list[int], min_new: int):
+        from actors.slot_decoder import SlotRequest
+
+        start = time.perf_counter()
+        longest = max(len(it["input_ids"]) + m for it, m in zip(items, max_new))
+        decoder = self.decoder_for(longest)
+        results: list[Generation | Exception] = [None] * len(items)  # type: ignore[list-item]
+        tokens: dict[int, list[int]] = {}
+        queue = [list(g) for g in plan]
+        while queue or decoder.busy():
+            free = decoder.free_slots()
+            while queue and free and (len(free) >= min(len(queue[0]), self.batching.max_batch_size)
+                                      or not decoder.busy()):
+                group = queue[0][:len(free)]
+                queue[0] = queue[0][len(free):]
+                if not queue[0]:
+                    queue.pop(0)
+                for i, outcome in self._prefill(decoder, items, group, max_new, min_new, free[:len(group)]):
+                    if isinstance(outcome, Exception):
+                        results[i] = outcome
+                    else:
+                        tokens[i] = outcome
+                free = decoder.free_slots()
+            if decoder.busy():
+                for _ in range(self.batching.check_every):
+                    decoder.step()
+                for req, toks in decoder.collect():
+                    tokens[req.index] = toks
+        latency = (time.perf_counter() - start) / max(1, len(items))
+        for i, toks in tokens.items():
+            results[i] = self._finish(toks, latency)
         return results
+
+    def _prefill(self, decoder, items, group, max_new, min_new, slots):
+        from actors.slot_decoder import SlotRequest
+
+        requests = [SlotRequest(i, len(items[i]["input_ids"]), max_new[i], min(min_new, max_new[i]))
+                    for i in group]
+        try:
+            batch = self._to_device(collate([items[i] for i in group], self.pad_token_id))
+            done = decoder.prefill(batch, requests, slots)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if len(group) == 1:
+                return [(group[0], exc)]
+            _free_cuda_cache()
+            return [pair for j, i in enumerate(group)
+                    for pair in self._prefill(decoder, items, [i], max_new, min_new, [slots[j]])]
+        return [(req.index, toks) for req, toks in done]
+
+
+def _free_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

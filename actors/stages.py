@@ -62,49 +62,24 @@ class ModelStage:
         error: list[str | None] = batch["error"].to_pylist()
         if rows:
             blobs = batch["model_inputs"].to_pylist()
-            items = {i: decode_item(blobs[i]) for i in rows}
             buckets = batch["bucket"].to_pylist()
-            in_tokens = batch["input_tokens"].to_pylist()
             tasks = batch["task"].to_pylist()
+            ids = batch["id"].to_pylist()
             limits = self.config.generation.max_new_tokens
-            max_new = {i: limits.get(tasks[i], 256) for i in rows}
-            plan = self.engine.plan_batches([buckets[i] for i in rows], [in_tokens[i] for i in rows],
-                                            [max_new[i] for i in rows])
-            for group in plan:
-                idx = [rows[j] for j in group]
-                for i, gen in self._generate(idx, items, max_new[idx[0]], batch["id"]):
-                    if isinstance(gen, Exception):
-                        error[i] = f"{batch['id'][i].as_py()}: generation failed ({type(gen).__name__}: {gen})"
-                    else:
-                        text[i], out_tokens[i], latency[i] = gen.text, len(gen.token_ids), gen.latency_s
+            gens = self.engine.generate([decode_item(blobs[i]) for i in rows], [buckets[i] for i in rows],
+                                        [limits.get(tasks[i], 256) for i in rows],
+                                        self.config.generation.min_new_tokens)
+            for i, gen in zip(rows, gens):
+                if isinstance(gen, Exception):
+                    log.warning("generation failed for %s: %s", ids[i], gen)
+                    error[i] = f"{ids[i]}: generation failed ({type(gen).__name__}: {gen})"
+                else:
+                    text[i], out_tokens[i], latency[i] = gen.text, len(gen.token_ids), gen.latency_s
         batch = batch.drop_columns(["model_inputs"]).append_column("model_inputs", pa.nulls(n, pa.binary()))
         for name, values, typ in (("text", text, pa.string()), ("output_tokens", out_tokens, pa.int64()),
                                   ("latency_s", latency, pa.float64()), ("error", error, pa.string())):
             batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, typ))
         return batch
-
-    def _generate(self, idx: list[int], items: dict, max_new: int, ids):
-        min_new = min(self.config.generation.min_new_tokens, max_new)
-        try:
-            gens = self.engine.generate_batch([items[i] for i in idx], max_new, min_new)
-            return list(zip(idx, gens))
-        except Exception as exc:  # noqa: BLE001 - one bad row must not sink its batch
-            if len(idx) == 1:
-                log.warning("generation failed for %s: %s", ids[idx[0]], exc)
-                return [(idx[0], exc)]
-            log.warning("batch of %d failed (%s); retrying row by row", len(idx), exc)
-            _free_cuda_cache()
-            return [pair for i in idx for pair in self._generate([i], items, max_new, ids)]
-
-
-def _free_cuda_cache() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 class SpeechStage(ModelStage):

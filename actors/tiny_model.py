@@ -39,7 +39,13 @@ LORA_TARGETS = r"model.layers.\d+.((self_attn.(qkv|o)_proj)|(mlp.(gate_up|down)_
 ADAPTER_RANKS = {"speech-lora": 8, "vision-lora": 4}  # real checkpoint: 320 and 256, alpha = 2r
 
 
-def _build_tokenizer():
+# the ids these tokens have in the real Phi-4-multimodal tokenizer
+REAL_IDS = {"<|endoftext|>": 199999, "<|image|>": 200010, "<|audio|>": 200011, "<|endofprompt|>": 200018,
+            "<|assistant|>": 200019, "<|end|>": 200020, "<|user|>": 200021, "<|system|>": 200022}
+REAL_VOCAB_SIZE = 200064
+
+
+def _build_tokenizer(real_ids: bool = False):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import GPT2Tokenizer
 
@@ -50,7 +56,14 @@ def _build_tokenizer():
     vocab = dict(sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
               for m in json.loads(bpe.to_str())["model"]["merges"]]
-    specials = {tok: len(vocab) + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    if real_ids:  # the real checkpoint's special-token ids, fillers in between (for real-shaped benchmarks)
+        specials = dict(REAL_IDS)
+        taken = set(specials.values())
+        for i in range(len(vocab), max(taken) + 1):
+            if i not in taken:
+                vocab[f"<|reserved_{i}|>"] = i
+    else:
+        specials = {tok: len(vocab) + i for i, tok in enumerate(SPECIAL_TOKENS)}
     vocab.update(specials)
     tokenizer = GPT2Tokenizer(
         vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|endoftext|>",
@@ -61,8 +74,19 @@ def _build_tokenizer():
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     if ids != specials:
         raise RuntimeError(f"tokenizer special ids drifted: {ids} != {specials}")
-    vocab_size = ((len(vocab) + 63) // 64) * 64
+    vocab_size = REAL_VOCAB_SIZE if real_ids else ((len(vocab) + 63) // 64) * 64
     return tokenizer, ids, vocab_size
+
+
+def build_processor(real_ids: bool = False):
+    """The byte-level tokenizer with the chat template and the real image/audio processors."""
+    from transformers import Phi4MultimodalFeatureExtractor, Phi4MultimodalImageProcessor, Phi4MultimodalProcessor
+
+    tokenizer, ids, vocab_size = _build_tokenizer(real_ids)
+    processor = Phi4MultimodalProcessor(
+        image_processor=Phi4MultimodalImageProcessor(), audio_processor=Phi4MultimodalFeatureExtractor(),
+        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    return processor, ids, vocab_size
 
 
 def _build_config(ids: dict[str, int], vocab_size: int):
@@ -104,12 +128,11 @@ def _save_adapters(model, out: Path) -> None:
 def build_tiny_model(out: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny random checkpoint to `out` (replacing it) and return its path."""
     import torch
-    from transformers import (Phi4MultimodalFeatureExtractor, Phi4MultimodalForCausalLM,
-                              Phi4MultimodalImageProcessor, Phi4MultimodalProcessor)
+    from transformers import Phi4MultimodalForCausalLM
 
     out = Path(out)
     torch.manual_seed(seed)
-    tokenizer, ids, vocab_size = _build_tokenizer()
+    processor, ids, vocab_size = build_processor()
     config = _build_config(ids, vocab_size)
     model = Phi4MultimodalForCausalLM(config).to(torch.float32)
     # The real checkpoint normalises log-mel features with calibrated statistics; the defaults (0, 1)
@@ -119,9 +142,6 @@ def build_tiny_model(out: str | os.PathLike, seed: int = 0) -> Path:
     norm.global_invstd.fill_(0.25)
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
-    processor = Phi4MultimodalProcessor(
-        image_processor=Phi4MultimodalImageProcessor(), audio_processor=Phi4MultimodalFeatureExtractor(),
-        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     model.save_pretrained(out)

@@ -31,11 +31,23 @@ class CardRecipe:
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         self.model = model.to(device).eval()
-        self.model.load_adapter(os.path.join(model_dir, "speech-lora"), adapter_name="speech")
-        self.model.load_adapter(os.path.join(model_dir, "vision-lora"), adapter_name="vision")
+        self.model_dir = model_dir
+        self.loaded: set[str] = set()
         self.device = device
         self.dtype = dtype
         self.bad_words_ids = [[self.processor.image_token_id], [self.processor.audio_token_id]]
+
+    def _use_adapter(self, name: str | None) -> None:
+        """The card loads both LoRAs with peft and switches per prompt; loaded on first use here."""
+        if name is None:
+            if self.loaded:
+                self.model.disable_adapters()  # text-only prompts run on the base weights
+            return
+        if name not in self.loaded:
+            self.model.load_adapter(os.path.join(self.model_dir, f"{name}-lora"), adapter_name=name)
+            self.loaded.add(name)
+        self.model.enable_adapters()
+        self.model.set_adapter(name)
 
     def _prompt(self, instruction: str, media: str | None) -> str:
         from pipeline.prompts import chat_messages
@@ -64,16 +76,14 @@ class CardRecipe:
 
     def audio(self, audio: np.ndarray, instruction: str, max_new_tokens: int, min_new_tokens: int = 0,
               want_logits: bool = False) -> CardOutput:
-        self.model.enable_adapters()
-        self.model.set_adapter("speech")
+        self._use_adapter("speech")
         inputs = self.processor(text=self._prompt(instruction, "audio"), audio=[audio], sampling_rate=16000,
                                 return_tensors="pt")
         return self._generate(inputs, max_new_tokens, min_new_tokens, want_logits)
 
     def image(self, image, instruction: str, max_new_tokens: int, min_new_tokens: int = 0,
               want_logits: bool = False, dynamic_hd: int | None = None) -> CardOutput:
-        self.model.enable_adapters()
-        self.model.set_adapter("vision")
+        self._use_adapter("vision")
         kwargs = {"dynamic_hd": dynamic_hd} if dynamic_hd else {}
         inputs = self.processor(text=self._prompt(instruction, "image"), images=[image], return_tensors="pt",
                                 **kwargs)
@@ -81,6 +91,6 @@ class CardRecipe:
 
     def text(self, instruction: str, max_new_tokens: int, min_new_tokens: int = 0,
              want_logits: bool = False) -> CardOutput:
-        self.model.disable_adapters()  # text-only prompts run on the base weights
+        self._use_adapter(None)
         inputs = self.processor(text=self._prompt(instruction, None), return_tensors="pt")
         return self._generate(inputs, max_new_tokens, min_new_tokens, want_logits)

@@ -49,7 +49,9 @@ def build_dataset(config: JobConfig, manifest: pa.Table, model_name: str, model_
         stage = STAGE_FOR_MODALITY[modality]
         ds = ds.map_batches(stage, fn_constructor_args=(cfg_json,), batch_format="pyarrow",
                             **stage.ray_options(config, gpus, autoscaling))
-    ds = ds.groupby("group_key").map_groups(assemble_group, batch_format="pyarrow")
+    # shuffle partitions sized to the work (Ray's default of 200 costs seconds on small runs)
+    partitions = max(1, min(200, math.ceil(manifest.num_rows / 32)))
+    ds = ds.groupby("group_key", num_partitions=partitions).map_groups(assemble_group, batch_format="pyarrow")
     if "summarize" in config.tasks:
         ds = ds.map_batches(PrepareSummaries, fn_constructor_args=(cfg_json,),
                             batch_format="pyarrow", batch_size=64, concurrency=1)

@@ -26,6 +26,8 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     merge_adapters: bool = True  # merge the modality's LoRA into the base weights (no per-token cost)
+    # benchmarks only: the checkpoint's config with random weights made on the device (no weights read)
+    random_weights: bool = False
 
     def resolved_revision(self) -> str | None:
         if self.revision is None and self.source == DEFAULT_MODEL:
@@ -42,9 +44,15 @@ class GenerationConfig(_Strict):
 
 class BatchingConfig(_Strict):
     """How work is grouped on the GPU actors."""
-    rows_per_call: int = Field(64, ge=1)  # rows handed to one actor call by Ray Data
-    max_batch_size: int = Field(32, ge=1)  # sequences decoded together
-    max_batch_tokens: int = Field(65536, ge=512)  # prompt tokens in one batch (memory bound)
+    rows_per_call: int = Field(256, ge=1)  # rows handed to one actor call by Ray Data
+    max_batch_size: int = Field(32, ge=1)  # sequences prefilled (or, with `generate`, decoded) together
+    max_batch_tokens: int = Field(65536, ge=512)  # prompt tokens in one prefill batch (memory bound)
+    # "static": static KV cache, decode step as a CUDA graph, finished slots refilled (continuous
+    # batching); "generate": transformers' generate per batch; "auto": static on GPU, generate on CPU
+    decoder: Literal["auto", "static", "generate"] = "auto"
+    decode_slots: int = Field(256, ge=1)  # sequences decoded together by the static decoder
+    kv_cache_fraction: float = Field(0.5, gt=0.0, le=0.9)  # of free GPU memory, for the static cache
+    check_every: int = Field(8, ge=1)  # decode steps between looks for finished slots
 
 
 class AudioConfig(_Strict):

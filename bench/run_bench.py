@@ -1,0 +1,336 @@
+"""GPU benchmarks: the model card's recipe, batched `generate` and this project's engine, in ONE run.
+
+    python -m bench.run_bench --workloads asr,translate,ocr,summarize --out DIR [--pipeline-clips N]
+
+Builds Phi-4-multimodal at its real size with random bf16 weights on the GPU (bench/real_model.py).
+Random weights stop at random points, so every engine decodes exactly the same number of tokens
+(min_new_tokens = max_new_tokens). Prints a table, appends it to DIR/RESULTS.md and one JSON object
+per measurement to DIR/results.jsonl.
+
+--tiny runs the same code on the tiny checkpoint on CPU (a smoke test of the script, not a benchmark).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from pipeline.prompts import task_instruction
+
+WORKLOADS = {
+    "asr": {"media": "audio", "seconds": 30.0, "task": "asr", "target": None, "new": 100},
+    "translate": {"media": "audio", "seconds": 30.0, "task": "translate", "target": "fr", "new": 120},
+    "ocr": {"media": "image", "size": (1700, 2200), "task": "ocr", "target": None, "new": 400},
+    "summarize": {"media": "text", "tokens": 4000, "task": "summarize", "target": None, "new": 300},
+}
+FLOPS_PER_PARAM_TOKEN = 2
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
+
+
+class Items:
+    """Inputs for one workload, built on CPU once: a few distinct ones, repeated."""
+
+    def __init__(self, builder, spec: dict, distinct: int, rng: np.random.Generator, scale: float = 1.0):
+        self.spec = spec
+        self.instruction = task_instruction(spec["task"], spec["target"])
+        self.raw, self.built = [], []
+        for _ in range(distinct):
+            if spec["media"] == "audio":
+                clip = (0.1 * rng.standard_normal(int(16000 * spec["seconds"] * scale))).astype(np.float32)
+                self.raw.append(clip)
+                self.built.append(builder.audio(clip, self.instruction))
+            elif spec["media"] == "image":
+                from PIL import Image
+
+                w, h = (int(v * scale) for v in spec["size"])
+                page = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+                self.raw.append(page)
+                self.built.append(builder.image(page, self.instruction))
+            else:
+                words = rng.choice(["call", "account", "refund", "order", "hold", "the", "we", "agreed",
+                                    "Tuesday", "invoice", "router", "budget"], size=int(spec["tokens"] * scale))
+                transcript = " ".join(words)
+                built = builder.text(task_instruction("summarize", transcript=transcript))
+                while built.input_tokens > spec["tokens"] * scale:  # trim to the token target
+                    transcript = transcript[: int(len(transcript) * spec["tokens"] * scale / built.input_tokens)]
+                    built = builder.text(task_instruction("summarize", transcript=transcript))
+                self.raw.append(task_instruction("summarize", transcript=transcript))
+                self.built.append(built)
+
+    def take(self, n: int):
+        return [self.built[i % len(self.built)] for i in range(n)]
+
+    def units(self, n: int) -> float:
+        """Audio seconds, pages or items: what the workload's metric counts."""
+        if self.spec["media"] == "audio":
+            return n * len(self.raw[0]) / 16000
+        return float(n)
+
+
+def metric_of(spec: dict) -> str:
+    return {"audio": "rtfx", "image": "pages_per_s", "text": "items_per_s"}[spec["media"]]
+
+
+def run_card(card, items: Items, n: int, new: int) -> tuple[float, list]:
+    outs = []
+
+    def go():
+        for k in range(n):
+            raw = items.raw[k % len(items.raw)]
+            if items.spec["media"] == "audio":
+                outs.append(card.audio(raw, items.instruction, new, new))
+            elif items.spec["media"] == "image":
+                outs.append(card.image(raw, items.instruction, new, new))
+            else:
+                outs.append(card.text(raw, new, new))
+
+    _, wall = timed(go)
+    return wall, outs
+
+
+def run_engine(engine, items: Items, n: int, new: int):
+    built = items.take(n)
+    gens, wall = timed(lambda: engine.generate([b.inputs for b in built], [b.bucket for b in built], [new] * n,
+                                               min_new=new))
+    bad = [g for g in gens if isinstance(g, Exception)]
+    if bad:
+        raise bad[0]
+    assert all(len(g.token_ids) == new for g in gens), "output length not fixed"
+    return wall, gens
+
+
+def first_step_agreement(model, engine, items: Items, n: int) -> float:
+    """Max relative difference of first-step logits: single unpadded item vs the engine's batched prefill."""
+    from actors.collate import collate
+
+    built = items.take(n)
+    worst = 0.0
+    with torch.inference_mode():
+        batch = engine._to_device(collate([b.inputs for b in built], engine.pad_token_id))
+        pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        many = model(**batch, position_ids=pos, logits_to_keep=1).logits[:, -1].float()
+        for k, b in enumerate(built):
+            one = engine._to_device(collate([b.inputs], engine.pad_token_id))
+            single = model(**one, logits_to_keep=1).logits[0, -1].float()
+            worst = max(worst, float((many[k] - single).norm() / single.norm()))
+    return worst
+
+
+def decoder_flops(model, prompt: int, new: int) -> float:
+    """Decoder matmul FLOPs of one item: 2 x params x tokens (embedding lookups excluded)."""
+    params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.layers."))
+    head = model.lm_head.weight.numel()
+    return FLOPS_PER_PARAM_TOKEN * (params * (prompt + new) + head * new)
+
+
+def bench_workload(name: str, args, ckpt: str, base, card, rows: list[dict], meta: dict):
+    from actors.engine import Phi4MMEngine
+    from pipeline.model_inputs import InputBuilder
+    from schemas.config import BatchingConfig, ModelConfig
+
+    spec = WORKLOADS[name]
+    new = max(2, int(spec["new"] * args.scale))
+    builder = InputBuilder(ckpt)
+    items = Items(builder, spec, args.distinct, np.random.default_rng(0), args.scale)
+    metric = metric_of(spec)
+    prompt = items.built[0].input_tokens
+
+    def record(engine_name: str, n: int, wall: float, extra: dict | None = None):
+        value = items.units(n) / wall
+        row = {**meta, "workload": name, "engine": engine_name, "metric": metric, "value": round(value, 3),
+               "items": n, "wall_s": round(wall, 3), "prompt_tokens": prompt, "new_tokens": new,
+               "tokens_per_s": round(n * new / wall, 1), **(extra or {})}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        return value
+
+    run_card(card, items, 1, new)  # warm-up
+    wall, _ = run_card(card, items, args.card_items, new)
+    card_value = record("card_recipe", args.card_items, wall, {"lora": "unmerged (peft)"})
+
+    batching = BatchingConfig(decoder="generate", max_batch_size=32, max_batch_tokens=10**9)
+    gen_engine = Phi4MMEngine(ckpt, "speech", ModelConfig(source=ckpt), batching, model=base)
+    n_gen = 32 * args.b32_batches
+    run_engine(gen_engine, items, min(32, n_gen), new)  # warm-up
+    wall, gen_out = run_engine(gen_engine, items, n_gen, new)
+    gen_value = record("generate_b32", n_gen, wall, {"lora": "merged"})
+
+    batching = BatchingConfig(decoder="static", decode_slots=args.slots, max_batch_size=args.prefill_batch,
+                              max_batch_tokens=args.prefill_tokens, check_every=args.check_every)
+    fast = Phi4MMEngine(ckpt, "speech", ModelConfig(source=ckpt), batching, model=base)
+    run_engine(fast, items, min(args.engine_items, args.slots), new)  # warm-up: builds the cache, captures
+    wall, fast_out = run_engine(fast, items, args.engine_items, new)
+    compared = min(32, len(gen_out), len(fast_out))
+    same = sum(a.token_ids == b.token_ids for a, b in zip(gen_out[:compared], fast_out[:compared]))
+    logit_diff = first_step_agreement(base, fast, items, min(8, args.engine_items))
+    flops = decoder_flops(base, prompt, new) * args.engine_items
+    peak = args.peak_tflops * 1e12
+    value = record("engine", args.engine_items, wall, {
+        "slots": fast._decoder.slots if fast._decoder else None, "vs_generate_b32": None,
+        "identical_rows_vs_generate": f"{same}/{compared}",
+        "first_step_logits_max_rel_diff": round(logit_diff, 5),
+        "fraction_of_arithmetic_floor": round(flops / peak / wall, 3)})
+    rows[-1]["vs_generate_b32"] = round(value / gen_value, 2)
+    rows[-1]["vs_card_recipe"] = round(value / card_value, 1)
+    del fast, gen_engine
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def bench_pipeline(args, ckpt: str, rows: list[dict], meta: dict, gpus: int):
+    """The asr work through the whole pipeline: Parquet manifest of WAV files -> Ray Data -> Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile as sf
+
+    from jobs.runner import run_job
+    from schemas.config import JobConfig
+
+    work = os.path.join(args.scratch, "pipeline")
+    os.makedirs(os.path.join(work, "audio"), exist_ok=True)
+    rng = np.random.default_rng(1)
+    seconds = 30.0 * args.scale
+    uris = []
+    for k in range(args.distinct):
+        path = os.path.join(work, "audio", f"clip{k:03d}.wav")
+        sf.write(path, (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
+        uris.append(path)
+    n = args.pipeline_clips
+    manifest = os.path.join(work, "manifest.parquet")
+    pq.write_table(pa.table({"id": [f"call-{i:06d}" for i in range(n)], "uri": [uris[i % len(uris)] for i in range(n)]}),
+                   manifest)
+    new = max(2, int(100 * args.scale))
+    config = JobConfig.model_validate({
+        "job": "transcribe", "input": manifest, "output": os.path.join(work, f"out-{gpus}gpu"),
+        "model": {"source": ckpt, "random_weights": not args.tiny},
+        "generation": {"max_new_tokens": {"asr": new}, "min_new_tokens": new},
+        "batching": {"decoder": "static" if not args.tiny else "generate", "decode_slots": args.slots,
+                     "max_batch_size": args.prefill_batch, "rows_per_call": args.slots,
+                     "check_every": args.check_every},
+        "audio": {"reject_no_speech": False},
+        "resources": {"gpus_per_replica": 1.0 if not args.tiny else 0.0, "max_replicas": max(1, gpus)},
+    })
+    record = run_job(config)
+    ok = record["counts"].get("asr", {}).get("ok", 0)
+    assert ok == n, record["counts"]
+    value = record["audio_s"] / record["wall_s"]
+    row = {**meta, "workload": "asr", "engine": "pipeline", "metric": "rtfx", "value": round(value, 3),
+           "items": n, "wall_s": round(record["wall_s"], 3), "gpus": gpus,
+           "note": "end to end: Ray start, actor load, read, decode, VAD, features, GPU, Parquet"}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| workload | engine | GPUs | metric | value | items | wall s | vs generate_b32 | vs card | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        notes = ", ".join(f"{k}={r[k]}" for k in ("identical_rows_vs_generate", "first_step_logits_max_rel_diff",
+                                                  "fraction_of_arithmetic_floor", "slots", "lora", "note")
+                          if r.get(k) is not None)
+        lines.append(f"| {r['workload']} | {r['engine']} | {r.get('gpus', 1)} | {r['metric']} | {r['value']} | "
+                     f"{r['items']} | {r['wall_s']} | {r.get('vs_generate_b32', '')} | {r.get('vs_card_recipe', '')} "
+                     f"| {notes} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workloads", default="asr")
+    ap.add_argument("--out", default="bench")
+    ap.add_argument("--scratch", default="/tmp/phi4mm-bench")
+    ap.add_argument("--card-items", type=int, default=3)
+    ap.add_argument("--b32-batches", type=int, default=2)
+    ap.add_argument("--engine-items", type=int, default=512)
+    ap.add_argument("--slots", type=int, default=256)
+    ap.add_argument("--prefill-batch", type=int, default=32)
+    ap.add_argument("--prefill-tokens", type=int, default=65536)
+    ap.add_argument("--check-every", type=int, default=16)
+    ap.add_argument("--distinct", type=int, default=16)
+    ap.add_argument("--pipeline-clips", type=int, default=0)
+    ap.add_argument("--pipeline-gpus", default="1", help="comma list, e.g. 1,2")
+    ap.add_argument("--peak-tflops", type=float, default=790.0, help="measured bf16 matmul rate of the card")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny checkpoint")
+    args = ap.parse_args(argv)
+    args.scale = 0.1 if args.tiny else 1.0
+    args.device = "cpu" if args.tiny else "cuda"
+    os.makedirs(args.out, exist_ok=True)
+    ckpt = os.path.join(args.scratch, "ckpt")
+    if args.tiny:
+        from actors.tiny_model import build_tiny_model
+
+        build_tiny_model(ckpt)
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    else:
+        from bench.real_model import random_real_model, save_random_lora, write_bench_checkpoint
+
+        write_bench_checkpoint(ckpt)
+        base = random_real_model(ckpt)
+    card_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    meta = {"date": dt.date.today().isoformat(), "card": card_name, "gpus": 1,
+            "torch": torch.__version__}
+    rows: list[dict] = []
+    workloads = [w for w in args.workloads.split(",") if w]
+    if workloads:
+        from bench.card_recipe import CardRecipe
+
+        card_model = copy.deepcopy(base)  # the card's copy carries the unmerged LoRA; `base` stays plain
+        if not args.tiny:
+            for name in workloads:
+                sub = "vision" if WORKLOADS[name]["media"] == "image" else "speech"
+                if not os.path.isdir(os.path.join(ckpt, f"{sub}-lora")):
+                    save_random_lora(card_model, ckpt, f"{sub}-lora", 256 if sub == "vision" else 320)
+        card = CardRecipe(ckpt, device=args.device, dtype=base.dtype, model=card_model)
+        for name in workloads:
+            try:
+                bench_workload(name, args, ckpt, base, card, rows, meta)
+            except Exception as exc:  # noqa: BLE001 - one workload failing must not lose the others
+                import traceback
+
+                traceback.print_exc()
+                rows.append({**meta, "workload": name, "engine": "failed", "metric": "-", "value": None,
+                             "items": 0, "wall_s": 0, "note": f"{type(exc).__name__}: {exc}"[:300]})
+            write_results(args.out, rows, partial=True)
+        del card, card_model
+    del base
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if args.pipeline_clips:
+        for gpus in [int(g) for g in args.pipeline_gpus.split(",")]:
+            bench_pipeline(args, ckpt, rows, {**meta, "gpus": gpus}, gpus)
+            write_results(args.out, rows, partial=True)
+    write_results(args.out, rows, partial=False)
+    print(table(rows))
+
+
+def write_results(out: str, rows: list[dict], partial: bool) -> None:
+    with open(os.path.join(out, "results.partial.jsonl" if partial else "results.jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    if not partial:
+        with open(os.path.join(out, "RESULTS.md"), "w") as f:
+            card = rows[0]["card"] if rows else "?"
+            f.write(f"\n## {dt.date.today().isoformat()} — {card}\n\n{table(rows)}\n")
+
+
+if __name__ == "__main__":
+    main()
