@@ -117,6 +117,7 @@ class Phi4MMEngine:
         mode = batching.decoder
         self.use_static = mode == "static" or (mode == "auto" and self.device.type == "cuda")
         self._decoder = None
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0}  # where the static path's time goes
 
     # -- scheduling ------------------------------------------------------------------------------
     def plan_batches(self, buckets: list[str], input_tokens: list[int], max_new: list[int]) -> list[list[int]]:
@@ -230,17 +231,25 @@ class Phi4MMEngine:
                 queue[0] = queue[0][len(free):]
                 if not queue[0]:
                     queue.pop(0)
-                for i, outcome in self._prefill(decoder, items, group, max_new, min_new, free[:len(group)]):
+                started = time.perf_counter()
+                prefilled = self._prefill(decoder, items, group, max_new, min_new, free[:len(group)])
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.stats["prefill_s"] += time.perf_counter() - started
+                for i, outcome in prefilled:
                     if isinstance(outcome, Exception):
                         results[i] = outcome
                     else:
                         tokens[i] = outcome
                 free = decoder.free_slots()
             if decoder.busy():
+                started = time.perf_counter()
                 for _ in range(self.batching.check_every):
                     decoder.step()
-                for req, toks in decoder.collect():
+                for req, toks in decoder.collect():  # reads device flags: synchronises
                     tokens[req.index] = toks
+                self.stats["decode_s"] += time.perf_counter() - started
+                self.stats["steps"] += self.batching.check_every
         latency = (time.perf_counter() - start) / max(1, len(items))
         for i, toks in tokens.items():
             results[i] = self._finish(toks, latency)

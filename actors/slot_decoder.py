@@ -125,10 +125,12 @@ class SlotDecoder:
 
     def _choose(self, logits: torch.Tensor) -> None:
         """Greedy choice for every slot; advance the active ones; retire those that finished."""
-        logits[:, self.banned] = float("-inf")
+        # index_fill_/masked scalar ops only: an indexed assignment of a Python scalar copies a CPU
+        # tensor to the GPU, which CUDA graph capture refuses
+        logits.index_fill_(1, self.banned, float("-inf"))
         next_pos = self.pos + 1
         too_early = (next_pos < self.min_pos)[:, None]
-        logits[:, self.eos] = torch.where(too_early, float("-inf"), logits[:, self.eos])
+        logits.index_copy_(1, self.eos, logits.index_select(1, self.eos).masked_fill(too_early, float("-inf")))
         nxt = logits.argmax(-1)
         write_at = next_pos.clamp(max=self.max_len - 1)
         current = self.tokens[self.rows, write_at]

@@ -24,10 +24,14 @@ import torch
 from pipeline.prompts import task_instruction
 
 WORKLOADS = {
-    "asr": {"media": "audio", "seconds": 30.0, "task": "asr", "target": None, "new": 100},
-    "translate": {"media": "audio", "seconds": 30.0, "task": "translate", "target": "fr", "new": 120},
-    "ocr": {"media": "image", "size": (1700, 2200), "task": "ocr", "target": None, "new": 400},
-    "summarize": {"media": "text", "tokens": 4000, "task": "summarize", "target": None, "new": 300},
+    "asr": {"media": "audio", "seconds": 30.0, "task": "asr", "target": None, "new": 100,
+            "engine_items": 512, "card_items": 2},
+    "translate": {"media": "audio", "seconds": 30.0, "task": "translate", "target": "fr", "new": 120,
+                  "engine_items": 512, "card_items": 2},
+    "ocr": {"media": "image", "size": (1700, 2200), "task": "ocr", "target": None, "new": 400,
+            "engine_items": 64, "card_items": 1},
+    "summarize": {"media": "text", "tokens": 4000, "task": "summarize", "target": None, "new": 300,
+                  "engine_items": 128, "card_items": 1},
 }
 FLOPS_PER_PARAM_TOKEN = 2
 
@@ -162,28 +166,34 @@ def bench_workload(name: str, args, ckpt: str, base, card, rows: list[dict], met
         print(json.dumps(row), flush=True)
         return value
 
+    n_card = args.card_items or spec["card_items"]
     run_card(card, items, 1, new)  # warm-up
-    wall, _ = run_card(card, items, args.card_items, new)
-    card_value = record("card_recipe", args.card_items, wall, {"lora": "unmerged (peft)"})
+    wall, _ = run_card(card, items, n_card, new)
+    card_value = record("card_recipe", n_card, wall, {"lora": "unmerged (peft)"})
 
     batching = BatchingConfig(decoder="generate", max_batch_size=32, max_batch_tokens=10**9)
     gen_engine = Phi4MMEngine(ckpt, "speech", ModelConfig(source=ckpt), batching, model=base)
     n_gen = 32 * args.b32_batches
-    run_engine(gen_engine, items, min(32, n_gen), new)  # warm-up
+    run_engine(gen_engine, items, 4, new)  # warm-up
     wall, gen_out = run_engine(gen_engine, items, n_gen, new)
     gen_value = record("generate_b32", n_gen, wall, {"lora": "merged"})
 
     batching = BatchingConfig(decoder="static", decode_slots=args.slots, max_batch_size=args.prefill_batch,
                               max_batch_tokens=args.prefill_tokens, check_every=args.check_every)
     fast = Phi4MMEngine(ckpt, "speech", ModelConfig(source=ckpt), batching, model=base)
-    run_engine(fast, items, min(args.engine_items, args.slots), new)  # warm-up: builds the cache, captures
-    wall, fast_out = run_engine(fast, items, args.engine_items, new)
+    n_fast = args.engine_items or spec["engine_items"]
+    run_engine(fast, items, min(n_fast, 8), new)  # warm-up: builds the cache, captures the step
+    fast.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0}
+    wall, fast_out = run_engine(fast, items, n_fast, new)
     compared = min(32, len(gen_out), len(fast_out))
     same = sum(a.token_ids == b.token_ids for a, b in zip(gen_out[:compared], fast_out[:compared]))
-    logit_diff = first_step_agreement(base, fast, items, min(8, args.engine_items))
-    flops = decoder_flops(base, prompt, new) * args.engine_items
+    logit_diff = first_step_agreement(base, fast, items, min(8, n_fast))
+    flops = decoder_flops(base, prompt, new) * n_fast
     peak = args.peak_tflops * 1e12
-    value = record("engine", args.engine_items, wall, {
+    stats = fast.stats
+    value = record("engine", n_fast, wall, {
+        "prefill_s": round(stats["prefill_s"], 3), "decode_s": round(stats["decode_s"], 3),
+        "decode_ms_per_step": round(1000 * stats["decode_s"] / max(1, stats["steps"]), 2),
         "slots": fast._decoder.slots if fast._decoder else None, "vs_generate_b32": None,
         "identical_rows_vs_generate": f"{same}/{compared}",
         "first_step_logits_max_rel_diff": round(logit_diff, 5),
@@ -243,7 +253,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         notes = ", ".join(f"{k}={r[k]}" for k in ("identical_rows_vs_generate", "first_step_logits_max_rel_diff",
-                                                  "fraction_of_arithmetic_floor", "slots", "lora", "note")
+                                                  "fraction_of_arithmetic_floor", "slots", "prefill_s",
+                                                  "decode_s", "decode_ms_per_step", "lora", "note")
                           if r.get(k) is not None)
         lines.append(f"| {r['workload']} | {r['engine']} | {r.get('gpus', 1)} | {r['metric']} | {r['value']} | "
                      f"{r['items']} | {r['wall_s']} | {r.get('vs_generate_b32', '')} | {r.get('vs_card_recipe', '')} "
@@ -256,9 +267,9 @@ def main(argv=None):
     ap.add_argument("--workloads", default="asr")
     ap.add_argument("--out", default="bench")
     ap.add_argument("--scratch", default="/tmp/phi4mm-bench")
-    ap.add_argument("--card-items", type=int, default=3)
+    ap.add_argument("--card-items", type=int, default=0, help="0: the workload's default")
     ap.add_argument("--b32-batches", type=int, default=2)
-    ap.add_argument("--engine-items", type=int, default=512)
+    ap.add_argument("--engine-items", type=int, default=0, help="0: the workload's default")
     ap.add_argument("--slots", type=int, default=256)
     ap.add_argument("--prefill-batch", type=int, default=32)
     ap.add_argument("--prefill-tokens", type=int, default=65536)

@@ -27,7 +27,8 @@ def init_ray() -> None:
         # can be scheduled side by side (they mostly wait on each other)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": root}})
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                     p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}})
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
