@@ -138,6 +138,15 @@ def first_step_agreement(model, engine, items: Items, n: int) -> float:
     return worst
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def decoder_flops(model, prompt: int, new: int) -> float:
     """Decoder matmul FLOPs of one item: 2 x params x tokens (embedding lookups excluded)."""
     params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.layers."))
@@ -174,7 +183,7 @@ def bench_workload(name: str, args, ckpt: str, base, card, rows: list[dict], met
     batching = BatchingConfig(decoder="generate", max_batch_size=32, max_batch_tokens=10**9)
     gen_engine = Phi4MMEngine(ckpt, "speech", ModelConfig(source=ckpt), batching, model=base)
     n_gen = 32 * args.b32_batches
-    run_engine(gen_engine, items, 4, new)  # warm-up
+    run_engine(gen_engine, items, min(32, n_gen), new)  # warm-up at the measured batch shape
     wall, gen_out = run_engine(gen_engine, items, n_gen, new)
     gen_value = record("generate_b32", n_gen, wall, {"lora": "merged"})
 
@@ -187,6 +196,7 @@ def bench_workload(name: str, args, ckpt: str, base, card, rows: list[dict], met
     wall, fast_out = run_engine(fast, items, n_fast, new)
     compared = min(32, len(gen_out), len(fast_out))
     same = sum(a.token_ids == b.token_ids for a, b in zip(gen_out[:compared], fast_out[:compared]))
+    prefixes = [common_prefix(a.token_ids, b.token_ids) for a, b in zip(gen_out[:compared], fast_out[:compared])]
     logit_diff = first_step_agreement(base, fast, items, min(8, n_fast))
     flops = decoder_flops(base, prompt, new) * n_fast
     peak = args.peak_tflops * 1e12
@@ -196,6 +206,8 @@ def bench_workload(name: str, args, ckpt: str, base, card, rows: list[dict], met
         "decode_ms_per_step": round(1000 * stats["decode_s"] / max(1, stats["steps"]), 2),
         "slots": fast._decoder.slots if fast._decoder else None, "vs_generate_b32": None,
         "identical_rows_vs_generate": f"{same}/{compared}",
+        "identical_first10_vs_generate": f"{sum(p >= min(10, new) for p in prefixes)}/{compared}",
+        "mean_identical_prefix": round(float(np.mean(prefixes)), 1),
         "first_step_logits_max_rel_diff": round(logit_diff, 5),
         "fraction_of_arithmetic_floor": round(flops / peak / wall, 3)})
     rows[-1]["vs_generate_b32"] = round(value / gen_value, 2)
@@ -204,7 +216,7 @@ def bench_workload(name: str, args, ckpt: str, base, card, rows: list[dict], met
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
-def bench_pipeline(args, ckpt: str, rows: list[dict], meta: dict, gpus: int):
+def bench_pipeline(args, ckpt: str, rows: list[dict], meta: dict, gpus: int, n: int) -> dict:
     """The asr work through the whole pipeline: Parquet manifest of WAV files -> Ray Data -> Parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -222,20 +234,20 @@ def bench_pipeline(args, ckpt: str, rows: list[dict], meta: dict, gpus: int):
         path = os.path.join(work, "audio", f"clip{k:03d}.wav")
         sf.write(path, (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
         uris.append(path)
-    n = args.pipeline_clips
-    manifest = os.path.join(work, "manifest.parquet")
+    manifest = os.path.join(work, f"manifest-{n}.parquet")
     pq.write_table(pa.table({"id": [f"call-{i:06d}" for i in range(n)], "uri": [uris[i % len(uris)] for i in range(n)]}),
                    manifest)
     new = max(2, int(100 * args.scale))
     config = JobConfig.model_validate({
-        "job": "transcribe", "input": manifest, "output": os.path.join(work, f"out-{gpus}gpu"),
+        "job": "transcribe", "input": manifest, "output": os.path.join(work, f"out-{gpus}gpu-{n}"),
         "model": {"source": ckpt, "random_weights": not args.tiny},
         "generation": {"max_new_tokens": {"asr": new}, "min_new_tokens": new},
         "batching": {"decoder": "static" if not args.tiny else "generate", "decode_slots": args.slots,
                      "max_batch_size": args.prefill_batch, "rows_per_call": args.slots,
                      "check_every": args.check_every},
         "audio": {"reject_no_speech": False},
-        "resources": {"gpus_per_replica": 1.0 if not args.tiny else 0.0, "max_replicas": max(1, gpus)},
+        "resources": {"gpus_per_replica": 1.0 if not args.tiny else 0.0, "max_replicas": max(1, gpus),
+                      "min_replicas": max(1, gpus)},
     })
     record = run_job(config)
     ok = record["counts"].get("asr", {}).get("ok", 0)
@@ -246,13 +258,15 @@ def bench_pipeline(args, ckpt: str, rows: list[dict], meta: dict, gpus: int):
            "note": "end to end: Ray start, actor load, read, decode, VAD, features, GPU, Parquet"}
     rows.append(row)
     print(json.dumps(row), flush=True)
+    return record
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| workload | engine | GPUs | metric | value | items | wall s | vs generate_b32 | vs card | notes |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        notes = ", ".join(f"{k}={r[k]}" for k in ("identical_rows_vs_generate", "first_step_logits_max_rel_diff",
+        notes = ", ".join(f"{k}={r[k]}" for k in ("identical_rows_vs_generate", "identical_first10_vs_generate",
+                                                  "mean_identical_prefix", "first_step_logits_max_rel_diff",
                                                   "fraction_of_arithmetic_floor", "slots", "prefill_s",
                                                   "decode_s", "decode_ms_per_step", "lora", "note")
                           if r.get(k) is not None)
@@ -275,7 +289,7 @@ def main(argv=None):
     ap.add_argument("--prefill-tokens", type=int, default=65536)
     ap.add_argument("--check-every", type=int, default=16)
     ap.add_argument("--distinct", type=int, default=16)
-    ap.add_argument("--pipeline-clips", type=int, default=0)
+    ap.add_argument("--pipeline-clips", default="0", help="comma list of manifest sizes, e.g. 512,2048")
     ap.add_argument("--pipeline-gpus", default="1", help="comma list, e.g. 1,2")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="measured bf16 matmul rate of the card")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny checkpoint")
@@ -325,9 +339,19 @@ def main(argv=None):
     del base
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if args.pipeline_clips:
+    if args.pipeline_clips != "0":
+        sizes = [int(n) for n in str(args.pipeline_clips).split(",")]
         for gpus in [int(g) for g in args.pipeline_gpus.split(",")]:
-            bench_pipeline(args, ckpt, rows, {**meta, "gpus": gpus}, gpus)
+            bench_pipeline(args, ckpt, [], {**meta, "gpus": gpus}, gpus, 32)  # warm-up: Ray up, files cached
+            records = [bench_pipeline(args, ckpt, rows, {**meta, "gpus": gpus}, gpus, n) for n in sizes]
+            if len(records) > 1:  # the marginal rate: what more audio costs once Ray and the actors are up
+                a, b = records[0], records[-1]
+                value = (b["audio_s"] - a["audio_s"]) / (b["wall_s"] - a["wall_s"])
+                rows.append({**meta, "gpus": gpus, "workload": "asr", "engine": "pipeline_marginal",
+                             "metric": "rtfx", "value": round(value, 3), "items": sizes[-1] - sizes[0],
+                             "wall_s": round(b["wall_s"] - a["wall_s"], 3),
+                             "note": f"(audio of {sizes[-1]} - {sizes[0]} clips) / (wall difference)"})
+                print(json.dumps(rows[-1]), flush=True)
             write_results(args.out, rows, partial=True)
     write_results(args.out, rows, partial=False)
     print(table(rows))

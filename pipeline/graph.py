@@ -38,11 +38,12 @@ def build_dataset(config: JobConfig, manifest: pa.Table, model_name: str, model_
     cpus, gpus = cluster_resources()
     autoscaling = bool(os.environ.get("RAY_ADDRESS"))  # joined a cluster that may add GPU nodes
     cfg_json = config.model_dump_json()
-    prepare_workers = max(1, min(int(cpus) - 1, math.ceil(manifest.num_rows / 2)))
+    # a fixed pool: an autoscaling one starts with one worker and ramps up while the GPUs wait
+    prepare_workers = max(1, min(int(cpus) - 3, math.ceil(manifest.num_rows / 2)))
     rows_per_block = max(1, min(16, math.ceil(manifest.num_rows / (2 * prepare_workers))))
     ds = ray.data.from_arrow(manifest_blocks(manifest, rows_per_block))
     ds = ds.map_batches(PrepareWork, fn_constructor_args=(cfg_json,), batch_format="pyarrow",
-                        batch_size=rows_per_block, concurrency=(1, prepare_workers),
+                        batch_size=rows_per_block, concurrency=prepare_workers,
                         num_cpus=config.resources.cpus_per_prepare_task)
     modalities = {MODALITY_FOR_TASK[t] for t in config.tasks} - {"text"}
     for modality in sorted(modalities):
