@@ -44,8 +44,10 @@ class ModelStage:
         else:
             high = res.max_replicas or 1
         low = min(res.min_replicas, high)
-        options = {"num_gpus": gpus, "concurrency": (low, high) if high > low else high,
-                   "batch_size": config.batching.rows_per_call}
+        from ray.data import ActorPoolStrategy
+
+        pool = ActorPoolStrategy(min_size=low, max_size=high) if high > low else ActorPoolStrategy(size=high)
+        options = {"num_gpus": gpus, "compute": pool, "batch_size": config.batching.rows_per_call}
         if gpus > 0 and res.accelerator_type:
             options["accelerator_type"] = res.accelerator_type
         return options

@@ -16,6 +16,30 @@ from pydantic import ValidationError
 from schemas.config import DEFAULT_MODEL, JobConfig
 
 
+class ConfigFileError(ValueError):
+    """A config file that cannot be read as a JobConfig mapping (missing, not YAML, not a mapping)."""
+
+
+def load_yaml_mapping(path: str) -> dict:
+    """The YAML file at `path` as a dict; ConfigFileError naming the file when it is not one."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigFileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigFileError(f"{path}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{path}: expected a mapping of JobConfig fields, got a {type(data).__name__}")
+    if "model" in data and not isinstance(data["model"], dict):
+        raise ConfigFileError(f"{path}: `model` must be a mapping, e.g. model: {{source: {data['model']!r}}}")
+    return data
+
+
 def _local_abspath(value: str) -> str:
     """Local paths become absolute: Ray workers do not share the driver's working directory."""
     if "://" in value or not value:
@@ -26,7 +50,9 @@ def _local_abspath(value: str) -> str:
 def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
     parser.add_argument("input", help="manifest (Parquet file/folder/glob, CSV, JSON Lines) or a media prefix")
     parser.add_argument("output", help="output dataset folder (local or s3://)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder or s3:// prefix")
+    parser.add_argument("--model", default=None,
+                        help=f"hub id, local folder or s3:// prefix (default: model.source from --config, "
+                             f"else {DEFAULT_MODEL})")
     parser.add_argument("--model-revision", default=None)
     parser.add_argument("--resume", action="store_true", help="skip rows already written with status=ok")
     parser.add_argument("--run-id", default=None)
@@ -48,21 +74,20 @@ def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
         parser.add_argument("--split-channels", action="store_true",
                             help="stereo calls: transcribe each channel (agent/customer) separately")
         parser.add_argument("--max-chunk-s", type=float, default=None)
+        parser.add_argument("--summarize-from-audio", action="store_true",
+                            help="summarise recordings up to 30 min from the audio itself, not the transcript")
     if job == "ocr":
         parser.add_argument("--dynamic-hd", type=int, default=None, help="crop cap per page (default 36)")
         parser.add_argument("--pdf-dpi", type=int, default=None)
 
 
 def config_from_args(job: str, args: argparse.Namespace) -> JobConfig:
-    data: dict = {}
-    if args.config:
-        import yaml
-
-        with open(args.config) as f:
-            data = yaml.safe_load(f) or {}
+    data: dict = load_yaml_mapping(args.config) if args.config else {}
     data.update(job=job, input=_local_abspath(args.input), output=_local_abspath(args.output))
     model = dict(data.get("model", {}))
-    model["source"] = _local_abspath(args.model) if os.path.exists(args.model) else args.model
+    # --model wins; without it the --config file's model.source is kept (not replaced by the default)
+    source = args.model or model.get("source") or DEFAULT_MODEL
+    model["source"] = _local_abspath(source) if os.path.exists(source) else source
     if args.model_revision:
         model["revision"] = args.model_revision
     data["model"] = model
@@ -83,6 +108,9 @@ def config_from_args(job: str, args: argparse.Namespace) -> JobConfig:
     if job == "transcribe":
         data["translate_to"] = args.translate_to or data.get("translate_to", [])
         data["summarize"] = args.summarize or data.get("summarize", False)
+    if job in ("transcribe", "meetings") and args.summarize_from_audio:
+        data["summarize"] = True if job == "transcribe" else data.get("summarize", False)
+        _nested(data, "audio", "summarize_from_audio", True)
     if job in ("transcribe", "meetings"):
         if args.split_channels:
             _nested(data, "audio", "split_channels", True)
@@ -116,6 +144,9 @@ def execute(make_config) -> int:
         config = make_config()
     except ValidationError as exc:
         print(f"phi4mm: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    except ConfigFileError as exc:
+        print(f"phi4mm: {exc}", file=sys.stderr)
         return 2
     from jobs.runner import run_job
 
@@ -155,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
 
     def from_yaml() -> JobConfig:
-        import yaml
-
-        with open(args.job_yaml) as f:
-            data = yaml.safe_load(f) or {}
+        data = load_yaml_mapping(args.job_yaml)
         for key in ("input", "output"):
             if key in data:
                 data[key] = _local_abspath(str(data[key]))

@@ -20,13 +20,15 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
+    # worker logs stay in Ray's log folder unless asked for (PHI4MM_WORKER_LOGS=1)
+    worker_logs = os.environ.get("PHI4MM_WORKER_LOGS", "") not in ("", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=worker_logs)
     else:
         # a few logical CPUs more than cores, so the CPU stages and the model actors of a small machine
         # can be scheduled side by side (they mostly wait on each other)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=worker_logs,
                  runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
                      p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}})
     from ray.data import DataContext

@@ -22,9 +22,7 @@ SPEECH_TASKS = ("asr", "translate")
 
 def assemble_group(group: pa.Table) -> pa.Table:
     """All work items of one (id, task, target, page) -> one row (still in work-item columns)."""
-    order = pc.sort_indices(group, sort_keys=[("start_s", "ascending"), ("chunk_index", "ascending")],
-                            null_placement="at_start")
-    group = group.take(order)
+    group = group.sort_by([("start_s", "ascending"), ("chunk_index", "ascending")])
     rows = group.select([c for c in WORK_COLUMNS if c != "model_inputs"]).to_pylist()
     first = rows[0]
     texts = [r["text"] for r in rows if r["text"]]
@@ -84,11 +82,15 @@ class PrepareSummaries:
         self.builder = InputBuilder(local_model_dir(self.config), self.config.system_prompt)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.select(["id", "task", "text", "error"]).to_pylist()
+        from pipeline.prepare import summary_from_audio
+
+        rows = batch.select(["id", "task", "text", "error", "duration_s"]).to_pylist()
         picks, updates = [], []
         for i, row in enumerate(rows):
             if row["task"] != "asr":
                 continue
+            if not row["error"] and summary_from_audio(self.config, row["duration_s"]):
+                continue  # summarised from the audio by the speech pool already
             picks.append(i)
             if row["error"]:
                 updates.append({"error": f"no summary: the transcript failed ({row['error']})",

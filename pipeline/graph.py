@@ -34,6 +34,7 @@ def cluster_resources() -> tuple[float, float]:
 
 def build_dataset(config: JobConfig, manifest: pa.Table, model_name: str, model_revision: str | None, passthrough_schema: pa.Schema):
     import ray
+    from ray.data import ActorPoolStrategy
 
     cpus, gpus = cluster_resources()
     autoscaling = bool(os.environ.get("RAY_ADDRESS"))  # joined a cluster that may add GPU nodes
@@ -43,7 +44,7 @@ def build_dataset(config: JobConfig, manifest: pa.Table, model_name: str, model_
     rows_per_block = max(1, min(16, math.ceil(manifest.num_rows / (2 * prepare_workers))))
     ds = ray.data.from_arrow(manifest_blocks(manifest, rows_per_block))
     ds = ds.map_batches(PrepareWork, fn_constructor_args=(cfg_json,), batch_format="pyarrow",
-                        batch_size=rows_per_block, concurrency=prepare_workers,
+                        batch_size=rows_per_block, compute=ActorPoolStrategy(size=prepare_workers),
                         num_cpus=config.resources.cpus_per_prepare_task)
     modalities = {MODALITY_FOR_TASK[t] for t in config.tasks} - {"text"}
     for modality in sorted(modalities):
@@ -55,10 +56,10 @@ def build_dataset(config: JobConfig, manifest: pa.Table, model_name: str, model_
     ds = ds.groupby("group_key", num_partitions=partitions).map_groups(assemble_group, batch_format="pyarrow")
     if "summarize" in config.tasks:
         ds = ds.map_batches(PrepareSummaries, fn_constructor_args=(cfg_json,),
-                            batch_format="pyarrow", batch_size=64, concurrency=1)
+                            batch_format="pyarrow", batch_size=64, compute=ActorPoolStrategy(size=1))
         ds = ds.map_batches(TextStage, fn_constructor_args=(cfg_json,), batch_format="pyarrow",
                             **TextStage.ray_options(config, gpus, autoscaling))
     ds = ds.map_batches(ResultRows, fn_constructor_args=(cfg_json, model_name, model_revision,
                                                          passthrough_schema),
-                        batch_format="pyarrow", batch_size=1024, concurrency=1)
+                        batch_format="pyarrow", batch_size=1024, compute=ActorPoolStrategy(size=1))
     return ds

@@ -123,7 +123,7 @@ class PrepareWork:
             raise InputError(f"{name}: no speech detected in {duration:.1f} s of audio")
         chunks = [(speaker, chunk) for audio, speaker in zip(channels, speakers)
                   for chunk in self.segmenter.split(audio)]
-        items = []
+        items = self.audio_summary_items(row, channels, duration)
         for task, target in self.speech_tasks(row):
             instruction = task_instruction(task, target)
             for index, (speaker, chunk) in enumerate(chunks):
@@ -134,6 +134,17 @@ class PrepareWork:
                     end_s=chunk.end_s, duration_s=duration, modality="speech", bucket=built.bucket,
                     model_inputs=encode_item(built.inputs), input_tokens=built.input_tokens))
         return items
+
+    def audio_summary_items(self, row: dict, channels: list, duration: float) -> list[dict]:
+        """With `summarize_from_audio`, a recording short enough is summarised from its audio in one
+        prompt (the speech pool); longer ones fall back to the transcript (PrepareSummaries)."""
+        if not summary_from_audio(self.config, duration):
+            return []
+        audio = channels[0] if len(channels) == 1 else sum(channels) / len(channels)
+        built = self.builder.audio(audio, task_instruction("summarize", from_audio=True))
+        return [work_item(row["id"], "summarize", language=row.get("language"), duration_s=duration,
+                          modality="speech", bucket=built.bucket, model_inputs=encode_item(built.inputs),
+                          input_tokens=built.input_tokens)]
 
     def document_items(self, row: dict, data: bytes) -> list[dict]:
         from pipeline.decode import decode_pages
@@ -150,6 +161,12 @@ class PrepareWork:
                 modality="vision", bucket=built.bucket, model_inputs=encode_item(built.inputs),
                 input_tokens=built.input_tokens))
         return items
+
+
+def summary_from_audio(config: JobConfig, duration: float | None) -> bool:
+    """Whether this recording's summary comes from its audio (else from its transcript)."""
+    return ("summarize" in config.tasks and config.audio.summarize_from_audio and duration is not None
+            and duration <= config.audio.max_summary_audio_s)
 
 
 def kind_phrase(kind: str) -> str:

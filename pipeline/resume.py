@@ -8,6 +8,7 @@ dataset holds each (id, task, target_language, page) once.
 from __future__ import annotations
 
 import logging
+import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,6 +30,14 @@ def _files(output: str, fs) -> list[str]:
         return []
     return sorted(i.path for i in infos if i.type == FileType.File and i.path.endswith(".parquet")
                   and "/_" not in i.path[len(output):] and "/." not in i.path[len(output):])
+
+
+def _written_by(path: str, run_id: str) -> bool:
+    """Whether `path` is a file of run `run_id`: `part-<run_id>-<write uuid, 32 hex>-...` (pipeline.write).
+    A plain prefix test would also claim the files of a run named `<run_id>-2` as this run's."""
+    name = path.rsplit("/", 1)[-1]
+    prefix = f"part-{run_id}-"
+    return name.startswith(prefix) and re.match(r"[0-9a-f]{32}-", name[len(prefix):]) is not None
 
 
 def _task_of(path: str) -> str | None:
@@ -76,8 +85,11 @@ def rows_to_redo(manifest: pa.Table, config: JobConfig, storage) -> pa.Table:
         have = {}
         for rid, lang in zip(tr["id"].to_pylist(), tr["target_language"].to_pylist()):
             have.setdefault(rid, set()).add(lang)
+        # a row's own target_language overrides the job's list (pipeline.prepare), so it is all it needs
         wanted = set(config.translate_to)
-        complete = {i for i in complete or set() if wanted <= have.get(i, set())}
+        own = dict(zip(manifest["id"].to_pylist(), manifest["target_language"].to_pylist())) \
+            if "target_language" in manifest.column_names else {}
+        complete = {i for i in complete or set() if ({own[i]} if own.get(i) else wanted) <= have.get(i, set())}
     skip = (complete or set()) - failed_ids
     keep = pc.invert(pc.is_in(manifest["id"], pa.array(sorted(skip), pa.string())))
     return manifest.filter(keep)
@@ -88,13 +100,13 @@ def drop_superseded(output: str, fs, run_id: str) -> int:
     files = _files(output, fs)
     new_keys: set[tuple] = set()
     for p in files:
-        if f"part-{run_id}-" in p:
+        if _written_by(p, run_id):
             t = _read(p, fs, ["id", "target_language", "page"])
             if t is not None:
                 new_keys.update(zip(*(t[c].to_pylist() for c in KEY)))
     removed = 0
     for p in files:
-        if f"part-{run_id}-" in p or not new_keys:
+        if _written_by(p, run_id) or not new_keys:
             continue
         with fs.open_input_file(p) as f:
             table = pq.read_table(f)
@@ -108,7 +120,9 @@ def drop_superseded(output: str, fs, run_id: str) -> int:
         if kept.num_rows == 0:
             fs.delete_file(p)
             continue
-        tmp = p + ".rewrite"
+        # a hidden name: readers (pyarrow, DuckDB's *.parquet, Spark) skip it if a kill leaves it behind
+        folder, name = p.rsplit("/", 1)
+        tmp = f"{folder}/.{name}.rewrite"
         with fs.open_output_stream(tmp) as f:
             pq.write_table(kept, f)
         fs.move(tmp, p)

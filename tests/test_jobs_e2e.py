@@ -114,3 +114,27 @@ def test_bad_manifest_is_refused_before_ray_starts(tmp_path, tiny_model, capsys)
     assert main(["transcribe", str(manifest), str(tmp_path / "out"), "--translate-to", "xx",
                  "--model", tiny_model]) == 2
     assert "xx" in capsys.readouterr().err
+
+
+def test_stereo_calls_split_by_channel_and_summarised_from_audio(run_job, samples_copy, tmp_path):
+    """Agent and customer on separate channels: one transcript with both, in time order, labelled."""
+    import soundfile as sf
+
+    manifest = samples_copy / "stereo.csv"
+    pd.DataFrame([{"id": "stereo", "uri": "audio/call_0002.flac", "crm_ticket": 981},
+                  {"id": "mono", "uri": "audio/call_0001.wav", "crm_ticket": 982}]).to_csv(manifest, index=False)
+    assert sf.info(samples_copy / "audio" / "call_0002.flac").channels == 2
+    out = tmp_path / "out"
+    assert run_job("transcribe", manifest, out, "--split-channels", "--summarize-from-audio",
+                   "--max-new-tokens", "8") == 0
+    rows = read_output(out).to_pandas().set_index(["id", "task"])
+    assert sorted(rows.index) == [("mono", "asr"), ("mono", "summarize"), ("stereo", "asr"), ("stereo", "summarize")]
+    assert (rows.status == "ok").all(), rows.error.tolist()
+    speakers = [s["text"].split("]")[0] + "]" for s in rows.loc[("stereo", "asr"), "segments"]]
+    assert sorted(set(speakers)) == ["[channel 1]", "[channel 2]"]
+    starts = [s["start_s"] for s in rows.loc[("stereo", "asr"), "segments"]]
+    assert starts == sorted(starts)
+    # the summary came from the audio (speech pool, audio tokens in its prompt), not from the transcript
+    assert rows.loc[("stereo", "summarize"), "input_tokens"] > 100
+    assert rows.loc[("stereo", "summarize"), "segments"] is None
+    assert rows.loc[("mono", "asr"), "crm_ticket"] == 982
