@@ -77,7 +77,9 @@ class PrepareSummaries:
 
     def __init__(self, config_json: str):
         from actors.model_files import local_model_dir
+        from pipeline.prepare import one_thread_per_worker
 
+        one_thread_per_worker()
         self.config = JobConfig.model_validate_json(config_json)
         self.builder = InputBuilder(local_model_dir(self.config), self.config.system_prompt)
 

@@ -28,6 +28,7 @@ class PrepareWork:
         from actors.model_files import local_model_dir
         from pipeline.storage import StorageOptions
 
+        one_thread_per_worker()
         self.config = JobConfig.model_validate_json(config_json)
         processor_dir = local_model_dir(self.config)
         self.storage = StorageOptions(endpoint_url=self.config.s3_endpoint)
@@ -161,6 +162,14 @@ class PrepareWork:
                 modality="vision", bucket=built.bucket, model_inputs=encode_item(built.inputs),
                 input_tokens=built.input_tokens))
         return items
+
+
+def one_thread_per_worker() -> None:
+    """Each CPU stage worker holds one Ray CPU: torch's default of one thread per core, times a pool of
+    workers, oversubscribes the node and starves the thread that feeds the GPU."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def summary_from_audio(config: JobConfig, duration: float | None) -> bool:
