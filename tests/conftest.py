@@ -36,9 +36,16 @@ def tiny_model(tmp_path_factory) -> str:
 def ray_session():
     import ray
 
+    from tests.s3server import FAKE_AWS_ENV
+
     if not ray.is_initialized():
+        # The workers' environment is fixed here, once for the session: variables the driver sets later
+        # (the `s3_server` fixture sets fake credentials when a test first asks for it) never reach them.
+        # So the workers get the fake AWS settings from the start: botocore and pyarrow's S3 client need
+        # some credentials to sign requests to the local moto server, and they keep every worker away
+        # from real AWS accounts (no profile files, no instance metadata).
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}})
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **FAKE_AWS_ENV}})
     yield ray
     ray.shutdown()
 
@@ -52,6 +59,46 @@ def run_job(ray_session, tiny_model):
         return main([job, str(manifest), str(output), "--model", model or tiny_model, *args])
 
     return run
+
+
+def session_processes(sid: int) -> list[int]:
+    """Live (not zombie) processes of the session `sid`.
+
+    A command started with `start_new_session=True` leads a session of its own, and everything a Ray it
+    starts runs (gcs, raylet, dashboard, agents, workers) stays in that session. Process groups are not
+    enough: Ray puts every worker in a process group of its own, so `killpg` leaves the workers behind.
+    """
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, session, ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def kill_session(sid: int, *, term_first_s: float = 0.0, timeout_s: float = 20.0) -> list[int]:
+    """Signal every process of session `sid` until none is left (SIGTERM for `term_first_s` seconds
+    first when given, then SIGKILL); returns the pids still alive at the deadline."""
+    import signal
+    import time
+
+    for sig, wait_s in ((signal.SIGTERM, term_first_s), (signal.SIGKILL, timeout_s)):
+        deadline = time.monotonic() + wait_s
+        while (pids := session_processes(sid)) and time.monotonic() < deadline:
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+    return session_processes(sid)
 
 
 def read_output(output) -> "pyarrow.Table":  # noqa: F821

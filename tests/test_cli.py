@@ -1,0 +1,159 @@
+"""The command line as a user meets it: `phi4mm run JOB.yaml`, `phi4mm tiny-model`, `python -m jobs.X`,
+and a bad config refused with a message that names the field, before any Ray starts."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from jobs.cli import main
+from tests.conftest import REPO, read_output
+
+KEY = ["id", "task", "target_language", "page"]
+SAME = ["status", "error", "text", "language", "segments", "duration_s", "input_tokens", "output_tokens", "model",
+        "customer_segment", "reference"]
+
+
+def _python_m(module: str, *args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def test_run_job_yaml_gives_the_same_rows_as_the_subcommand(run_job, samples_copy, tiny_model, monkeypatch):
+    calls = pd.read_csv(samples_copy / "transcribe.csv").head(2)
+    calls.to_csv(samples_copy / "two_calls.csv", index=False)
+    monkeypatch.chdir(samples_copy)  # relative paths in the YAML are taken from where the command runs
+
+    assert run_job("transcribe", "two_calls.csv", "out-cli", "--max-new-tokens", "8", "--run-id", "cli") == 0
+
+    job = {"job": "transcribe", "input": "two_calls.csv", "output": "out-yaml", "run_id": "yaml",
+           "model": {"source": tiny_model}, "generation": {"max_new_tokens": {"asr": 8}}}
+    (samples_copy / "nightly.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", "nightly.yaml"]) == 0
+
+    cli = read_output(samples_copy / "out-cli").to_pandas()
+    from_yaml = read_output(samples_copy / "out-yaml").to_pandas()
+    assert len(cli) == len(calls) and (cli.status == "ok").all(), cli.error.tolist()
+    assert (cli.run_id == "cli").all() and (from_yaml.run_id == "yaml").all()
+    a = cli.sort_values(KEY).reset_index(drop=True)
+    b = from_yaml.sort_values(KEY).reset_index(drop=True)
+    assert a[KEY].equals(b[KEY])
+    for column in SAME:  # greedy decoding of the same inputs: the same text, tokens and segments
+        assert a[column].astype(str).tolist() == b[column].astype(str).tolist(), column
+    assert (samples_copy / "out-yaml" / "_runs" / "yaml.json").exists()
+
+
+def test_tiny_model_command_builds_a_loadable_checkpoint(tmp_path, capsys):
+    import torch
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from actors.tiny_model import ADAPTER_RANKS, is_tiny_model
+
+    target = tmp_path / "tiny"
+    assert main(["tiny-model", str(target)]) == 0
+    assert capsys.readouterr().out.strip() == str(target)
+    assert is_tiny_model(target)
+
+    processor = AutoProcessor.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    assert type(model).__name__ == "Phi4MultimodalForCausalLM"
+    assert type(processor).__name__ == "Phi4MultimodalProcessor"
+    for adapter, rank in ADAPTER_RANKS.items():  # the per-modality LoRAs, in PEFT's layout
+        config = PeftConfig.from_pretrained(target / adapter)
+        assert config.r == rank and (target / adapter / "adapter_model.safetensors").exists()
+    merged = PeftModel.from_pretrained(model, target / "speech-lora").merge_and_unload()
+
+    prompt = processor.tokenizer.apply_chat_template([{"role": "user", "content": "Thank you for calling."}],
+                                                     tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = merged.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]  # it generates (meaningless) tokens
+
+
+@pytest.mark.parametrize("module,flag", [("jobs.ocr", "--dynamic-hd"), ("jobs.transcribe", "--translate-to"),
+                                         ("jobs.meetings", "--max-chunk-s"), ("jobs.report", "--html")])
+def test_python_m_jobs_help(module, flag):
+    done = _python_m(module, "--help")
+    assert done.returncode == 0, done.stderr
+    assert flag in done.stdout and "usage:" in done.stdout
+
+
+def test_bad_job_yaml_is_refused_naming_the_field_before_ray_starts(tmp_path, tiny_model):
+    job = {"job": "transcribe", "input": str(REPO / "samples" / "transcribe.csv"), "output": str(tmp_path / "out"),
+           "model": {"source": tiny_model},
+           "translate_too": ["fr"],  # a typo of translate_to
+           "resources": {"gpu_per_replica": 0.5},  # a typo of gpus_per_replica
+           "batching": {"max_batch_size": 0}}  # out of range
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(job))
+    ray_tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # a Ray that started would leave its session here
+    try:
+        began = time.monotonic()
+        done = _python_m("jobs.cli", "run", str(bad), env={"RAY_TMPDIR": ray_tmp})
+        took = time.monotonic() - began
+        assert done.returncode == 2, done.stdout + done.stderr
+        err = done.stderr
+        assert "invalid configuration" in err
+        assert "translate_too" in err and "resources.gpu_per_replica" in err and "batching.max_batch_size" in err
+        assert "Traceback" not in err  # one clear message, not a stack
+        assert os.listdir(ray_tmp) == [], "Ray was started for a config that could not run"
+        assert not (tmp_path / "out").exists()
+        assert took < 30, f"refusing a bad config took {took:.0f} s"
+
+        # the same through a subcommand's --config
+        extra = tmp_path / "extra.yaml"
+        extra.write_text(yaml.safe_dump({"audio": {"max_chunk_seconds": 20}}))
+        done = _python_m("jobs.transcribe", str(REPO / "samples" / "transcribe.csv"), str(tmp_path / "out"),
+                         "--model", tiny_model, "--config", str(extra), env={"RAY_TMPDIR": ray_tmp})
+        assert done.returncode == 2 and "audio.max_chunk_seconds" in done.stderr, done.stderr
+        assert os.listdir(ray_tmp) == []
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("model: /models/tiny\n", "`model` must be a mapping"),
+    ("job: transcribe\ninput: [a\n", "not valid YAML"),
+    ("- transcribe\n", "expected a mapping of JobConfig fields, got a list"),
+    (None, "cannot be read"),
+])
+def test_unreadable_job_yaml_is_one_clear_line(tmp_path, capsys, monkeypatch, text, message):
+    import jobs.runner
+
+    monkeypatch.setattr(jobs.runner, "run_job", lambda config: pytest.fail("the job must not start"))
+    path = tmp_path / "job.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"phi4mm: {path}: ") and message in err and "Traceback" not in err
+    assert main(["transcribe", "in.csv", str(tmp_path / "out"), "--config", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_config_file_model_source_is_kept_without_model_flag(tmp_path, tiny_model):
+    """`--config` with model.source and no `--model`: the file's model runs, not the hub default."""
+    import argparse
+
+    from jobs.cli import add_job_arguments, config_from_args
+
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(yaml.safe_dump({"model": {"source": tiny_model, "cache_dir": str(tmp_path / "cache")}}))
+    parser = argparse.ArgumentParser()
+    add_job_arguments(parser, "transcribe")
+    config = config_from_args("transcribe", parser.parse_args(["in.csv", "out", "--config", str(extra)]))
+    assert config.model.source == tiny_model and config.model.cache_dir == str(tmp_path / "cache")
+    config = config_from_args("transcribe", parser.parse_args(["in.csv", "out", "--config", str(extra),
+                                                               "--model", "s3://models/other/"]))
+    assert config.model.source == "s3://models/other/" and config.model.cache_dir == str(tmp_path / "cache")
+    config = config_from_args("transcribe", parser.parse_args(["in.csv", "out"]))
+    assert config.model.source == "microsoft/Phi-4-multimodal-instruct"
