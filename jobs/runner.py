@@ -96,7 +96,6 @@ def _fsspec(uri: str, storage):
 
 
 def _empty():
-    import pyarrow as pa
 
     from schemas.results import RESULT_SCHEMA
 

@@ -5,7 +5,6 @@ Every claim of "nothing lost" here is a row count: inputs x tasks (x pages) = ou
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

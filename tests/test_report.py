@@ -11,8 +11,6 @@ import base64
 import io
 import json
 import re
-import shutil
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import pytest
 from jobs import report as rp
 from jobs import scoring
 from schemas.results import RESULT_COLUMNS, result_schema
+from tests.screenshot import screenshot
 
 T0 = datetime(2024, 5, 1, 2, 0, tzinfo=timezone.utc)
 CALLS = pa.schema([("uri", pa.string()), ("reference", pa.string()), ("reference_translate", pa.string()),
@@ -301,10 +300,6 @@ def test_empty_output(tmp_path: Path) -> None:
     rp.write_html(report, str(tmp_path / "empty.html"))  # renders without plots
 
 
-def _chromium() -> str | None:
-    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-
-
 def test_html_renders(report: dict, tmp_path: Path) -> None:
     from PIL import Image
 
@@ -320,16 +315,4 @@ def test_html_renders(report: dict, tmp_path: Path) -> None:
     assert "call-003" in source and "&lt;input&gt;: cannot decode audio" in source
     assert not re.search(r"(src|href)=\"(?!data:)", source)  # self-contained: nothing fetched
 
-    chromium = _chromium()
-    if chromium is None:
-        pytest.skip("no chromium binary on PATH (apt-get install -y chromium); HTML checked, screenshot not taken")
-    shot = tmp_path / "report.png"
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2000",
-           page.as_uri()]
-    subprocess.run(cmd, check=True, timeout=60, capture_output=True)
-    with Image.open(shot) as png:
-        assert png.format == "PNG" and png.size == (1280, 2000)
-        colours = png.convert("RGB").getcolors(maxcolors=1 << 20)
-    assert colours is not None and len(colours) > 50  # text, tables and plots, not a blank page
+    screenshot(page, tmp_path, (1280, 2000))

@@ -11,8 +11,6 @@ import io
 import json
 import math
 import re
-import shutil
-import subprocess
 
 import duckdb
 import pyarrow.dataset as pads
@@ -20,12 +18,9 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main
+from tests.screenshot import screenshot
 
 PLOTS = ("rows per task and status", "latency histogram", "ASR error rate per language")
-
-
-def _chromium() -> str | None:
-    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 
 @pytest.fixture(scope="module")
@@ -80,19 +75,7 @@ def test_report_html_renders_with_its_plots(report_files, tmp_path):
     assert "Worst rows" in source and f"<code>{worst_id}</code>" in source
     assert not re.search(r"(src|href)=\"(?!data:)", source)  # self-contained
 
-    chromium = _chromium()
-    if chromium is None:
-        pytest.skip("no chromium binary on PATH (apt-get install -y chromium); HTML checked, screenshot not taken")
-    shot = tmp_path / "report.png"
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2400",
-           html.as_uri()]
-    subprocess.run(cmd, check=True, timeout=60, capture_output=True)
-    with Image.open(shot) as png:
-        assert png.format == "PNG" and png.size == (1280, 2400)
-        colours = png.convert("RGB").getcolors(maxcolors=1 << 20)
-    assert colours is not None and len(colours) > 50  # text, tables and plots, not a blank page
+    screenshot(html, tmp_path, (1280, 2400))
 
 
 def test_duckdb_pyarrow_and_report_agree(report_files):
