@@ -1,8 +1,9 @@
 """GPU stages: Ray Data actor classes that each hold one model replica for one modality.
 
-A stage receives work items (pipeline/work_items.py) as a pyarrow Table, generates for the rows of its
-modality that carry no error, and passes every other row through untouched, so no row is ever dropped.
-A batch that fails is retried one row at a time; a row that still fails becomes an error row.
+A stage receives work rows (pipeline/work_items.py) as a pyarrow Table, generates for the chunks of the
+rows of its modality that carry no error, and passes every other row through untouched, so no row is
+ever dropped. A batch that fails is retried one item at a time; an item that still fails marks its
+chunk (and so its row) as failed, with the reason.
 """
 from __future__ import annotations
 
@@ -47,40 +48,46 @@ class ModelStage:
         from ray.data import ActorPoolStrategy
 
         pool = ActorPoolStrategy(min_size=low, max_size=high) if high > low else ActorPoolStrategy(size=high)
-        options = {"num_gpus": gpus, "compute": pool, "batch_size": config.batching.rows_per_call}
+        # a meeting's work row carries all of its chunks (an hour: ~120 x 1 MB of features)
+        rows = config.batching.rows_per_call if config.job != "meetings" else max(1, config.batching.rows_per_call // 32)
+        options = {"num_gpus": gpus, "compute": pool, "batch_size": rows}
         if gpus > 0 and res.accelerator_type:
             options["accelerator_type"] = res.accelerator_type
         return options
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.model_inputs import decode_item
+        from pipeline.work_items import set_column
 
         mine = pc.and_(pc.equal(batch["modality"], self.modality), pc.is_null(batch["error"])).to_pylist()
         rows = [i for i, m in enumerate(mine) if m]
-        n = batch.num_rows
-        text: list[str | None] = batch["text"].to_pylist()
-        out_tokens: list[int | None] = batch["output_tokens"].to_pylist()
-        latency: list[float | None] = batch["latency_s"].to_pylist()
-        error: list[str | None] = batch["error"].to_pylist()
-        if rows:
-            blobs = batch["model_inputs"].to_pylist()
-            buckets = batch["bucket"].to_pylist()
-            tasks = batch["task"].to_pylist()
-            ids = batch["id"].to_pylist()
-            limits = self.config.generation.max_new_tokens
-            gens = self.engine.generate([decode_item(blobs[i]) for i in rows], [buckets[i] for i in rows],
-                                        [limits.get(tasks[i], 256) for i in rows],
-                                        self.config.generation.min_new_tokens)
-            for i, gen in zip(rows, gens):
-                if isinstance(gen, Exception):
-                    log.warning("generation failed for %s: %s", ids[i], gen)
-                    error[i] = f"{ids[i]}: generation failed ({type(gen).__name__}: {gen})"
-                else:
-                    text[i], out_tokens[i], latency[i] = gen.text, len(gen.token_ids), gen.latency_s
-        batch = batch.drop_columns(["model_inputs"]).append_column("model_inputs", pa.nulls(n, pa.binary()))
-        for name, values, typ in (("text", text, pa.string()), ("output_tokens", out_tokens, pa.int64()),
-                                  ("latency_s", latency, pa.float64()), ("error", error, pa.string())):
-            batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, typ))
+        if not rows:
+            return batch
+        ids = batch["id"].to_pylist()
+        tasks = batch["task"].to_pylist()
+        inputs = batch["chunk_inputs"].to_pylist()
+        buckets = batch["chunk_bucket"].to_pylist()
+        text = batch["chunk_text"].to_pylist()
+        out_tokens = batch["chunk_output_tokens"].to_pylist()
+        latency = batch["chunk_latency_s"].to_pylist()
+        error = batch["chunk_error"].to_pylist()
+        limits = self.config.generation.max_new_tokens
+        todo = [(i, j) for i in rows for j in range(len(inputs[i])) if text[i][j] is None]
+        gens = self.engine.generate([decode_item(inputs[i][j]) for i, j in todo],
+                                    [buckets[i][j] for i, j in todo],
+                                    [limits.get(tasks[i], 256) for i, _ in todo],
+                                    self.config.generation.min_new_tokens)
+        for (i, j), gen in zip(todo, gens):
+            if isinstance(gen, Exception):
+                log.warning("generation failed for %s: %s", ids[i], gen)
+                error[i][j] = f"{ids[i]}: generation failed ({type(gen).__name__}: {gen})"
+            else:
+                text[i][j], out_tokens[i][j], latency[i][j] = gen.text, len(gen.token_ids), gen.latency_s
+        for i in rows:
+            inputs[i] = [None] * len(inputs[i])  # the features are spent: do not carry them on
+        for name, values in (("chunk_text", text), ("chunk_output_tokens", out_tokens),
+                             ("chunk_latency_s", latency), ("chunk_error", error), ("chunk_inputs", inputs)):
+            batch = set_column(batch, name, values)
         return batch
 
 

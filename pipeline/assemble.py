@@ -1,8 +1,9 @@
 """Chunks back into records, summaries of whole recordings, and the final result rows.
 
-`assemble_group` runs once per output row (Ray Data `groupby(group_key).map_groups`): it stitches the
-chunk transcripts in time order with their segments. `PrepareSummaries` turns each assembled transcript
-into a text-only work item for the summary. `ResultRows` casts everything to the result contract.
+`assemble` (a plain map over work rows: a row already holds all of its chunks, so nothing is regrouped
+and rows stream on to Parquet) stitches the chunk texts in time order with their segments.
+`PrepareSummaries` turns each assembled transcript into a text-only work row for its summary.
+`ResultRows` casts everything to the result contract.
 """
 from __future__ import annotations
 
@@ -13,54 +14,48 @@ import pyarrow.compute as pc
 
 from pipeline.model_inputs import InputBuilder, encode_item
 from pipeline.prompts import task_instruction
-from pipeline.work_items import WORK_COLUMNS, group_key
+from pipeline.work_items import Chunk, set_column, work_row, work_table
 from schemas.config import JobConfig
-from schemas.results import RESULT_COLUMNS, STATUS_ERROR, STATUS_OK, result_schema
+from schemas.results import STATUS_ERROR, STATUS_OK, result_schema
 
 SPEECH_TASKS = ("asr", "translate")
 
 
-def assemble_group(group: pa.Table) -> pa.Table:
-    """All work items of one (id, task, target, page) -> one row (still in work-item columns)."""
-    group = group.sort_by([("start_s", "ascending"), ("chunk_index", "ascending")])
-    rows = group.select([c for c in WORK_COLUMNS if c != "model_inputs"]).to_pylist()
-    first = rows[0]
-    texts = [r["text"] for r in rows if r["text"]]
-    failed = [r for r in rows if r["error"]]
-    error = None
-    if failed:
-        r = failed[0]
-        where = ""
-        if len(rows) > 1:
-            where = f" (chunk {r['chunk_index'] + 1}/{len(rows)}, {r['start_s']:.1f}-{r['end_s']:.1f} s"
-            where += f"; {len(failed)} of {len(rows)} chunks failed)" if len(failed) > 1 else ")"
-        error = r["error"] + where
-    segments = None
-    if first["task"] in SPEECH_TASKS and first["start_s"] is not None:
-        segments = [{"start_s": r["start_s"], "end_s": r["end_s"],
-                     "text": (f"[{r['speaker']}] " if r["speaker"] else "") + (r["text"] or "")} for r in rows]
-        if first["speaker"]:
-            texts = [s["text"] for s in segments if s["text"]]
-    merged = dict(first, text=" ".join(t.strip() for t in texts) if texts else None, error=error,
-                  modality="none", bucket="", chunk_index=0, n_chunks=len(rows),
-                  start_s=None, end_s=None,
-                  input_tokens=_sum(r["input_tokens"] for r in rows),
-                  output_tokens=_sum(r["output_tokens"] for r in rows),
-                  latency_s=_sum(r["latency_s"] for r in rows))
-    out = pa.Table.from_pylist([merged], schema=group.select([c for c in WORK_COLUMNS if c != "model_inputs"])
-                               .schema)
-    out = out.append_column(pa.field("model_inputs", pa.binary()), pa.nulls(1, pa.binary()))
-    out = out.append_column(pa.field("segments", _segments_type()), pa.array([segments], _segments_type()))
-    extra = [c for c in group.column_names if c not in WORK_COLUMNS and c != "segments"]
-    for name in extra:
-        out = out.append_column(group.schema.field(name), group.column(name).slice(0, 1))
-    return out
-
-
-def _segments_type() -> pa.DataType:
-    from schemas.results import SEGMENT_TYPE
-
-    return pa.list_(SEGMENT_TYPE)
+def assemble(batch: pa.Table) -> pa.Table:
+    """Fill text, segments, token counts and the row's error from its chunks (idempotent)."""
+    cols = ("task", "error", "chunk_start_s", "chunk_end_s", "chunk_speaker", "chunk_text", "chunk_error",
+            "chunk_input_tokens", "chunk_output_tokens", "chunk_latency_s")
+    rows = batch.select(list(cols)).to_pylist()
+    out = {name: [] for name in ("text", "segments", "error", "input_tokens", "output_tokens", "latency_s")}
+    for row in rows:
+        starts, n = row["chunk_start_s"], len(row["chunk_text"])
+        labelled = [(f"[{sp}] " if sp else "") + (t or "").strip()
+                    for sp, t in zip(row["chunk_speaker"], row["chunk_text"])]
+        texts = [t for t, raw in zip(labelled, row["chunk_text"]) if raw and raw.strip()]
+        error = row["error"]
+        failed = [k for k in range(n) if row["chunk_error"][k]]
+        if error is None and failed:
+            k = failed[0]
+            error = row["chunk_error"][k]
+            if n > 1:
+                where = f"chunk {k + 1}/{n}"
+                if starts[k] is not None:
+                    where += f", {starts[k]:.1f}-{row['chunk_end_s'][k]:.1f} s"
+                more = f"; {len(failed)} of {n} chunks failed" if len(failed) > 1 else ""
+                error = f"{error} ({where}{more})"
+        segments = None
+        if row["task"] in SPEECH_TASKS and n and starts[0] is not None:
+            segments = [{"start_s": a, "end_s": b, "text": t}
+                        for a, b, t in zip(starts, row["chunk_end_s"], labelled)]
+        out["text"].append(" ".join(texts) if texts else None)
+        out["segments"].append(segments)
+        out["error"].append(error)
+        out["input_tokens"].append(_sum(row["chunk_input_tokens"]))
+        out["output_tokens"].append(_sum(row["chunk_output_tokens"]))
+        out["latency_s"].append(_sum(row["chunk_latency_s"]))
+    for name, values in out.items():
+        batch = set_column(batch, name, values)
+    return batch
 
 
 def _sum(values) -> float | int | None:
@@ -69,7 +64,7 @@ def _sum(values) -> float | int | None:
 
 
 class PrepareSummaries:
-    """CPU stage: for every assembled `asr` row, add a `summarize` work item built from its transcript.
+    """CPU stage: for every assembled `asr` row, add a `summarize` work row built from its transcript.
 
     A transcript that failed gives a summary row that fails with the same reason, so the summary
     partition has a row for every input too.
@@ -86,44 +81,30 @@ class PrepareSummaries:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.prepare import summary_from_audio
 
-        rows = batch.select(["id", "task", "text", "error", "duration_s"]).to_pylist()
-        picks, updates = [], []
+        rows = batch.select(["id", "task", "text", "error", "duration_s", "language"]).to_pylist()
+        picks, made = [], []
         for i, row in enumerate(rows):
             if row["task"] != "asr":
                 continue
             if not row["error"] and summary_from_audio(self.config, row["duration_s"]):
                 continue  # summarised from the audio by the speech pool already
-            picks.append(i)
+            common = {"language": row["language"], "duration_s": row["duration_s"]}
             if row["error"]:
-                updates.append({"error": f"no summary: the transcript failed ({row['error']})",
-                                "modality": "none", "model_inputs": None, "input_tokens": None})
+                made.append(work_row(row["id"], "summarize", **common,
+                                     error=f"no summary: the transcript failed ({row['error']})"))
             elif not row["text"]:
-                updates.append({"error": f"{row['id']}: no summary: the transcript is empty",
-                                "modality": "none", "model_inputs": None, "input_tokens": None})
+                made.append(work_row(row["id"], "summarize", **common,
+                                     error=f"{row['id']}: no summary: the transcript is empty"))
             else:
                 built = self.builder.text(task_instruction("summarize", transcript=row["text"]))
-                updates.append({"error": None, "modality": "text", "model_inputs": encode_item(built.inputs),
-                                "input_tokens": built.input_tokens, "bucket": built.bucket})
+                chunk = Chunk(built.bucket, encode_item(built.inputs), built.input_tokens)
+                made.append(work_row(row["id"], "summarize", chunks=[chunk], modality="text", **common))
+            picks.append(i)
         if not picks:
             return batch
-        summaries = batch.take(picks)
-        n = len(picks)
-        summaries = _set(summaries, "task", pa.array(["summarize"] * n, pa.string()))
-        summaries = _set(summaries, "group_key", pa.array(
-            [group_key(r, "summarize", None, 1) for r in summaries["id"].to_pylist()], pa.string()))
-        for name, typ in (("text", pa.string()), ("output_tokens", pa.int64()), ("latency_s", pa.float64()),
-                          ("target_language", pa.string())):
-            summaries = _set(summaries, name, pa.nulls(n, typ))
-        summaries = _set(summaries, "segments", pa.nulls(n, summaries.schema.field("segments").type))
-        for name in ("error", "modality", "model_inputs", "input_tokens", "bucket"):
-            typ = summaries.schema.field(name).type
-            values = [u.get(name, summaries[name][k].as_py()) for k, u in enumerate(updates)]
-            summaries = _set(summaries, name, pa.array(values, typ))
-        return pa.concat_tables([batch, summaries])
-
-
-def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
-    return table.set_column(table.schema.get_field_index(name), name, values)
+        extra = [c for c in batch.column_names if c not in made[0]]
+        summaries = work_table(made, batch.select(extra).take(picks) if extra else None)
+        return pa.concat_tables([batch, summaries.select(batch.column_names)])
 
 
 class ResultRows:
@@ -155,6 +136,3 @@ class ResultRows:
             else:
                 arrays.append(pa.nulls(n, field.type))
         return pa.Table.from_arrays(arrays, schema=self.schema)
-
-
-__all__ = ["assemble_group", "PrepareSummaries", "ResultRows", "RESULT_COLUMNS"]

@@ -1,10 +1,12 @@
 """The Ray Data graph of a job, as a flat list of declared stages.
 
-    manifest -> PrepareWork (CPU) -> <modality>Stage (GPU pool) -> assemble (groupby) ->
-    [PrepareSummaries (CPU) -> TextStage (GPU pool)] -> ResultRows (CPU) -> Parquet
+    manifest -> PrepareWork (CPU) -> <modality>Stage (GPU pool) -> assemble ->
+    [PrepareSummaries (CPU) -> TextStage (GPU pool) -> assemble] -> ResultRows (CPU) -> Parquet
 
 Only the actor stages touch a GPU; every stage passes rows it does not own through, so the row count
-only changes where a stage says so (fan-out into chunks and pages, fan-in in assembly, +1 summary).
+only changes where a stage says so (one row per task and page, +1 summary per recording). A work row
+carries all of its chunks, so there is no shuffle: rows stream to Parquet as they finish, and a run
+that dies half way has written what it finished (which --resume then skips).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import os
 import pyarrow as pa
 
 from actors.stages import STAGE_FOR_MODALITY, TextStage
-from pipeline.assemble import PrepareSummaries, ResultRows, assemble_group
+from pipeline.assemble import PrepareSummaries, ResultRows, assemble
 from pipeline.prepare import MODALITY_FOR_TASK, PrepareWork
 from schemas.config import JobConfig
 
@@ -51,14 +53,13 @@ def build_dataset(config: JobConfig, manifest: pa.Table, model_name: str, model_
         stage = STAGE_FOR_MODALITY[modality]
         ds = ds.map_batches(stage, fn_constructor_args=(cfg_json,), batch_format="pyarrow",
                             **stage.ray_options(config, gpus, autoscaling))
-    # shuffle partitions sized to the work (Ray's default of 200 costs seconds on small runs)
-    partitions = max(1, min(200, math.ceil(manifest.num_rows / 32)))
-    ds = ds.groupby("group_key", num_partitions=partitions).map_groups(assemble_group, batch_format="pyarrow")
+    ds = ds.map_batches(assemble, batch_format="pyarrow", batch_size=None)
     if "summarize" in config.tasks:
         ds = ds.map_batches(PrepareSummaries, fn_constructor_args=(cfg_json,),
                             batch_format="pyarrow", batch_size=64, compute=ActorPoolStrategy(size=1))
         ds = ds.map_batches(TextStage, fn_constructor_args=(cfg_json,), batch_format="pyarrow",
                             **TextStage.ray_options(config, gpus, autoscaling))
+        ds = ds.map_batches(assemble, batch_format="pyarrow", batch_size=None)
     ds = ds.map_batches(ResultRows, fn_constructor_args=(cfg_json, model_name, model_revision,
                                                          passthrough_schema),
                         batch_format="pyarrow", batch_size=1024, compute=ActorPoolStrategy(size=1))

@@ -1,4 +1,4 @@
-"""CPU stage: manifest rows -> work items (fetch, decode, segment, prompt, features).
+"""CPU stage: manifest rows -> work rows (fetch, decode, segment, prompt, features).
 
 Runs in Ray tasks on CPU nodes, before the GPU actors, so a GPU never waits on decoding, resampling,
 VAD, feature extraction, image cropping or tokenisation.
@@ -12,7 +12,7 @@ import pyarrow as pa
 from pipeline.errors import InputError
 from pipeline.model_inputs import InputBuilder, encode_item
 from pipeline.prompts import task_instruction
-from pipeline.work_items import work_item, work_table
+from pipeline.work_items import Chunk, work_row, work_table
 from schemas.config import JobConfig
 from schemas.manifest import passthrough_columns
 
@@ -22,7 +22,7 @@ MODALITY_FOR_TASK = {"asr": "speech", "translate": "speech", "ocr": "vision", "s
 
 
 class PrepareWork:
-    """`__call__(batch)`: a pyarrow batch of manifest rows -> a pyarrow table of work items."""
+    """`__call__(batch)`: a pyarrow batch of manifest rows -> a pyarrow table of work rows."""
 
     def __init__(self, config_json: str):
         from actors.model_files import local_model_dir
@@ -45,7 +45,7 @@ class PrepareWork:
         return self._segmenter
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        items: list[dict] = []
+        out_rows: list[dict] = []
         source_rows: list[int] = []
         rows = batch.select([c for c in ("id", "uri", "data", "kind", "language", "target_language")
                              if c in batch.column_names]).to_pylist()
@@ -53,15 +53,15 @@ class PrepareWork:
             try:
                 made = self.prepare_row(row)
             except InputError as exc:
-                made = self.error_items(row, str(exc))
+                made = self.error_rows(row, str(exc))
             except Exception as exc:  # noqa: BLE001 - a row never takes the job down
                 log.exception("preparing %s failed", row.get("id"))
-                made = self.error_items(row, f"{self.name(row)}: could not be prepared "
+                made = self.error_rows(row, f"{self.name(row)}: could not be prepared "
                                              f"({type(exc).__name__}: {exc})")
-            items.extend(made)
+            out_rows.extend(made)
             source_rows.extend([i] * len(made))
         keep = passthrough_columns(batch.schema)
-        return work_table(items, batch.select(keep).take(source_rows) if keep else None)
+        return work_table(out_rows, batch.select(keep).take(source_rows) if keep else None)
 
     # -- per row ---------------------------------------------------------------------------------
     @staticmethod
@@ -78,13 +78,13 @@ class PrepareWork:
             tasks += [("translate", t) for t in self.targets(row)]
         return tasks
 
-    def error_items(self, row: dict, message: str) -> list[dict]:
-        """One error item per output row the input would have produced."""
+    def error_rows(self, row: dict, message: str) -> list[dict]:
+        """One error row per output row the input would have produced."""
         if self.config.job == "ocr":
             pairs = [("ocr", None)]
         else:
             pairs = self.speech_tasks(row)
-        return [work_item(row["id"], task, target_language=target, language=row.get("language"), error=message)
+        return [work_row(row["id"], task, target_language=target, language=row.get("language"), error=message)
                 for task, target in pairs]
 
     def load_bytes(self, row: dict) -> bytes:
@@ -103,13 +103,13 @@ class PrepareWork:
             if kind not in ("image", "document"):
                 raise InputError(f"{self.name(row)}: is {kind_phrase(kind)}, but the ocr job takes images "
                                  "and documents (PNG, JPEG, TIFF, WebP, BMP, GIF, PDF)")
-            return self.document_items(row, data)
+            return self.document_rows(row, data)
         if kind not in ("audio", "meeting"):
             raise InputError(f"{self.name(row)}: is {kind_phrase(kind)}, but the {self.config.job} job takes "
                              "audio (WAV, FLAC, OGG, MP3)")
-        return self.audio_items(row, data)
+        return self.audio_rows(row, data)
 
-    def audio_items(self, row: dict, data: bytes) -> list[dict]:
+    def audio_rows(self, row: dict, data: bytes) -> list[dict]:
         from pipeline.decode import SAMPLE_RATE, decode_audio, decode_audio_channels
 
         name = self.name(row)
@@ -122,46 +122,45 @@ class PrepareWork:
         duration = len(channels[0]) / SAMPLE_RATE
         if cfg.reject_no_speech and not any(self.segmenter.has_speech(a) for a in channels):
             raise InputError(f"{name}: no speech detected in {duration:.1f} s of audio")
-        chunks = [(speaker, chunk) for audio, speaker in zip(channels, speakers)
-                  for chunk in self.segmenter.split(audio)]
-        items = self.audio_summary_items(row, channels, duration)
+        pieces = sorted(((chunk, speaker) for audio, speaker in zip(channels, speakers)
+                         for chunk in self.segmenter.split(audio)), key=lambda p: (p[0].start_s, p[1] or ""))
+        rows = self.audio_summary_rows(row, channels, duration)
         for task, target in self.speech_tasks(row):
             instruction = task_instruction(task, target)
-            for index, (speaker, chunk) in enumerate(chunks):
-                built = self.builder.audio(chunk.audio, instruction)
-                items.append(work_item(
-                    row["id"], task, target_language=target, language=row.get("language"),
-                    chunk_index=index, n_chunks=len(chunks), speaker=speaker, start_s=chunk.start_s,
-                    end_s=chunk.end_s, duration_s=duration, modality="speech", bucket=built.bucket,
-                    model_inputs=encode_item(built.inputs), input_tokens=built.input_tokens))
-        return items
+            chunks = []
+            for piece, speaker in pieces:
+                built = self.builder.audio(piece.audio, instruction)
+                chunks.append(Chunk(built.bucket, encode_item(built.inputs), built.input_tokens,
+                                    piece.start_s, piece.end_s, speaker))
+            rows.append(work_row(row["id"], task, chunks=chunks, target_language=target,
+                                 language=row.get("language"), duration_s=duration, modality="speech"))
+        return rows
 
-    def audio_summary_items(self, row: dict, channels: list, duration: float) -> list[dict]:
+    def audio_summary_rows(self, row: dict, channels: list, duration: float) -> list[dict]:
         """With `summarize_from_audio`, a recording short enough is summarised from its audio in one
         prompt (the speech pool); longer ones fall back to the transcript (PrepareSummaries)."""
         if not summary_from_audio(self.config, duration):
             return []
         audio = channels[0] if len(channels) == 1 else sum(channels) / len(channels)
         built = self.builder.audio(audio, task_instruction("summarize", from_audio=True))
-        return [work_item(row["id"], "summarize", language=row.get("language"), duration_s=duration,
-                          modality="speech", bucket=built.bucket, model_inputs=encode_item(built.inputs),
-                          input_tokens=built.input_tokens)]
+        chunk = Chunk(built.bucket, encode_item(built.inputs), built.input_tokens)
+        return [work_row(row["id"], "summarize", chunks=[chunk], language=row.get("language"),
+                         duration_s=duration, modality="speech")]
 
-    def document_items(self, row: dict, data: bytes) -> list[dict]:
+    def document_rows(self, row: dict, data: bytes) -> list[dict]:
         from pipeline.decode import decode_pages
 
         cfg = self.config.image
         pages = decode_pages(data, self.name(row), max_pixels=cfg.max_pixels, pdf_dpi=cfg.pdf_dpi,
                              max_pages=cfg.max_pages)
         instruction = task_instruction("ocr")
-        items = []
+        rows = []
         for number, image in enumerate(pages, start=1):
             built = self.builder.image(image, instruction)
-            items.append(work_item(
-                row["id"], "ocr", language=row.get("language"), page=number, pages=len(pages),
-                modality="vision", bucket=built.bucket, model_inputs=encode_item(built.inputs),
-                input_tokens=built.input_tokens))
-        return items
+            chunk = Chunk(built.bucket, encode_item(built.inputs), built.input_tokens)
+            rows.append(work_row(row["id"], "ocr", chunks=[chunk], language=row.get("language"), page=number,
+                                 pages=len(pages), modality="vision"))
+        return rows
 
 
 def one_thread_per_worker() -> None:

@@ -1,13 +1,17 @@
-"""Work items: the rows that flow from the CPU stages through the GPU actors to assembly.
+"""Work rows: what flows from the CPU stages through the GPU actors to the result rows.
 
-One manifest row becomes one work item per (task, target language, chunk or page). A bad input becomes
-one error item per task instead, so every input still yields a result row for every task.
+One work row is one future output row: (id, task, target language, page). It carries its chunks as
+lists (one entry per audio chunk; one entry for a page or a text prompt), so a long recording never has
+to be regrouped after the GPU: no shuffle barrier, and results stream to Parquet as rows finish. A bad
+input becomes one error row per task instead, so every input still yields a row for every task.
 """
 from __future__ import annotations
 
 import pyarrow as pa
 
-# Columns a work item carries besides the passed-through manifest columns.
+from schemas.results import SEGMENT_TYPE
+
+# Columns a work row carries besides the passed-through manifest columns.
 WORK_FIELDS: list[pa.Field] = [
     pa.field("id", pa.string()),
     pa.field("task", pa.string()),
@@ -15,52 +19,70 @@ WORK_FIELDS: list[pa.Field] = [
     pa.field("language", pa.string()),
     pa.field("page", pa.int32()),
     pa.field("pages", pa.int32()),
-    pa.field("chunk_index", pa.int32()),
-    pa.field("n_chunks", pa.int32()),
-    pa.field("speaker", pa.string()),
-    pa.field("start_s", pa.float64()),
-    pa.field("end_s", pa.float64()),
     pa.field("duration_s", pa.float64()),
-    pa.field("group_key", pa.string()),
     pa.field("modality", pa.string()),  # speech | vision | text | none (nothing to generate)
-    pa.field("bucket", pa.string()),
-    pa.field("model_inputs", pa.binary()),
-    pa.field("input_tokens", pa.int64()),
+    pa.field("error", pa.string()),  # the row failed before generation (fetch, decode, ...)
+    # per chunk (audio chunk, page, or text prompt), in time order
+    pa.field("chunk_start_s", pa.list_(pa.float64())),
+    pa.field("chunk_end_s", pa.list_(pa.float64())),
+    pa.field("chunk_speaker", pa.list_(pa.string())),
+    pa.field("chunk_bucket", pa.list_(pa.string())),
+    pa.field("chunk_inputs", pa.list_(pa.binary())),  # pickled model inputs; emptied after generation
+    pa.field("chunk_input_tokens", pa.list_(pa.int64())),
+    pa.field("chunk_text", pa.list_(pa.string())),
+    pa.field("chunk_output_tokens", pa.list_(pa.int64())),
+    pa.field("chunk_latency_s", pa.list_(pa.float64())),
+    pa.field("chunk_error", pa.list_(pa.string())),
+    # filled by assembly (pipeline/assemble.py)
     pa.field("text", pa.string()),
+    pa.field("segments", pa.list_(SEGMENT_TYPE)),
+    pa.field("input_tokens", pa.int64()),
     pa.field("output_tokens", pa.int64()),
     pa.field("latency_s", pa.float64()),
-    pa.field("error", pa.string()),
 ]
 WORK_SCHEMA = pa.schema(WORK_FIELDS)
 WORK_COLUMNS = [f.name for f in WORK_FIELDS]
+CHUNK_COLUMNS = [c for c in WORK_COLUMNS if c.startswith("chunk_")]
 
 
-def group_key(row_id: str, task: str, target_language: str | None, page: int) -> str:
-    """The output row a work item belongs to: (id, task, target language, page)."""
-    return "\x1f".join((row_id, task, target_language or "", str(page)))
+class Chunk:
+    """One unit of generation inside a work row."""
+
+    __slots__ = ("start_s", "end_s", "speaker", "bucket", "inputs", "input_tokens")
+
+    def __init__(self, bucket: str, inputs: bytes, input_tokens: int, start_s: float | None = None,
+                 end_s: float | None = None, speaker: str | None = None):
+        self.start_s, self.end_s, self.speaker = start_s, end_s, speaker
+        self.bucket, self.inputs, self.input_tokens = bucket, inputs, input_tokens
 
 
-def work_item(row_id: str, task: str, *, target_language: str | None = None, language: str | None = None,
-              page: int = 1, pages: int | None = None, chunk_index: int = 0, n_chunks: int = 1,
-              speaker: str | None = None, start_s: float | None = None, end_s: float | None = None,
-              duration_s: float | None = None, modality: str = "none", bucket: str = "",
-              model_inputs: bytes | None = None, input_tokens: int | None = None,
-              text: str | None = None, error: str | None = None) -> dict:
+def work_row(row_id: str, task: str, *, chunks: list[Chunk] = (), target_language: str | None = None,
+             language: str | None = None, page: int = 1, pages: int | None = None,
+             duration_s: float | None = None, modality: str = "none", error: str | None = None) -> dict:
+    n = len(chunks)
     return {
-        "id": row_id, "task": task, "target_language": target_language, "language": language,
-        "page": page, "pages": pages, "chunk_index": chunk_index, "n_chunks": n_chunks, "speaker": speaker,
-        "start_s": start_s, "end_s": end_s, "duration_s": duration_s,
-        "group_key": group_key(row_id, task, target_language, page), "modality": modality,
-        "bucket": bucket, "model_inputs": model_inputs, "input_tokens": input_tokens, "text": text,
-        "output_tokens": None, "latency_s": None, "error": error,
+        "id": row_id, "task": task, "target_language": target_language, "language": language, "page": page,
+        "pages": pages, "duration_s": duration_s, "modality": modality if n else "none", "error": error,
+        "chunk_start_s": [c.start_s for c in chunks], "chunk_end_s": [c.end_s for c in chunks],
+        "chunk_speaker": [c.speaker for c in chunks], "chunk_bucket": [c.bucket for c in chunks],
+        "chunk_inputs": [c.inputs for c in chunks], "chunk_input_tokens": [c.input_tokens for c in chunks],
+        "chunk_text": [None] * n, "chunk_output_tokens": [None] * n, "chunk_latency_s": [None] * n,
+        "chunk_error": [None] * n,
+        "text": None, "segments": None, "input_tokens": None, "output_tokens": None, "latency_s": None,
     }
 
 
-def work_table(items: list[dict], passthrough: pa.Table | None) -> pa.Table:
-    """Items as a table in WORK_SCHEMA, with the passed-through manifest columns appended row by row."""
-    table = pa.Table.from_pylist(items, schema=WORK_SCHEMA)
+def work_table(rows: list[dict], passthrough: pa.Table | None) -> pa.Table:
+    """Rows as a table in WORK_SCHEMA, with the passed-through manifest columns appended row by row."""
+    table = pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
     if passthrough is not None:
         for name in passthrough.column_names:
             if name not in WORK_COLUMNS:
                 table = table.append_column(passthrough.schema.field(name), passthrough.column(name))
     return table
+
+
+def set_column(table: pa.Table, name: str, values) -> pa.Table:
+    field = table.schema.field(name)
+    array = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, field.type)
+    return table.set_column(table.schema.get_field_index(name), field, array)

@@ -44,7 +44,7 @@ class GenerationConfig(_Strict):
 
 class BatchingConfig(_Strict):
     """How work is grouped on the GPU actors."""
-    rows_per_call: int = Field(256, ge=1)  # rows handed to one actor call by Ray Data
+    rows_per_call: int = Field(256, ge=1)  # work rows (recording x task, or page) per actor call
     max_batch_size: int = Field(32, ge=1)  # sequences prefilled (or, with `generate`, decoded) together
     max_batch_tokens: int = Field(65536, ge=512)  # prompt tokens in one prefill batch (memory bound)
     # "static": static KV cache, decode step as a CUDA graph, finished slots refilled (continuous
