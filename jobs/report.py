@@ -714,9 +714,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="the output dataset (local path or s3://...)")
     parser.add_argument("--html", metavar="FILE", help="write a self-contained HTML page here")
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON here")
+    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (MinIO, Ceph, R2)")
     args = parser.parse_args(argv)
+    filesystem = None
+    if args.output.startswith("s3://"):  # the same settings as the jobs: endpoint, region, profile
+        from pipeline.storage import StorageOptions, pyarrow_filesystem
+
+        filesystem = pyarrow_filesystem(args.output, StorageOptions(endpoint_url=args.s3_endpoint))[0]
     try:
-        report = build_report(args.output)
+        report = build_report(args.output, filesystem)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -115,6 +115,13 @@ def test_manifest_media_model_and_output_all_on_s3(s3, run_job, tiny_model, mode
     assert record["counts"] == {"asr": {"ok": len(calls), "error": 1}}
     assert record["audio_s"] > 0
 
+    # the report reads the same dataset straight from S3
+    from jobs.report import main as report_main
+
+    summary = tmp_path / "report.json"
+    assert report_main(["s3://results/run/", "--s3-endpoint", s3.endpoint_url, "--json", str(summary)]) == 0
+    assert json.loads(summary.read_text())["rows"] == len(calls) + 1
+
     # the checkpoint was copied from S3 once, completely, into the configured cache
     copies = _checkpoints(model_cache)
     assert len(copies) == 1
