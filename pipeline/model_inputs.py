@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.decode import SAMPLE_RATE
 from pipeline.prompts import chat_messages
-
-SAMPLE_RATE = 16000
 
 
 def load_processor(model_dir: str):

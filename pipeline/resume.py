@@ -15,10 +15,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.config import JobConfig
-from schemas.results import STATUS_OK
+from schemas.results import KEY_COLUMNS as KEY, STATUS_OK
 
 log = logging.getLogger(__name__)
-KEY = ("id", "task", "target_language", "page")
 
 
 def _files(output: str, fs) -> list[str]:

@@ -15,8 +15,9 @@ import yaml
 
 from jobs.cli import main
 from tests.conftest import REPO, read_output
+from schemas.results import KEY_COLUMNS
 
-KEY = ["id", "task", "target_language", "page"]
+KEY = list(KEY_COLUMNS)
 SAME = ["status", "error", "text", "language", "segments", "duration_s", "input_tokens", "output_tokens", "model",
         "customer_segment", "reference"]
 

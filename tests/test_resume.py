@@ -26,9 +26,10 @@ import pytest
 from schemas.manifest import passthrough_columns, validate_manifest
 from schemas.results import result_schema
 from tests.conftest import REPO, kill_session, read_output
+from schemas.results import KEY_COLUMNS
 
 MAX_NEW = "8"
-KEY = ["id", "task", "target_language", "page"]
+KEY = list(KEY_COLUMNS)
 CLIPS = ["audio/call_0001.wav", "audio/call_0002.flac", "audio/call_0003.ogg", "audio/call_0004.mp3"]
 
 

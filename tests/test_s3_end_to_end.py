@@ -17,10 +17,11 @@ import pytest
 from actors.model_source import COMPLETE_MARKER
 from pipeline.storage import pyarrow_filesystem
 from tests.conftest import SAMPLES
+from schemas.results import KEY_COLUMNS
 
 MODEL_URI = "s3://models/tiny/"
 MAX_NEW = "8"
-KEY = ["id", "task", "target_language", "page"]
+KEY = list(KEY_COLUMNS)
 
 
 @pytest.fixture(scope="module")
