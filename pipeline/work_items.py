@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.results import SEGMENT_TYPE
+from schemas.results import RESULT_FIELDS
 
-# Columns a work row carries besides the passed-through manifest columns.
+# Columns a work row carries besides the passed-through manifest columns. Those it shares with the
+# result rows are the result schema's own fields, so the two can never disagree on a type.
+_RESULT = {f.name: f for f in RESULT_FIELDS}
 WORK_FIELDS: list[pa.Field] = [
-    pa.field("id", pa.string()),
-    pa.field("task", pa.string()),
-    pa.field("target_language", pa.string()),
-    pa.field("language", pa.string()),
-    pa.field("page", pa.int32()),
-    pa.field("pages", pa.int32()),
-    pa.field("duration_s", pa.float64()),
+    *(_RESULT[n] for n in ("id", "task", "target_language", "language", "page", "pages", "duration_s")),
     pa.field("modality", pa.string()),  # speech | vision | text | none (nothing to generate)
-    pa.field("error", pa.string()),  # the row failed before generation (fetch, decode, ...)
+    _RESULT["error"],  # the row failed before generation (fetch, decode, ...)
     # per chunk (audio chunk, page, or text prompt), in time order
     pa.field("chunk_start_s", pa.list_(pa.float64())),
     pa.field("chunk_end_s", pa.list_(pa.float64())),
@@ -34,11 +30,7 @@ WORK_FIELDS: list[pa.Field] = [
     pa.field("chunk_latency_s", pa.list_(pa.float64())),
     pa.field("chunk_error", pa.list_(pa.string())),
     # filled by assembly (pipeline/assemble.py)
-    pa.field("text", pa.string()),
-    pa.field("segments", pa.list_(SEGMENT_TYPE)),
-    pa.field("input_tokens", pa.int64()),
-    pa.field("output_tokens", pa.int64()),
-    pa.field("latency_s", pa.float64()),
+    *(_RESULT[n] for n in ("text", "segments", "input_tokens", "output_tokens", "latency_s")),
 ]
 WORK_SCHEMA = pa.schema(WORK_FIELDS)
 WORK_COLUMNS = [f.name for f in WORK_FIELDS]
