@@ -42,7 +42,8 @@ def read_results(output: str, filesystem=None, run_id: str | None = None) -> pa.
 
 def run_record(config_json: dict, rows: pa.Table, started_at: datetime, finished_at: datetime,
                gpus: float) -> dict:
-    """Counts, sizes, tokens, wall time and throughput of one run, from the rows it wrote."""
+    """Counts, sizes, tokens, wall time, throughput and (with references) scores of one run, from the
+    rows it wrote."""
     counts: dict[str, dict[str, int]] = {}
     for task, status in zip(rows["task"].to_pylist(), rows["status"].to_pylist()):
         counts.setdefault(task, {"ok": 0, "error": 0})[status] += 1
@@ -55,6 +56,11 @@ def run_record(config_json: dict, rows: pa.Table, started_at: datetime, finished
         pages = int((table["task"] == "ocr").sum())
         input_tokens = int(table["input_tokens"].fillna(0).sum())
         output_tokens = int(table["output_tokens"].fillna(0).sum())
+    scores = {}
+    if table is not None:
+        from jobs.scoring import score_all
+
+        scores = score_all(table).summary  # only tasks whose rows carry reference texts
     return {
         "run_id": config_json["run_id"], "job": config_json["job"], "config": config_json,
         "started_at": started_at.isoformat(), "finished_at": finished_at.isoformat(), "wall_s": wall,
@@ -64,6 +70,7 @@ def run_record(config_json: dict, rows: pa.Table, started_at: datetime, finished
         "throughput": {"audio_s_per_s": audio_s / wall if wall else None,
                        "pages_per_s": pages / wall if wall else None,
                        "output_tokens_per_s": output_tokens / wall if wall else None},
+        "scores": scores,
     }
 
 

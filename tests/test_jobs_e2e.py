@@ -57,6 +57,10 @@ def test_transcribe_translate_summarize_keeps_every_row(transcribe_run):
     assert record["counts"]["asr"] == {"ok": len(good), "error": len(bad)}
     assert record["counts"]["translate"] == {"ok": 2 * len(good), "error": 2 * len(bad)}
     assert record["audio_s"] == pytest.approx(ok[ok.task == "asr"].duration_s.sum())
+    # the manifest carried reference transcripts: the run record holds the scores (meaningless numbers
+    # for random weights, but computed over every ok asr row that had a reference)
+    wer = record["scores"]["asr"]["overall"]["wer"]
+    assert wer is not None and wer >= 0 and record["scores"]["asr"]["with_reference"] == len(good)
 
 
 def test_meetings_long_recording_is_chunked_and_stitched(meetings_run):
