@@ -34,7 +34,6 @@ WORK_FIELDS: list[pa.Field] = [
 ]
 WORK_SCHEMA = pa.schema(WORK_FIELDS)
 WORK_COLUMNS = [f.name for f in WORK_FIELDS]
-CHUNK_COLUMNS = [c for c in WORK_COLUMNS if c.startswith("chunk_")]
 
 
 class Chunk:

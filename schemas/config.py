@@ -138,7 +138,3 @@ class JobConfig(_Strict):
         if self.summarize or self.job == "meetings":
             tasks.append("summarize")
         return tasks
-
-    @property
-    def media_kind(self) -> str:
-        return "document" if self.job == "ocr" else "audio"
