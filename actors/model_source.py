@@ -33,8 +33,13 @@ def default_cache_root() -> str:
     return os.path.join(base, "models")
 
 
+# Weight files: what a CPU node that only needs the processor (tokenizer, chat template, feature and image
+# processor settings) does not download.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".msgpack", ".h5")
+
+
 def resolve_model(spec: str, *, revision: str | None = None, cache_dir: str | None = None,
-                  options: StorageOptions | None = None) -> str:
+                  options: StorageOptions | None = None, processor_only: bool = False) -> str:
     """A local folder holding the checkpoint named by `spec`.
 
     - an existing local folder (or file:// uri): returned as is (absolute);
@@ -45,6 +50,9 @@ def resolve_model(spec: str, *, revision: str | None = None, cache_dir: str | No
     - anything else: a Hugging Face hub id, through `snapshot_download` (its own cache, or `cache_dir`),
       at `revision` (default: DEFAULT_REVISION for DEFAULT_MODEL, the hub's default branch otherwise).
       HF_HUB_OFFLINE=1 is honoured at call time (the hub library reads it only at import).
+
+    `processor_only`: only the top-level files that are not weights (tokenizer, processor and model
+    configs, chat template), for CPU stages and the driver: ~10 MB instead of ~11 GB per node.
     """
     spec = spec.strip()
     if is_local(spec):
@@ -53,17 +61,18 @@ def resolve_model(spec: str, *, revision: str | None = None, cache_dir: str | No
             return local
         if spec.startswith(("/", ".", "~", "file://")) or os.path.exists(local):
             raise FileNotFoundError(f"model {spec!r}: no such local folder")
-        return _from_hub(spec, revision, cache_dir)
-    return _from_remote(spec, cache_dir, options)
+        return _from_hub(spec, revision, cache_dir, processor_only)
+    return _from_remote(spec, cache_dir, options, processor_only)
 
 
 # -- remote prefixes ---------------------------------------------------------------------------------
 
-def _from_remote(uri: str, cache_dir: str | None, options: StorageOptions | None) -> str:
+def _from_remote(uri: str, cache_dir: str | None, options: StorageOptions | None,
+                 processor_only: bool = False) -> str:
     uri = uri.rstrip("/")
     root = os.path.abspath(os.path.expanduser(cache_dir or default_cache_root()))
     os.makedirs(root, exist_ok=True)
-    name = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    name = hashlib.sha256(uri.encode()).hexdigest()[:16] + ("-processor" if processor_only else "")
     target = os.path.join(root, name)
     if os.path.exists(os.path.join(target, COMPLETE_MARKER)):
         return target
@@ -73,7 +82,7 @@ def _from_remote(uri: str, cache_dir: str | None, options: StorageOptions | None
         _remove_leftovers(root, name)
         staging = os.path.join(root, f"{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
-            files = _download(uri, staging, options)
+            files = _download(uri, staging, options, processor_only)
             with open(os.path.join(staging, COMPLETE_MARKER), "w") as f:
                 json.dump({"uri": uri, "files": files}, f, indent=1)
             if os.path.exists(target):  # an unmarked folder: not ours to trust
@@ -91,10 +100,14 @@ def _remove_leftovers(root: str, name: str) -> None:
             shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
-def _download(uri: str, dest: str, options: StorageOptions | None) -> dict[str, int]:
+def _download(uri: str, dest: str, options: StorageOptions | None, processor_only: bool = False
+              ) -> dict[str, int]:
     """Copy every object under `uri` into `dest`, keeping the relative layout; {relative path: size}."""
     fs, prefix = fsspec_filesystem(uri, options)
     found = find_files(fs, prefix)
+    if processor_only:
+        found = {p: info for p, info in found.items()
+                 if "/" not in os.path.relpath(p, prefix) and not p.endswith(WEIGHT_SUFFIXES)}
     if not found:
         raise FileNotFoundError(f"model {uri!r}: no objects under this prefix")
     files = {}
@@ -117,10 +130,12 @@ def _download(uri: str, dest: str, options: StorageOptions | None) -> dict[str, 
 
 # -- the hub -------------------------------------------------------------------------------------------
 
-def _from_hub(repo_id: str, revision: str | None, cache_dir: str | None) -> str:
+def _from_hub(repo_id: str, revision: str | None, cache_dir: str | None, processor_only: bool = False) -> str:
     from huggingface_hub import snapshot_download
 
     if revision is None and repo_id == DEFAULT_MODEL:
         revision = DEFAULT_REVISION
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return snapshot_download(repo_id=repo_id, revision=revision, cache_dir=cache_dir, local_files_only=offline)
+    ignore = [f"*{suffix}" for suffix in WEIGHT_SUFFIXES] + ["*/*"] if processor_only else None
+    return snapshot_download(repo_id=repo_id, revision=revision, cache_dir=cache_dir, local_files_only=offline,
+                             ignore_patterns=ignore)

@@ -51,8 +51,9 @@ def run_job(config: JobConfig) -> dict:
         config = config.model_copy(update={"s3_endpoint": storage.endpoint_url})
     manifest = read_manifest(config.input, storage, suffixes=config.manifest_suffixes,
                              modified_since=config.modified_since)
+    # the driver only checks the processor loads (a wrong --model fails here, before any GPU starts)
     model_dir = resolve_model(config.model.source, revision=config.model.resolved_revision(),
-                              cache_dir=config.model.cache_dir, options=storage)
+                              cache_dir=config.model.cache_dir, options=storage, processor_only=True)
     _check_processor(model_dir)
     passthrough_schema = manifest.select(passthrough_columns(manifest.schema)).schema
     if config.resume:

@@ -76,7 +76,7 @@ class PrepareSummaries:
 
         one_thread_per_worker()
         self.config = JobConfig.model_validate_json(config_json)
-        self.builder = InputBuilder(local_model_dir(self.config), self.config.system_prompt)
+        self.builder = InputBuilder(local_model_dir(self.config, processor_only=True), self.config.system_prompt)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.prepare import summary_from_audio

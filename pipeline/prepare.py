@@ -30,7 +30,7 @@ class PrepareWork:
 
         one_thread_per_worker()
         self.config = JobConfig.model_validate_json(config_json)
-        processor_dir = local_model_dir(self.config)
+        processor_dir = local_model_dir(self.config, processor_only=True)
         self.storage = StorageOptions(endpoint_url=self.config.s3_endpoint)
         self.builder = InputBuilder(processor_dir, self.config.system_prompt, self.config.image.dynamic_hd)
         self._segmenter = None

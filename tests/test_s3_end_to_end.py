@@ -71,7 +71,7 @@ def _checkpoints(cache: Path) -> dict[str, dict]:
 
 
 def _marker_stat(cache: Path) -> tuple[int, int] | None:
-    markers = list(cache.glob(f"*/{COMPLETE_MARKER}"))
+    markers = [m for m in cache.glob(f"*/{COMPLETE_MARKER}") if not m.parent.name.endswith("-processor")]
     if not markers:
         return None
     st = markers[0].stat()
@@ -123,11 +123,17 @@ def test_manifest_media_model_and_output_all_on_s3(s3, run_job, tiny_model, mode
     assert report_main(["s3://results/run/", "--s3-endpoint", s3.endpoint_url, "--json", str(summary)]) == 0
     assert json.loads(summary.read_text())["rows"] == len(calls) + 1
 
-    # the checkpoint was copied from S3 once, completely, into the configured cache
+    # the checkpoint was copied from S3 once, completely, into the configured cache; the CPU stages
+    # and the driver took only the processor files (no weights, no adapters)
     copies = _checkpoints(model_cache)
-    assert len(copies) == 1
-    (marker,) = copies.values()
+    full = {k: v for k, v in copies.items() if not k.endswith("-processor")}
+    processor = {k: v for k, v in copies.items() if k.endswith("-processor")}
+    assert len(full) == 1 and len(processor) == 1, sorted(copies)
+    (marker,) = full.values()
     assert marker["uri"] == MODEL_URI.rstrip("/") and sorted(marker["files"]) == model_files
+    (light,) = processor.values()
+    assert "tokenizer.json" in light["files"] and "config.json" in light["files"]
+    assert not [f for f in light["files"] if f.endswith(".safetensors") or "/" in f], light["files"]
 
 
 def test_media_prefix_as_manifest(s3, run_job, tiny_model, model_cache, tmp_path):
@@ -151,7 +157,7 @@ def test_media_prefix_as_manifest(s3, run_job, tiny_model, model_cache, tmp_path
     record = json.loads(s3.get("results", "prefix/_runs/s3-prefix.json"))
     assert record["counts"] == {"asr": {"ok": 2, "error": 0}}
 
-    assert len(_checkpoints(model_cache)) == 1
+    assert len([k for k in _checkpoints(model_cache) if not k.endswith("-processor")]) == 1
     after = _marker_stat(model_cache)
     assert after is not None
     if before is not None:

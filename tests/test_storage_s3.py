@@ -210,10 +210,10 @@ def test_resolve_model_copies_s3_prefix_once(s3, tmp_path, monkeypatch):
     calls = []
     real_download = model_source._download
 
-    def counting_download(uri, dest, options):
+    def counting_download(uri, dest, options, processor_only=False):
         calls.append(uri)
         time.sleep(0.3)  # both callers are inside resolve_model at once
-        return real_download(uri, dest, options)
+        return real_download(uri, dest, options, processor_only)
 
     monkeypatch.setattr(model_source, "_download", counting_download)
     cache = tmp_path / "cache"
@@ -255,17 +255,23 @@ def test_resolve_model_local_and_hub(tmp_path, monkeypatch):
         resolve_model(str(tmp_path / "absent"))
     seen = {}
 
-    def fake_snapshot_download(repo_id, revision=None, cache_dir=None, local_files_only=False):
+    def fake_snapshot_download(repo_id, revision=None, cache_dir=None, local_files_only=False,
+                               ignore_patterns=None):
         seen.update(repo_id=repo_id, revision=revision, local_files_only=local_files_only)
+        seen["skips_weights"] = bool(ignore_patterns) and "*.safetensors" in ignore_patterns
         return str(tmp_path)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_model(DEFAULT_MODEL) == str(tmp_path)
-    assert seen == {"repo_id": DEFAULT_MODEL, "revision": DEFAULT_REVISION, "local_files_only": True}
+    assert seen == {"repo_id": DEFAULT_MODEL, "revision": DEFAULT_REVISION, "local_files_only": True,
+                    "skips_weights": False}
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     resolve_model("someone/other-model", revision="main")
-    assert seen == {"repo_id": "someone/other-model", "revision": "main", "local_files_only": False}
+    assert seen == {"repo_id": "someone/other-model", "revision": "main", "local_files_only": False,
+                    "skips_weights": False}
+    resolve_model("someone/other-model", revision="main", processor_only=True)  # CPU stages: no weights
+    assert seen["skips_weights"] is True
 
 
 def test_resolve_model_empty_prefix(s3, tmp_path):
