@@ -215,7 +215,6 @@ class Phi4MMEngine:
         return self._decoder
 
     def _generate_static(self, items, plan: list[list[int]], max_new: list[int], min_new: int):
-
         start = time.perf_counter()
         longest = max(len(it["input_ids"]) + m for it, m in zip(items, max_new))
         decoder = self.decoder_for(longest)
