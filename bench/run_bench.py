@@ -255,10 +255,28 @@ def bench_pipeline(args, ckpt: str, rows: list[dict], meta: dict, gpus: int, n: 
     value = record["audio_s"] / record["wall_s"]
     row = {**meta, "workload": "asr", "engine": "pipeline", "metric": "rtfx", "value": round(value, 3),
            "items": n, "wall_s": round(record["wall_s"], 3), "gpus": gpus,
-           "note": "end to end: Ray start, actor load, read, decode, VAD, features, GPU, Parquet"}
+           "note": "end to end: actor load, read, decode, VAD, features, GPU, Parquet"}
+    row.update(where_the_time_went(record, gpus))
+    with open(os.path.join(args.out, f"pipeline-stages-{gpus}gpu-{n}.json"), "w") as f:
+        json.dump(record.get("stages", []), f, indent=1)
     rows.append(row)
     print(json.dumps(row), flush=True)
     return record
+
+
+def where_the_time_went(record: dict, gpus: int) -> dict:
+    """From the run record's per-stage times: how busy the GPU pool was over its span, how many CPU
+    decode workers were busy on average, and the rate of the GPU pool over its own span (no start-up)."""
+    stages = {s["stage"].split("(")[-1].rstrip(")").split("->")[0]: s for s in record.get("stages", [])}
+    speech, prepare = stages.get("SpeechStage"), stages.get("PrepareWork")
+    out = {}
+    if speech and speech.get("busy_s") and speech["wall_s"] > 0:
+        out["gpu_pool_busy"] = round(speech["busy_s"] / (gpus * speech["wall_s"]), 3)
+        out["gpu_span_rtfx"] = round(record["audio_s"] / speech["wall_s"], 1)
+        out["gpu_span_s"] = speech["wall_s"]
+    if prepare and prepare.get("busy_s") and prepare["wall_s"] > 0:
+        out["decode_workers_busy"] = round(prepare["busy_s"] / prepare["wall_s"], 1)
+    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -268,7 +286,8 @@ def table(rows: list[dict]) -> str:
         notes = ", ".join(f"{k}={r[k]}" for k in ("identical_rows_vs_generate", "identical_first10_vs_generate",
                                                   "mean_identical_prefix", "first_step_logits_max_rel_diff",
                                                   "fraction_of_arithmetic_floor", "slots", "prefill_s",
-                                                  "decode_s", "decode_ms_per_step", "lora", "note")
+                                                  "decode_s", "decode_ms_per_step", "gpu_pool_busy",
+                                                  "gpu_span_rtfx", "decode_workers_busy", "lora", "note")
                           if r.get(k) is not None)
         lines.append(f"| {r['workload']} | {r['engine']} | {r.get('gpus', 1)} | {r['metric']} | {r['value']} | "
                      f"{r['items']} | {r['wall_s']} | {r.get('vs_generate_b32', '')} | {r.get('vs_card_recipe', '')} "
@@ -291,6 +310,8 @@ def main(argv=None):
     ap.add_argument("--distinct", type=int, default=16)
     ap.add_argument("--pipeline-clips", default="0", help="comma list of manifest sizes, e.g. 512,2048")
     ap.add_argument("--pipeline-gpus", default="1", help="comma list, e.g. 1,2")
+    ap.add_argument("--pipeline-per-gpu", action="store_true",
+                    help="--pipeline-clips are per GPU: N GPUs get N times the clips (scaling runs)")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="measured bf16 matmul rate of the card")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny checkpoint")
     args = ap.parse_args(argv)
@@ -340,9 +361,11 @@ def main(argv=None):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if args.pipeline_clips != "0":
-        sizes = [int(n) for n in str(args.pipeline_clips).split(",")]
-        for gpus in [int(g) for g in args.pipeline_gpus.split(",")]:
-            bench_pipeline(args, ckpt, [], {**meta, "gpus": gpus}, gpus, 32)  # warm-up: Ray up, files cached
+        base_sizes = [int(n) for n in str(args.pipeline_clips).split(",")]
+        for k, gpus in enumerate(int(g) for g in args.pipeline_gpus.split(",")):
+            sizes = [n * gpus for n in base_sizes] if args.pipeline_per_gpu else base_sizes
+            if k == 0:  # warm-up: Ray up, files in the page cache, kernels built
+                bench_pipeline(args, ckpt, [], {**meta, "gpus": gpus}, gpus, 32)
             records = [bench_pipeline(args, ckpt, rows, {**meta, "gpus": gpus}, gpus, n) for n in sizes]
             if len(records) > 1:  # the marginal rate: what more audio costs once Ray and the actors are up
                 a, b = records[0], records[-1]

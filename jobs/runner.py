@@ -67,16 +67,18 @@ def run_job(config: JobConfig) -> dict:
 
     out_fs, out_path = pyarrow_filesystem(config.output, storage)
     gpus = float(ray.cluster_resources().get("GPU", 0))
+    stages: list[dict] = []
     if manifest.num_rows:
         ds = build_dataset(config, manifest, config.model.source,
                            config.model.resolved_revision(), passthrough_schema)
-        write_results(ds, out_path, config.run_id, filesystem=out_fs)
+        stages = write_results(ds, out_path, config.run_id, filesystem=out_fs)
     if config.resume:
         from pipeline.resume import drop_superseded
 
         drop_superseded(out_path, out_fs, config.run_id)
     rows = read_results(out_path, out_fs, run_id=config.run_id) if manifest.num_rows else _empty()
     record = run_record(config.model_dump(mode="json"), rows, started, datetime.now(timezone.utc), gpus)
+    record["stages"] = stages
     write_run_record(config.output, record, _fsspec(config.output, storage))
     return record
 

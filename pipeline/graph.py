@@ -34,6 +34,31 @@ def cluster_resources() -> tuple[float, float]:
     return float(res.get("CPU", os.cpu_count() or 1)), float(res.get("GPU", 0))
 
 
+def gpu_stages_of(config: JobConfig) -> list:
+    stages = [STAGE_FOR_MODALITY[m] for m in sorted({MODALITY_FOR_TASK[t] for t in config.tasks} - {"text"})]
+    return stages + ([TextStage] if "summarize" in config.tasks else [])
+
+
+def prepare_pool_size(config: JobConfig, cpus: float, gpus: float, rows: int, autoscaling: bool) -> int:
+    """CPU workers for decoding and features: the cluster's CPUs less what the other actors need.
+
+    Ray Data reserves one CPU for each GPU actor (they do CPU work between GPU calls); ResultRows and
+    PrepareSummaries take one each, and one stays free for the driver and Ray's own processes. Without
+    this, a host with many GPUs has its CPUs taken by prepare workers and the last GPU actors never
+    start. On an autoscaling cluster only the GPU actors that fit the GPUs present now count: later GPU
+    nodes bring their own CPUs.
+    """
+    gpu_actors = 0
+    per_replica = config.resources.gpus_per_replica
+    for stage in gpu_stages_of(config):
+        pool = stage.ray_options(config, gpus, autoscaling)["compute"]
+        fit = int(gpus / per_replica) if gpus > 0 and per_replica > 0 else pool.max_size
+        gpu_actors += min(pool.max_size, fit)
+    others = 1 + (1 if "summarize" in config.tasks else 0) + 1
+    # a fixed pool: an autoscaling one starts with one worker and ramps up while the GPUs wait
+    return max(1, min(int(cpus) - gpu_actors - others, math.ceil(rows / 2)))
+
+
 def build_dataset(config: JobConfig, manifest: pa.Table, model_name: str, model_revision: str | None, passthrough_schema: pa.Schema):
     import ray
     from ray.data import ActorPoolStrategy
@@ -41,16 +66,15 @@ def build_dataset(config: JobConfig, manifest: pa.Table, model_name: str, model_
     cpus, gpus = cluster_resources()
     autoscaling = bool(os.environ.get("RAY_ADDRESS"))  # joined a cluster that may add GPU nodes
     cfg_json = config.model_dump_json()
-    # a fixed pool: an autoscaling one starts with one worker and ramps up while the GPUs wait
-    prepare_workers = max(1, min(int(cpus) - 3, math.ceil(manifest.num_rows / 2)))
+    prepare_workers = prepare_pool_size(config, cpus, gpus, manifest.num_rows, autoscaling)
     rows_per_block = max(1, min(16, math.ceil(manifest.num_rows / (2 * prepare_workers))))
     ds = ray.data.from_arrow(manifest_blocks(manifest, rows_per_block))
     ds = ds.map_batches(PrepareWork, fn_constructor_args=(cfg_json,), batch_format="pyarrow",
                         batch_size=rows_per_block, compute=ActorPoolStrategy(size=prepare_workers),
                         num_cpus=config.resources.cpus_per_prepare_task)
-    modalities = {MODALITY_FOR_TASK[t] for t in config.tasks} - {"text"}
-    for modality in sorted(modalities):
-        stage = STAGE_FOR_MODALITY[modality]
+    for stage in gpu_stages_of(config):
+        if stage is TextStage:  # summaries run after assembly, below
+            continue
         ds = ds.map_batches(stage, fn_constructor_args=(cfg_json,), batch_format="pyarrow",
                             **stage.ray_options(config, gpus, autoscaling))
     ds = ds.map_batches(assemble, batch_format="pyarrow", batch_size=None)

@@ -27,9 +27,36 @@ class RunFilenames(FilenameProvider):
         return f"part-{self.run_id}-{write_uuid}-{task_index:06d}.parquet"
 
 
-def write_results(ds, output: str, run_id: str, filesystem=None) -> None:
+def write_results(ds, output: str, run_id: str, filesystem=None) -> list[dict]:
+    """Execute the graph into Parquet; returns where the time went, per stage (see `stage_times`)."""
     ds.write_parquet(output, partition_cols=["task"], filename_provider=RunFilenames(run_id),
                      filesystem=filesystem)
+    return stage_times(ds)
+
+
+def stage_times(ds) -> list[dict]:
+    """Per Ray Data operator: its span (`wall_s`, first start to last end), the time its tasks or
+    actor calls ran (`busy_s`, summed over workers) and the rows it put out. busy_s / (workers x
+    wall_s) is how busy a pool was: a GPU pool well under 1 was starved by the stages before it.
+    Diagnostics only: an empty list if this Ray version reports differently."""
+    try:
+        summary = ds.get_stats_summary()
+        ops = []
+
+        def walk(node):
+            for parent in node.parents:
+                walk(parent)
+            ops.extend(node.operators_stats)
+
+        walk(summary)
+        return [{"stage": op.operator_name,
+                 "wall_s": round((op.latest_end_time or 0) - (op.earliest_start_time or 0), 3),
+                 "busy_s": round(op.wall_time.sum, 3) if op.wall_time else None,
+                 "calls": op.wall_time.count if op.wall_time else None,
+                 "rows_out": op.output_num_rows.sum if op.output_num_rows else None}
+                for op in ops]
+    except Exception:  # noqa: BLE001 - never fail a finished run over its statistics
+        return []
 
 
 def read_results(output: str, filesystem=None, run_id: str | None = None) -> pa.Table:

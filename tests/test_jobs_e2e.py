@@ -61,6 +61,11 @@ def test_transcribe_translate_summarize_keeps_every_row(transcribe_run):
     # for random weights, but computed over every ok asr row that had a reference)
     wer = record["scores"]["asr"]["overall"]["wer"]
     assert wer is not None and wer >= 0 and record["scores"]["asr"]["with_reference"] == len(good)
+    # where the time went: every stage of the graph, the speech pool busy for part of the run
+    stages = {s["stage"].split("(")[-1].rstrip(")"): s for s in record["stages"]}
+    assert {"PrepareWork", "SpeechStage", "ResultRows"} <= set(stages), list(stages)
+    speech = stages["SpeechStage"]
+    assert 0 < speech["busy_s"] <= record["wall_s"] and speech["calls"] >= 1
 
 
 def test_meetings_long_recording_is_chunked_and_stitched(meetings_run):

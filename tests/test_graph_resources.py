@@ -1,0 +1,50 @@
+"""The graph's actors fit the host they run on: on a many-GPU host every GPU replica gets its CPU.
+
+Ray Data reserves one CPU for each GPU actor. If the decoding pool took every CPU, a 4-GPU host would
+start two or three replicas and the fourth GPU would sit idle (or the job would stall), which is what
+the first 4-GPU scaling plan would have hit with `cpus - 3` prepare workers.
+"""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.graph import gpu_stages_of, prepare_pool_size
+from schemas.config import JobConfig
+
+ROWS = 100_000  # a large manifest: the pool is bounded by the CPUs, not the rows
+
+
+def cpu_demand(config: JobConfig, cpus: int, gpus: int) -> tuple[int, int]:
+    """(CPUs the graph's actors reserve, GPU replicas) when the job runs alone on a host."""
+    prepare = prepare_pool_size(config, cpus, gpus, ROWS, autoscaling=False)
+    replicas = 0
+    for stage in gpu_stages_of(config):
+        options = stage.ray_options(config, gpus, autoscaling=False)
+        replicas += options["compute"].max_size
+    single_actors = 1 + (1 if "summarize" in config.tasks else 0)  # ResultRows, PrepareSummaries
+    return prepare * config.resources.cpus_per_prepare_task + replicas + single_actors, replicas
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4, 8])
+@pytest.mark.parametrize("cpus_per_gpu", [8, 16])
+def test_every_gpu_replica_fits_beside_the_decoding_pool(gpus, cpus_per_gpu):
+    cpus = gpus * cpus_per_gpu
+    config = JobConfig(job="transcribe", input="m.parquet", output="out")
+    demand, replicas = cpu_demand(config, cpus, gpus)
+    assert replicas == gpus  # one replica per GPU
+    assert demand <= cpus - 1  # and one CPU stays free for the driver and Ray itself
+    # the decoding pool still gets nearly everything else
+    assert prepare_pool_size(config, cpus, gpus, ROWS, autoscaling=False) >= cpus - gpus - 3
+
+
+def test_meetings_count_the_speech_and_the_summary_replicas():
+    config = JobConfig(job="meetings", input="m.parquet", output="out",
+                       resources={"gpus_per_replica": 0.5})  # both pools share the 4 GPUs
+    demand, replicas = cpu_demand(config, 64, 4)
+    assert replicas == 16  # 8 speech + 8 text replicas
+    assert demand <= 63
+
+
+def test_small_manifest_small_pool():
+    config = JobConfig(job="ocr", input="m.parquet", output="out")
+    assert prepare_pool_size(config, 64, 4, rows=6, autoscaling=False) == 3
