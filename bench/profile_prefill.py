@@ -15,13 +15,18 @@ import numpy as np
 import torch
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def cuda_time(fn, repeat: int = 3) -> float:
     fn()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(repeat):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / repeat
 
 
@@ -31,21 +36,30 @@ def main(argv=None):
     ap.add_argument("--scratch", default="/tmp/phi4mm-bench")
     ap.add_argument("--batches", default="32,64")
     ap.add_argument("--slots", default="256,512")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test of the script on the tiny checkpoint")
     args = ap.parse_args(argv)
     from actors.collate import collate
     from actors.engine import Phi4MMEngine
     from actors.slot_decoder import SlotDecoder
     from bench.real_model import random_real_model, write_bench_checkpoint
     from bench.run_bench import WORKLOADS, Items
-    from pipeline.model_inputs import InputBuilder, load_processor
+    from pipeline.model_inputs import InputBuilder
     from schemas.config import BatchingConfig, ModelConfig
 
     os.makedirs(args.out, exist_ok=True)
     ckpt = os.path.join(args.scratch, "ckpt")
-    write_bench_checkpoint(ckpt)
-    model = random_real_model(ckpt)
+    if args.tiny:
+        from transformers import AutoModelForCausalLM
+
+        from actors.tiny_model import build_tiny_model
+
+        build_tiny_model(ckpt)
+        model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    else:
+        write_bench_checkpoint(ckpt)
+        model = random_real_model(ckpt)
     engine = Phi4MMEngine(ckpt, "speech", ModelConfig(source=ckpt), BatchingConfig(), model=model)
-    items = Items(InputBuilder(load_processor(ckpt)), WORKLOADS["asr"], 4, np.random.default_rng(0))
+    items = Items(InputBuilder(ckpt), WORKLOADS["asr"], 4, np.random.default_rng(0), 0.1 if args.tiny else 1.0)
     rows = []
 
     def emit(**row):
@@ -97,7 +111,7 @@ def main(argv=None):
                     emit(part=name, batch=b, tokens=n_tokens, s=round(t, 4), ms_per_clip=round(1000 * t / b, 2))
                 except Exception as exc:  # noqa: BLE001
                     emit(part=name, batch=b, error=f"{type(exc).__name__}: {exc}"[:300])
-            if b == 32:
+            if b == 32 and torch.cuda.is_available():
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -119,7 +133,7 @@ def main(argv=None):
                 dec.pos.fill_(400)
                 dec.active.fill_(True)
                 for _ in range(20):
-                    dec.graph.replay()
+                    dec.step()
 
             t = cuda_time(step) / 20
             emit(part="decode_step", slots=slots, max_len=512, ms=round(1000 * t, 2),
