@@ -117,6 +117,7 @@ class Phi4MMEngine:
         mode = batching.decoder
         self.use_static = mode == "static" or (mode == "auto" and self.device.type == "cuda")
         self._decoder = None
+        self._prefill_runner = None  # actors/fast_prefill.FastPrefill, made with the first static decoder
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0}  # where the static path's time goes
 
     # -- scheduling ------------------------------------------------------------------------------
@@ -211,8 +212,19 @@ class Phi4MMEngine:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             slots = max(1, min(slots, int(free * self.batching.kv_cache_fraction) // (need * per_token)))
-        self._decoder = SlotDecoder(self.model, slots, need, self.eos_ids, self.banned_ids)
+        self._decoder = SlotDecoder(self.model, slots, need, self.eos_ids, self.banned_ids,
+                                    fast_prefill=self._fast_prefill())
         return self._decoder
+
+    def _fast_prefill(self):
+        mode = self.batching.prefill
+        if mode == "model" or (mode == "auto" and self.device.type != "cuda"):
+            return None
+        if self._prefill_runner is None:
+            from actors.fast_prefill import FastPrefill
+
+            self._prefill_runner = FastPrefill(self.model)
+        return self._prefill_runner
 
     def _generate_static(self, items, plan: list[list[int]], max_new: list[int], min_new: int):
         start = time.perf_counter()

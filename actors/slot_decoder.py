@@ -56,8 +56,9 @@ class SlotDecoder:
     """Holds the static cache and the captured step for one model replica."""
 
     def __init__(self, model, slots: int, max_len: int, eos_ids: set[int], banned_ids: list[int],
-                 use_cuda_graph: bool | None = None):
+                 use_cuda_graph: bool | None = None, fast_prefill=None):
         self.model = model
+        self.fast_prefill = fast_prefill  # actors/fast_prefill.FastPrefill, or None: the model's forward
         cfg = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -176,17 +177,20 @@ class SlotDecoder:
 
         mask = batch["attention_mask"]
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = self.model(**batch, position_ids=position_ids, past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
-        logits = out.logits[:, -1].float()
+        width = mask.shape[1]
+        if self.fast_prefill is not None and self.fast_prefill.supports(width):
+            logits, keys, values = self.fast_prefill(batch, position_ids)
+        else:
+            cache = DynamicCache()
+            out = self.model(**batch, position_ids=position_ids, past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
+            logits = out.logits[:, -1].float()
+            keys = torch.stack([layer.keys for layer in cache.layers])  # [layers, n, kv, width, hd]
+            values = torch.stack([layer.values for layer in cache.layers])
         logits[:, self.banned] = float("-inf")
         early = torch.tensor([r.min_new > 0 for r in requests], device=self.device)[:, None]
         logits[:, self.eos] = torch.where(early, float("-inf"), logits[:, self.eos])
         first = logits.argmax(-1).tolist()
-        width = mask.shape[1]
-        keys = torch.stack([layer.keys for layer in cache.layers])  # [layers, n, kv, width, hd]
-        values = torch.stack([layer.values for layer in cache.layers])
         done = []
         for j, (req, slot) in enumerate(zip(requests, slots)):
             n = req.prompt_len

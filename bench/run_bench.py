@@ -122,7 +122,8 @@ def run_engine(engine, items: Items, n: int, new: int):
 
 
 def first_step_agreement(model, engine, items: Items, n: int) -> float:
-    """Max relative difference of first-step logits: single unpadded item vs the engine's batched prefill."""
+    """Max relative difference of first-step logits: the model's forward on one unpadded item vs the
+    engine's batched prefill (its fused path when it uses one)."""
     from actors.collate import collate
 
     built = items.take(n)
@@ -130,7 +131,11 @@ def first_step_agreement(model, engine, items: Items, n: int) -> float:
     with torch.inference_mode():
         batch = engine._to_device(collate([b.inputs for b in built], engine.pad_token_id))
         pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        many = model(**batch, position_ids=pos, logits_to_keep=1).logits[:, -1].float()
+        fused = engine._decoder.fast_prefill if engine._decoder is not None else None
+        if fused is not None:  # the engine's own prefill path (fused decoder layers)
+            many = fused(batch, pos)[0]
+        else:
+            many = model(**batch, position_ids=pos, logits_to_keep=1).logits[:, -1].float()
         for k, b in enumerate(built):
             one = engine._to_device(collate([b.inputs], engine.pad_token_id))
             single = model(**one, logits_to_keep=1).logits[0, -1].float()

@@ -53,6 +53,10 @@ class BatchingConfig(_Strict):
     decode_slots: int = Field(256, ge=1)  # sequences decoded together by the static decoder
     kv_cache_fraction: float = Field(0.5, gt=0.0, le=0.9)  # of free GPU memory, for the static cache
     check_every: int = Field(8, ge=1)  # decode steps between looks for finished slots
+    # the static decoder's prefill: "fused" runs the text decoder as one compiled function per layer
+    # after the model's own encoders (actors/fast_prefill.py); "model" runs the model's forward;
+    # "auto": fused on GPU, model on CPU
+    prefill: Literal["auto", "fused", "model"] = "auto"
 
 
 class AudioConfig(_Strict):

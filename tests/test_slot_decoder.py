@@ -18,11 +18,15 @@ def builder(tiny_model):
     return InputBuilder(tiny_model, dynamic_hd=2)
 
 
-def engine(tiny_model, modality, decoder, slots=4, model=None):
+PREFILLS = ["model", "fused"]  # the model's forward, or actors/fast_prefill.py (eager here, compiled on GPU)
+
+
+def engine(tiny_model, modality, decoder, slots=4, model=None, prefill="model"):
     from actors.engine import Phi4MMEngine
     from schemas.config import BatchingConfig, ModelConfig
 
-    batching = BatchingConfig(decoder=decoder, decode_slots=slots, max_batch_size=3, check_every=3)
+    batching = BatchingConfig(decoder=decoder, decode_slots=slots, max_batch_size=3, check_every=3,
+                              prefill=prefill)
     return Phi4MMEngine(tiny_model, modality, ModelConfig(source=tiny_model), batching, model=model)
 
 
@@ -39,10 +43,11 @@ def speech_items(builder, n=7):
     return items, buckets
 
 
-def test_static_decoder_equals_generate_with_refills(tiny_model, builder):
+@pytest.mark.parametrize("prefill", PREFILLS)
+def test_static_decoder_equals_generate_with_refills(tiny_model, builder, prefill):
     items, buckets = speech_items(builder)
     reference = engine(tiny_model, "speech", "generate")
-    fast = engine(tiny_model, "speech", "static", slots=3, model=reference.model)  # 7 items, 3 slots
+    fast = engine(tiny_model, "speech", "static", slots=3, model=reference.model, prefill=prefill)  # 7 items, 3 slots
     max_new = [12, 12, 5, 12, 1, 12, 9]
     want = [reference.generate_batch([it], m)[0].token_ids for it, m in zip(items, max_new)]
     got = fast.generate(items, buckets, max_new)
@@ -51,30 +56,58 @@ def test_static_decoder_equals_generate_with_refills(tiny_model, builder):
     assert len({tuple(w) for w in want}) > 3
 
 
-def test_static_decoder_min_new_tokens_and_eos(tiny_model, builder):
+@pytest.mark.parametrize("prefill", PREFILLS)
+def test_static_decoder_min_new_tokens_and_eos(tiny_model, builder, prefill):
     items, buckets = speech_items(builder, 3)
     reference = engine(tiny_model, "speech", "generate")
-    fast = engine(tiny_model, "speech", "static", model=reference.model)
+    fast = engine(tiny_model, "speech", "static", model=reference.model, prefill=prefill)
     want = [reference.generate_batch([it], 10, min_new_tokens=10)[0].token_ids for it in items]
     got = fast.generate(items, buckets, [10, 10, 10], min_new=10)
     assert [g.token_ids for g in got] == want
 
 
-def test_static_decoder_vision_and_text(tiny_model, builder):
+@pytest.mark.parametrize("prefill", PREFILLS)
+def test_static_decoder_vision_and_text(tiny_model, builder, prefill):
     from PIL import Image
 
     rng = np.random.default_rng(5)
     pages = [Image.fromarray(rng.integers(0, 255, (300 + 40 * k, 500, 3), dtype=np.uint8)) for k in range(3)]
     built = [builder.image(p, task_instruction("ocr")) for p in pages]
     reference = engine(tiny_model, "vision", "generate")
-    fast = engine(tiny_model, "vision", "static", model=reference.model)
+    fast = engine(tiny_model, "vision", "static", model=reference.model, prefill=prefill)
     want = [reference.generate_batch([b.inputs], 8)[0].token_ids for b in built]
     got = fast.generate([b.inputs for b in built], [b.bucket for b in built], [8] * 3)
     assert [g.token_ids for g in got] == want
 
     texts = [builder.text(task_instruction("summarize", transcript="word " * (5 + 9 * k))) for k in range(3)]
     reference = engine(tiny_model, "text", "generate")
-    fast = engine(tiny_model, "text", "static", model=reference.model)
+    fast = engine(tiny_model, "text", "static", model=reference.model, prefill=prefill)
     want = [reference.generate_batch([t.inputs], 8)[0].token_ids for t in texts]
     got = fast.generate([t.inputs for t in texts], [t.bucket for t in texts], [8] * 3)
     assert [g.token_ids for g in got] == want
+
+
+def test_fused_prefill_equals_the_model_forward_with_left_padding(tiny_model, builder):
+    """Logits and KV of the fused prefill = the model's own forward, padded rows included."""
+    import torch
+    from transformers import DynamicCache
+
+    from actors.collate import collate
+    from actors.fast_prefill import FastPrefill
+
+    texts = [builder.text(task_instruction("summarize", transcript="word " * (3 + 11 * k))) for k in range(3)]
+    reference = engine(tiny_model, "text", "generate")
+    batch = collate([t.inputs for t in texts], reference.pad_token_id)
+    assert not bool(batch["attention_mask"].bool().all())  # the batch really is padded
+    pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        cache = DynamicCache()
+        out = reference.model(**batch, position_ids=pos, past_key_values=cache, use_cache=True)
+        logits, keys, values = FastPrefill(reference.model, compile_layers=False)(batch, pos)
+    want_keys = torch.stack([layer.keys for layer in cache.layers])
+    torch.testing.assert_close(logits, out.logits[:, -1].float(), rtol=1e-4, atol=1e-4)
+    for row, n in enumerate(batch["attention_mask"].sum(-1).tolist()):  # the real tokens of each row
+        width = batch["input_ids"].shape[1]
+        torch.testing.assert_close(keys[:, row, :, width - n:], want_keys[:, row, :, width - n:],
+                                   rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(keys).all() and torch.isfinite(values).all()
