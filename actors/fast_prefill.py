@@ -7,6 +7,10 @@ SiLU x up, residual adds). Here one layer is a plain tensor function of (hidden,
 once and shared by all layers (the weights are arguments), so those steps fuse into a few kernels and
 the matmuls stay cuBLAS's.
 
+Attention itself stays eager between two compiled halves (norm + QKV + rotary; output projection +
+MLP): compiled as part of one graph, its KV repeat and layout copies cost more than all the fusion
+saved (bench/profile/).
+
 The multimodal part (audio/image encoders and the embedding merge) is still the model's own code; this
 takes over after it. The arithmetic is the model's: the same norm formula, the model's rotary table,
 the same projection layout; on CPU it runs eagerly (tests compare it with the model's forward).
@@ -37,30 +41,49 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
 
 
-def decoder_layer(x, cos, sin, mask, ln1, qkv_w, o_w, ln2, gate_up_w, down_w,
-                  eps: float, n_heads: int, n_kv: int, head_dim: int, scaling: float):
-    """One Phi-4 decoder layer over a whole prompt: returns (hidden, keys, values) with keys and values
-    as [batch, kv_heads, tokens, head_dim] after rotary, i.e. what the KV cache holds."""
+def pre_attention(x, cos, sin, ln1, qkv_w, n_heads: int, n_kv: int, head_dim: int, eps: float):
+    """Norm, QKV projection and rotary, in the projection's own layout (no transposes in the compiled
+    code): q [b, t, heads, d], k and v [b, t, kv_heads, d]. cos/sin: [b, t, 1, rotary dims]."""
     b, t, _ = x.shape
-    h = _rms_norm(x, ln1, eps)
-    qkv = F.linear(h, qkv_w)
+    qkv = F.linear(_rms_norm(x, ln1, eps), qkv_w)
     q_size, kv_size = n_heads * head_dim, n_kv * head_dim
-    q = qkv[..., :q_size].view(b, t, n_heads, head_dim).transpose(1, 2)
-    k = qkv[..., q_size:q_size + kv_size].view(b, t, n_kv, head_dim).transpose(1, 2)
-    v = qkv[..., q_size + kv_size:].view(b, t, n_kv, head_dim).transpose(1, 2)
-    q = _rotate(q, cos, sin)
-    k = _rotate(k, cos, sin)
-    groups = n_heads // n_kv
-    kk = k.repeat_interleave(groups, dim=1)
-    vv = v.repeat_interleave(groups, dim=1)
-    if mask is None:
-        attn = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=scaling)
-    else:
-        attn = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scaling)
-    x = x + F.linear(attn.transpose(1, 2).reshape(b, t, q_size), o_w)
+    q = qkv[..., :q_size].view(b, t, n_heads, head_dim)
+    k = qkv[..., q_size:q_size + kv_size].view(b, t, n_kv, head_dim)
+    v = qkv[..., q_size + kv_size:].view(b, t, n_kv, head_dim)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+
+def post_attention(x, attn, o_w, ln2, gate_up_w, down_w, eps: float):
+    """Output projection, residual, norm, SiLU-gated MLP, residual. attn: [b, t, heads * d]."""
+    x = x + F.linear(attn, o_w)
     gate, up = F.linear(_rms_norm(x, ln2, eps), gate_up_w).chunk(2, dim=-1)
-    x = x + F.linear(up * F.silu(gate), down_w)
-    return x, k, v
+    return x + F.linear(up * F.silu(gate), down_w)
+
+
+def attention(q, k, v, mask, scaling: float):
+    """Causal attention with grouped KV heads over [b, heads, t, d] views; -> [b, t, heads * d].
+    Eager: the attention kernels are fused already, and compiled around them the KV repeat and the
+    layout copies came out several times slower than the native ones."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    b, h, t, d = out.shape
+    return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def decoder_layer(x, cos, sin, mask, ln1, qkv_w, o_w, ln2, gate_up_w, down_w,
+                  eps: float, n_heads: int, n_kv: int, head_dim: int, scaling: float, pre=None, post=None):
+    """One Phi-4 decoder layer over a whole prompt: returns (hidden, keys, values), keys and values as
+    [batch, kv_heads, tokens, head_dim] after rotary. `pre`/`post`: compiled versions of the two
+    halves (default: eager)."""
+    q, k, v = (pre or pre_attention)(x, cos, sin, ln1, qkv_w, n_heads, n_kv, head_dim, eps)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # views: [b, heads, t, d]
+    attn = attention(q, k, v, mask, scaling)
+    return (post or post_attention)(x, attn, o_w, ln2, gate_up_w, down_w, eps), k, v
 
 
 class FastPrefill:
@@ -77,9 +100,10 @@ class FastPrefill:
         device = next(model.parameters()).device
         if compile_layers is None:
             compile_layers = device.type == "cuda"
-        self.layer_fn = decoder_layer
-        if compile_layers:
-            self.layer_fn = torch.compile(decoder_layer, dynamic=True)
+        self.halves = {}
+        if compile_layers:  # shared by all layers: the weights are arguments
+            self.halves = {"pre": torch.compile(pre_attention, dynamic=True),
+                           "post": torch.compile(post_attention, dynamic=True)}
         self.compiled = compile_layers
         self._eager_fallback = False
         self.ok_hidden_act = getattr(cfg, "hidden_act", "silu") == "silu"
@@ -97,11 +121,15 @@ class FastPrefill:
     @torch.inference_mode()
     def __call__(self, batch: dict[str, torch.Tensor], position_ids: torch.Tensor):
         """-> (last-position logits [b, vocab] float32, keys, values [layers, b, kv, tokens, head_dim])."""
+        return self.decoder(self.embeddings(batch), batch["attention_mask"], position_ids)
+
+    @torch.inference_mode()
+    def decoder(self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+        """The text decoder over merged embeddings `x` [b, tokens, hidden]; returns as `__call__`."""
         m = self.model.model
-        x = self.embeddings(batch)
         cos, sin = m.rotary_emb(x, position_ids=position_ids)
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-        mask = batch["attention_mask"].bool()
+        cos, sin = cos[:, :, None], sin[:, :, None]  # [b, t, 1, rotary dims]: broadcast over heads
+        mask = attention_mask.bool()
         if bool(mask.all()):
             attn_mask = None  # no padding: plain causal attention (flash kernels)
         else:
@@ -127,7 +155,7 @@ class FastPrefill:
     def _run_layer(self, x, args):
         if not self._eager_fallback:
             try:
-                return self.layer_fn(x, *args)
+                return decoder_layer(x, *args, **self.halves)
             except Exception as exc:  # noqa: BLE001 - a compiler problem must cost speed, not the run
                 if not self.compiled:
                     raise

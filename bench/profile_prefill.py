@@ -38,6 +38,9 @@ def main(argv=None):
     ap.add_argument("--slots", default="256,512")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test of the script on the tiny checkpoint")
     args = ap.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
     from actors.collate import collate
     from actors.engine import Phi4MMEngine
     from actors.slot_decoder import SlotDecoder
@@ -103,12 +106,24 @@ def main(argv=None):
                 feats = batch["audio_input_features"]
                 return m.embed_tokens_extend.audio_embed.encoder(feats, batch.get("audio_attention_mask"))
 
-            for name, fn in (("prefill_full", full), ("prefill_embed_merge", embeds),
+            from actors.fast_prefill import FastPrefill
+
+            fused = FastPrefill(model)
+
+            def fused_full():
+                return fused(batch, pos)
+
+            def fused_decoder():
+                return fused.decoder(merged, mask, pos)
+
+            for name, fn in (("prefill_fused_full", fused_full), ("prefill_fused_decoder", fused_decoder),
+                             ("prefill_full", full), ("prefill_embed_merge", embeds),
                              ("prefill_audio_encoder", encoder_only), ("prefill_decoder", decoder),
                              ("prefill_decoder_no_mask", decoder_no_mask)):
                 try:
                     t = cuda_time(fn)
-                    emit(part=name, batch=b, tokens=n_tokens, s=round(t, 4), ms_per_clip=round(1000 * t / b, 2))
+                    emit(part=name, batch=b, tokens=n_tokens, s=round(t, 4), ms_per_clip=round(1000 * t / b, 2),
+                         fused_fell_back=fused._eager_fallback)
                 except Exception as exc:  # noqa: BLE001
                     emit(part=name, batch=b, error=f"{type(exc).__name__}: {exc}"[:300])
             if b == 32 and torch.cuda.is_available():
@@ -119,6 +134,11 @@ def main(argv=None):
                     torch.cuda.synchronize()
                 with open(os.path.join(args.out, "prefill-kernels.txt"), "w") as f:
                     f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    fused_decoder()
+                    torch.cuda.synchronize()
+                with open(os.path.join(args.out, "fused-decoder-kernels.txt"), "w") as f:
+                    f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
             del batch, merged
             torch.cuda.empty_cache()
 
