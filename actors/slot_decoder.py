@@ -5,19 +5,17 @@ Why not `generate`: per step it re-creates masks, positions and cache views in P
 thousand small kernels; at large batches that overhead, and SDPA materialising the GQA key/value repeat,
 dominate (see NOTES-phi4mm.md: 28-36 ms per step where the weights read in ~2 ms).
 
-How it stays exact: the prefill's multimodal part (audio/image encoders and the embedding merge) is the
-model's own code; its text decoder is the model's forward or, on GPU, the same arithmetic fused
-(actors/fast_prefill.py). Decode steps are text-only, and this module runs them with the model's own
-modules (norms, projections, MLP, rotary table) and one difference: attention runs over the static cache
-with the query heads of each KV head as its query rows (no KV repeat), masked per slot. Each slot holds
-its sequence from position 0, so positions equal those of an unpadded single-item run.
+How it stays exact: the prefill (the multimodal part: audio/image encoders and the embedding merge) is the
+model's own forward, unchanged. Decode steps are text-only, and this module runs them with the model's
+own modules (norms, projections, MLP, rotary table) and one difference: attention is written as a grouped
+matmul over the static cache (no KV repeat), masked per slot. Each slot holds its sequence from position 0,
+so positions equal those of an unpadded single-item run.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -58,11 +56,8 @@ class SlotDecoder:
     """Holds the static cache and the captured step for one model replica."""
 
     def __init__(self, model, slots: int, max_len: int, eos_ids: set[int], banned_ids: list[int],
-                 use_cuda_graph: bool | None = None, fast_prefill=None, attention: str = "sdpa"):
+                 use_cuda_graph: bool | None = None, fast_prefill=None):
         self.model = model
-        # "sdpa": one fused masked-attention kernel per layer over the static cache (the query groups of
-        # a KV head are its query rows); "matmul": scores and weighted sum as two grouped matmuls
-        self.attention = attention
         self.fast_prefill = fast_prefill  # actors/fast_prefill.FastPrefill, or None: the model's forward
         cfg = model.config
         self.device = next(model.parameters()).device
@@ -104,11 +99,8 @@ class SlotDecoder:
         cos = self.cos[pos][:, None, :]
         sin = self.sin[pos][:, None, :]
         valid = self.columns[None, :] <= pos[:, None]  # [B, L]
-        valid_4d = valid[:, None, None, :]  # [B, 1 (kv heads), 1 (query rows), L]
-        bias = None
-        if self.attention != "sdpa":
-            bias = torch.zeros(B, 1, 1, self.max_len, device=self.device, dtype=torch.float32)
-            bias = bias.masked_fill(~valid_4d, float("-inf"))
+        bias = torch.zeros(B, 1, 1, self.max_len, device=self.device, dtype=torch.float32)
+        bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
         from transformers.models.phi4_multimodal.modeling_phi4_multimodal import apply_rotary_pos_emb
 
         q_size = self.n_heads * self.head_dim
@@ -124,13 +116,9 @@ class SlotDecoder:
             self.k_cache[i][self.rows, :, pos] = k[:, :, 0]
             self.v_cache[i][self.rows, :, pos] = v[:, :, 0]
             qg = q.reshape(B, self.n_kv, self.groups, self.head_dim)
-            if self.attention == "sdpa":
-                out = F.scaled_dot_product_attention(qg, self.k_cache[i], self.v_cache[i], attn_mask=valid_4d,
-                                                     scale=self.scaling).reshape(B, 1, q_size)
-            else:
-                scores = torch.matmul(qg, self.k_cache[i].transpose(-1, -2)).float() * self.scaling + bias
-                probs = torch.softmax(scores, dim=-1).to(self.dtype)
-                out = torch.matmul(probs, self.v_cache[i]).reshape(B, 1, q_size)
+            scores = torch.matmul(qg, self.k_cache[i].transpose(-1, -2)).float() * self.scaling + bias
+            probs = torch.softmax(scores, dim=-1).to(self.dtype)
+            out = torch.matmul(probs, self.v_cache[i]).reshape(B, 1, q_size)
             x = x + attn.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = self.model.lm_head(m.norm(x)[:, 0]).float()

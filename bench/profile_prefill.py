@@ -142,8 +142,8 @@ def main(argv=None):
             del batch, merged
             torch.cuda.empty_cache()
 
-        for slots, attention in [(int(x), a) for x in args.slots.split(",") for a in ("sdpa", "matmul")]:
-            dec = SlotDecoder(model, slots, 512, engine.eos_ids, engine.banned_ids, attention=attention)
+        for slots in [int(x) for x in args.slots.split(",")]:
+            dec = SlotDecoder(model, slots, 512, engine.eos_ids, engine.banned_ids)
             dec.active.fill_(True)
             dec.pos.fill_(400)
             dec.limit.fill_(510)
@@ -156,7 +156,7 @@ def main(argv=None):
                     dec.step()
 
             t = cuda_time(step) / 20
-            emit(part="decode_step", attention=attention, slots=slots, max_len=512, ms=round(1000 * t, 2),
+            emit(part="decode_step", slots=slots, max_len=512, ms=round(1000 * t, 2),
                  ms_per_clip_100_steps=round(1000 * t * 100 / slots, 2))
             del dec
             torch.cuda.empty_cache()

@@ -111,14 +111,3 @@ def test_fused_prefill_equals_the_model_forward_with_left_padding(tiny_model, bu
         torch.testing.assert_close(keys[:, row, :, width - n:], want_keys[:, row, :, width - n:],
                                    rtol=1e-4, atol=1e-4)
     assert torch.isfinite(keys).all() and torch.isfinite(values).all()
-
-
-def test_decode_attention_variants_agree(tiny_model, builder):
-    """The fused masked-attention kernel and the two-matmul form give the same tokens."""
-    items, buckets = speech_items(builder, 4)
-    fast = engine(tiny_model, "speech", "static")
-    first = [g.token_ids for g in fast.generate(items, buckets, [10] * 4)]
-    assert fast._decoder.attention == "sdpa"
-    fast._decoder.attention = "matmul"  # CPU: no captured graph, the step is traced anew each time
-    second = [g.token_ids for g in fast.generate(items, buckets, [10] * 4)]
-    assert first == second and len({tuple(t) for t in first}) > 1
