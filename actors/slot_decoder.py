@@ -5,8 +5,9 @@ Why not `generate`: per step it re-creates masks, positions and cache views in P
 thousand small kernels; at large batches that overhead, and SDPA materialising the GQA key/value repeat,
 dominate (see NOTES-phi4mm.md: 28-36 ms per step where the weights read in ~2 ms).
 
-How it stays exact: the prefill (the multimodal part: audio/image encoders and the embedding merge) is the
-model's own forward, unchanged. Decode steps are text-only, and this module runs them with the model's
+How it stays exact: the prefill's multimodal part (audio/image encoders and the embedding merge) is the
+model's own code; its text decoder is the model's forward or, on GPU, the same arithmetic fused
+(actors/fast_prefill.py). Decode steps are text-only, and this module runs them with the model's
 own modules (norms, projections, MLP, rotary table) and one difference: attention is written as a grouped
 matmul over the static cache (no KV repeat), masked per slot. Each slot holds its sequence from position 0,
 so positions equal those of an unpadded single-item run.

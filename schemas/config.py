@@ -44,13 +44,15 @@ class GenerationConfig(_Strict):
 
 class BatchingConfig(_Strict):
     """How work is grouped on the GPU actors."""
-    rows_per_call: int = Field(256, ge=1)  # work rows (recording x task, or page) per actor call
+    # work rows (recording x task, or page) per actor call; with decode_slots, what one GPU call holds
+    # in flight (512: +10 % asr throughput over 256 on an H200, bench/RESULTS.md)
+    rows_per_call: int = Field(512, ge=1)
     max_batch_size: int = Field(32, ge=1)  # sequences prefilled (or, with `generate`, decoded) together
     max_batch_tokens: int = Field(65536, ge=512)  # prompt tokens in one prefill batch (memory bound)
     # "static": static KV cache, decode step as a CUDA graph, finished slots refilled (continuous
     # batching); "generate": transformers' generate per batch; "auto": static on GPU, generate on CPU
     decoder: Literal["auto", "static", "generate"] = "auto"
-    decode_slots: int = Field(256, ge=1)  # sequences decoded together by the static decoder
+    decode_slots: int = Field(512, ge=1)  # sequences decoded together (fewer when the KV cache does not fit)
     kv_cache_fraction: float = Field(0.5, gt=0.0, le=0.9)  # of free GPU memory, for the static cache
     check_every: int = Field(8, ge=1)  # decode steps between looks for finished slots
     # the static decoder's prefill: "fused" runs the text decoder as one compiled function per layer
