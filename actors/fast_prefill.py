@@ -12,8 +12,8 @@ MLP): compiled as part of one graph, its KV repeat and layout copies cost more t
 saved (bench/profile/).
 
 The multimodal part (audio/image encoders and the embedding merge) is still the model's own code; this
-takes over after it. The arithmetic is the model's: the same norm formula, the model's rotary table,
-the same projection layout; on CPU it runs eagerly (tests compare it with the model's forward).
+takes over after it. The arithmetic is the model's: the same norm formula, the model's rotary table and
+rotary function, the same projection layout; on CPU it runs eagerly (tests compare it with the model's forward).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from transformers.models.phi4_multimodal.modeling_phi4_multimodal import apply_rotary_pos_emb
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +33,18 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * h.to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # apply_rotary_pos_emb of the model: rotary on the first cos.shape[-1] dims, the rest passes through
-    rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    half = rot // 2
-    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
-
-
 def pre_attention(x, cos, sin, ln1, qkv_w, n_heads: int, n_kv: int, head_dim: int, eps: float):
-    """Norm, QKV projection and rotary, in the projection's own layout (no transposes in the compiled
-    code): q [b, t, heads, d], k and v [b, t, kv_heads, d]. cos/sin: [b, t, 1, rotary dims]."""
+    """Norm, QKV projection and the model's own (partial) rotary, in the projection's layout (no
+    transposes in the compiled code): q [b, t, heads, d], k and v [b, t, kv_heads, d]. cos/sin:
+    [b, t, rotary dims]."""
     b, t, _ = x.shape
     qkv = F.linear(_rms_norm(x, ln1, eps), qkv_w)
     q_size, kv_size = n_heads * head_dim, n_kv * head_dim
     q = qkv[..., :q_size].view(b, t, n_heads, head_dim)
     k = qkv[..., q_size:q_size + kv_size].view(b, t, n_kv, head_dim)
     v = qkv[..., q_size + kv_size:].view(b, t, n_kv, head_dim)
-    return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+    q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)  # broadcast over the heads axis
+    return q, k, v
 
 
 def post_attention(x, attn, o_w, ln2, gate_up_w, down_w, eps: float):
@@ -128,7 +122,6 @@ class FastPrefill:
         """The text decoder over merged embeddings `x` [b, tokens, hidden]; returns as `__call__`."""
         m = self.model.model
         cos, sin = m.rotary_emb(x, position_ids=position_ids)
-        cos, sin = cos[:, :, None], sin[:, :, None]  # [b, t, 1, rotary dims]: broadcast over heads
         mask = attention_mask.bool()
         if bool(mask.all()):
             attn_mask = None  # no padding: plain causal attention (flash kernels)

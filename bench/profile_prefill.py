@@ -44,23 +44,14 @@ def main(argv=None):
     from actors.collate import collate
     from actors.engine import Phi4MMEngine
     from actors.slot_decoder import SlotDecoder
-    from bench.real_model import random_real_model, write_bench_checkpoint
+    from bench.real_model import bench_model
     from bench.run_bench import WORKLOADS, Items
     from pipeline.model_inputs import InputBuilder
     from schemas.config import BatchingConfig, ModelConfig
 
     os.makedirs(args.out, exist_ok=True)
     ckpt = os.path.join(args.scratch, "ckpt")
-    if args.tiny:
-        from transformers import AutoModelForCausalLM
-
-        from actors.tiny_model import build_tiny_model
-
-        build_tiny_model(ckpt)
-        model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
-    else:
-        write_bench_checkpoint(ckpt)
-        model = random_real_model(ckpt)
+    model = bench_model(ckpt, args.tiny)
     engine = Phi4MMEngine(ckpt, "speech", ModelConfig(source=ckpt), BatchingConfig(), model=model)
     items = Items(InputBuilder(ckpt), WORKLOADS["asr"], 4, np.random.default_rng(0), 0.1 if args.tiny else 1.0)
     rows = []

@@ -54,6 +54,20 @@ def random_real_model(path: str, device: str = "cuda", dtype=torch.bfloat16):
     return random_model(path, torch.device(device), dtype, "sdpa")
 
 
+def bench_model(ckpt: str, tiny: bool):
+    """The model a bench script times: the tiny checkpoint on CPU (smoke tests of the scripts), else the
+    real shapes with random bf16 weights on the GPU. Writes what `ckpt` needs either way."""
+    if tiny:
+        from transformers import AutoModelForCausalLM
+
+        from actors.tiny_model import build_tiny_model
+
+        build_tiny_model(ckpt)
+        return AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    write_bench_checkpoint(ckpt)
+    return random_real_model(ckpt)
+
+
 def save_random_lora(model, path: str, subfolder: str, rank: int) -> str:
     """A random LoRA of the real rank (speech 320, vision 256), saved where the card recipe loads it."""
     from peft import LoraConfig, get_peft_model

@@ -332,18 +332,9 @@ def main(argv=None):
     args.device = "cpu" if args.tiny else "cuda"
     os.makedirs(args.out, exist_ok=True)
     ckpt = os.path.join(args.scratch, "ckpt")
-    if args.tiny:
-        from actors.tiny_model import build_tiny_model
+    from bench.real_model import bench_model, save_random_lora
 
-        build_tiny_model(ckpt)
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(ckpt).eval()
-    else:
-        from bench.real_model import random_real_model, save_random_lora, write_bench_checkpoint
-
-        write_bench_checkpoint(ckpt)
-        base = random_real_model(ckpt)
+    base = bench_model(ckpt, args.tiny)
     card_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     meta = {"date": dt.date.today().isoformat(), "card": card_name, "gpus": 1,
             "torch": torch.__version__}

@@ -408,6 +408,13 @@ def _png_base64(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _finish(fig, ax) -> str:
+    """The plots' common frame (legend without a box, no top/right spines), as an embeddable PNG."""
+    ax.legend(frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _png_base64(fig)
+
+
 def plot_status(counts: dict[str, dict[str, int]]) -> str | None:
     """Stacked bars: ok / error / other rows per task."""
     if not counts:
@@ -424,9 +431,7 @@ def plot_status(counts: dict[str, dict[str, int]]) -> str | None:
         ax.bar(tasks, other, bottom=ok + err, color=OTHER_COLOUR, label="other")
     ax.set_ylabel("rows")
     ax.set_title("Rows per task and status")
-    ax.legend(frameon=False)
-    ax.spines[["top", "right"]].set_visible(False)
-    return _png_base64(fig)
+    return _finish(fig, ax)
 
 
 def plot_latency(hist: dict[str, Any]) -> str | None:
@@ -446,9 +451,7 @@ def plot_latency(hist: dict[str, Any]) -> str | None:
     ax.set_xlabel("latency per row (s)")
     ax.set_ylabel("rows")
     ax.set_title("Latency")
-    ax.legend(frameon=False)
-    ax.spines[["top", "right"]].set_visible(False)
-    return _png_base64(fig)
+    return _finish(fig, ax)
 
 
 def plot_error_rates(scores: dict[str, Any]) -> str | None:
@@ -467,9 +470,7 @@ def plot_error_rates(scores: dict[str, Any]) -> str | None:
     ax.set_xticks(x, [f"{lang}\n(n={by_lang[lang].get('n', 0)})" for lang in langs])
     ax.set_ylabel("%")
     ax.set_title("ASR word / character error rate per language")
-    ax.legend(frameon=False)
-    ax.spines[["top", "right"]].set_visible(False)
-    return _png_base64(fig)
+    return _finish(fig, ax)
 
 
 def plot_throughput(runs: list[dict[str, Any]]) -> str | None:

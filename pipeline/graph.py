@@ -34,9 +34,14 @@ def cluster_resources() -> tuple[float, float]:
     return float(res.get("CPU", os.cpu_count() or 1)), float(res.get("GPU", 0))
 
 
+def media_stages_of(config: JobConfig) -> list:
+    """The GPU stages that read the inputs (speech, vision), in graph order."""
+    return [STAGE_FOR_MODALITY[m] for m in sorted({MODALITY_FOR_TASK[t] for t in config.tasks} - {"text"})]
+
+
 def gpu_stages_of(config: JobConfig) -> list:
-    stages = [STAGE_FOR_MODALITY[m] for m in sorted({MODALITY_FOR_TASK[t] for t in config.tasks} - {"text"})]
-    return stages + ([TextStage] if "summarize" in config.tasks else [])
+    """Every GPU stage of the job: the media stages, then summaries (after assembly)."""
+    return media_stages_of(config) + ([TextStage] if "summarize" in config.tasks else [])
 
 
 def prepare_pool_size(config: JobConfig, cpus: float, gpus: float, rows: int, autoscaling: bool) -> int:
@@ -72,9 +77,7 @@ def build_dataset(config: JobConfig, manifest: pa.Table, model_name: str, model_
     ds = ds.map_batches(PrepareWork, fn_constructor_args=(cfg_json,), batch_format="pyarrow",
                         batch_size=rows_per_block, compute=ActorPoolStrategy(size=prepare_workers),
                         num_cpus=config.resources.cpus_per_prepare_task)
-    for stage in gpu_stages_of(config):
-        if stage is TextStage:  # summaries run after assembly, below
-            continue
+    for stage in media_stages_of(config):
         ds = ds.map_batches(stage, fn_constructor_args=(cfg_json,), batch_format="pyarrow",
                             **stage.ray_options(config, gpus, autoscaling))
     ds = ds.map_batches(assemble, batch_format="pyarrow", batch_size=None)

@@ -5,6 +5,8 @@ Run here on CPU without CUDA graphs; the same code is captured as a graph on the
 """
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -87,8 +89,11 @@ def test_static_decoder_vision_and_text(tiny_model, builder, prefill):
     assert [g.token_ids for g in got] == want
 
 
-def test_fused_prefill_equals_the_model_forward_with_left_padding(tiny_model, builder):
-    """Logits and KV of the fused prefill = the model's own forward, padded rows included."""
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
+    shutil.which("cc") is None, reason="torch.compile needs a C compiler"))])
+def test_fused_prefill_equals_the_model_forward_with_left_padding(tiny_model, builder, compiled):
+    """Logits and KV of the fused prefill = the model's own forward, padded rows included; compiled
+    (inductor on CPU here, as on the GPU) as well as eager."""
     import torch
     from transformers import DynamicCache
 
@@ -103,7 +108,9 @@ def test_fused_prefill_equals_the_model_forward_with_left_padding(tiny_model, bu
     with torch.inference_mode():
         cache = DynamicCache()
         out = reference.model(**batch, position_ids=pos, past_key_values=cache, use_cache=True)
-        logits, keys, values = FastPrefill(reference.model, compile_layers=False)(batch, pos)
+        fused = FastPrefill(reference.model, compile_layers=compiled)
+        logits, keys, values = fused(batch, pos)
+    assert not fused._eager_fallback  # the compiled halves really ran
     want_keys = torch.stack([layer.keys for layer in cache.layers])
     torch.testing.assert_close(logits, out.logits[:, -1].float(), rtol=1e-4, atol=1e-4)
     for row, n in enumerate(batch["attention_mask"].sum(-1).tolist()):  # the real tokens of each row
