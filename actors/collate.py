@@ -2,7 +2,7 @@
 
 Text is left-padded (batched logits then equal single ones). Audio features and image crops are padded
 the processor's way (zeros; masks), but the scheduler only batches equal audio lengths and equal crop
-counts, because the audio encoder does not mask its padding (see NOTES-phi4mm.md): equal shapes make
+counts, because the audio encoder does not mask its padding (../shared/design/NOTES-phi4mm.md): equal shapes make
 batched output equal unbatched output by construction.
 """
 from __future__ import annotations

@@ -15,7 +15,11 @@ import numpy as np
 import torch
 
 from actors.collate import collate
+from actors.fast_prefill import FastPrefill
+from actors.slot_decoder import SlotDecoder, SlotRequest
+from pipeline.model_inputs import load_processor
 from schemas.config import BatchingConfig, ModelConfig
+from schemas.work_rows import BatchKey
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +53,13 @@ def pick_attention(cfg: ModelConfig) -> str:
         return "sdpa"
 
 
-def load_model(model_dir: str, modality: str, cfg: ModelConfig, device: torch.device):
-    """The base model with the modality's adapter merged in (or attached, when merging is off)."""
+def load_model(model_dir: str, modality: str, cfg: ModelConfig, device: torch.device,
+               random_weights: bool = False):
+    """The base model with the modality's adapter merged in (or attached, when merging is off);
+    `random_weights` (benchmarks): the architecture with random weights, nothing read."""
     from transformers import AutoModelForCausalLM
 
-    if cfg.random_weights:
+    if random_weights:
         return random_model(model_dir, device, pick_dtype(cfg, device), pick_attention(cfg))
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=pick_dtype(cfg, device), attn_implementation=pick_attention(cfg))
@@ -98,14 +104,13 @@ class Phi4MMEngine:
     """Greedy generation over pre-built items (see pipeline/model_inputs.py), for one modality."""
 
     def __init__(self, model_dir: str, modality: str, model_cfg: ModelConfig, batching: BatchingConfig,
-                 device: torch.device | None = None, model=None):
-        from pipeline.model_inputs import load_processor
-
+                 device: torch.device | None = None, model=None, random_weights: bool = False):
         self.device = device or pick_device()
         self.modality = modality
         self.batching = batching
         self.processor = load_processor(model_dir)
-        self.model = model if model is not None else load_model(model_dir, modality, model_cfg, self.device)
+        self.model = model if model is not None else load_model(model_dir, modality, model_cfg, self.device,
+                                                                      random_weights)
         self.dtype = next(self.model.parameters()).dtype
         tok = self.processor.tokenizer
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -118,16 +123,16 @@ class Phi4MMEngine:
         self.use_static = mode == "static" or (mode == "auto" and self.device.type == "cuda")
         self._decoder = None
         self._prefill_runner = None  # actors/fast_prefill.FastPrefill, made with the first static decoder
-        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0}  # where the static path's time goes
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "oom_fallbacks": 0}  # where the static path's time goes
 
     # -- scheduling ------------------------------------------------------------------------------
-    def plan_batches(self, buckets: list[str], input_tokens: list[int], max_new: list[int]) -> list[list[int]]:
-        """Group item indices: same bucket and token budget, similar prompt lengths, capped sizes."""
-        order = sorted(range(len(buckets)), key=lambda i: (buckets[i], max_new[i], input_tokens[i]))
+    def plan_batches(self, batch_keys: list[BatchKey], input_tokens: list[int], max_new: list[int]) -> list[list[int]]:
+        """Group item indices: same batch key and token budget, similar prompt lengths, capped sizes."""
+        order = sorted(range(len(batch_keys)), key=lambda i: (batch_keys[i], max_new[i], input_tokens[i]))
         batches: list[list[int]] = []
         current: list[int] = []
         for i in order:
-            same_kind = current and (buckets[current[0]], max_new[current[0]]) == (buckets[i], max_new[i])
+            same_kind = current and (batch_keys[current[0]], max_new[current[0]]) == (batch_keys[i], max_new[i])
             tokens = (len(current) + 1) * max(input_tokens[j] for j in current + [i])
             if current and (not same_kind or len(current) >= self.batching.max_batch_size
                             or tokens > self.batching.max_batch_tokens):
@@ -138,16 +143,17 @@ class Phi4MMEngine:
             batches.append(current)
         return batches
 
-    def generate(self, items: list[dict[str, np.ndarray]], buckets: list[str], max_new: list[int],
+    def generate(self, items: list[dict[str, np.ndarray]], batch_keys: list[BatchKey], max_new: list[int],
                  min_new: int = 0) -> list[Generation | Exception]:
         """Generations for all items, in order; an item that fails on its own gets its exception."""
         input_tokens = [len(it["input_ids"]) for it in items]
-        plan = self.plan_batches(buckets, input_tokens, max_new)
+        plan = self.plan_batches(batch_keys, input_tokens, max_new)
         if self.use_static:
             try:
                 return self._generate_static(items, plan, max_new, min_new)
             except torch.cuda.OutOfMemoryError:
                 log.warning("static decoder out of memory; falling back to generate for this call")
+                self.stats["oom_fallbacks"] += 1
                 self._decoder = None
                 _free_cuda_cache()
         results: list[Generation | Exception] = [None] * len(items)  # type: ignore[list-item]
@@ -198,8 +204,6 @@ class Phi4MMEngine:
 
     # -- static cache + CUDA graph + continuous batching ------------------------------------------
     def decoder_for(self, max_len: int):
-        from actors.slot_decoder import SlotDecoder
-
         need = 128 * -(-max_len // 128)
         if self._decoder is not None and self._decoder.max_len >= need:
             return self._decoder
@@ -221,8 +225,6 @@ class Phi4MMEngine:
         if mode == "model" or (mode == "auto" and self.device.type != "cuda"):
             return None
         if self._prefill_runner is None:
-            from actors.fast_prefill import FastPrefill
-
             self._prefill_runner = FastPrefill(self.model)
         return self._prefill_runner
 
@@ -266,8 +268,6 @@ class Phi4MMEngine:
         return results
 
     def _prefill(self, decoder, items, group, max_new, min_new, slots):
-        from actors.slot_decoder import SlotRequest
-
         requests = [SlotRequest(i, len(items[i]["input_ids"]), max_new[i], min(min_new, max_new[i]))
                     for i in group]
         try:

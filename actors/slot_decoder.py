@@ -3,7 +3,7 @@ and finished slots refilled with new prompts (continuous batching).
 
 Why not `generate`: per step it re-creates masks, positions and cache views in Python and launches a few
 thousand small kernels; at large batches that overhead, and SDPA materialising the GQA key/value repeat,
-dominate (see NOTES-phi4mm.md: 28-36 ms per step where the weights read in ~2 ms).
+dominate (../shared/design/NOTES-phi4mm.md: 28-36 ms per step where the weights read in ~2 ms).
 
 How it stays exact: the prefill's multimodal part (audio/image encoders and the embedding merge) is the
 model's own code; its text decoder is the model's forward or, on GPU, the same arithmetic fused

@@ -2,7 +2,7 @@
 
 One item at a time, `processor(...)` then `model.generate(...)`, with the speech and vision LoRA loaded
 through peft and switched per prompt (not merged), exactly as the card loads them (adapted to the native
-transformers classes, see NOTES-phi4mm.md). Greedy decoding.
+transformers classes, see ../shared/design/NOTES-phi4mm.md). Greedy decoding.
 """
 from __future__ import annotations
 

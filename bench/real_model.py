@@ -1,6 +1,6 @@
 """Phi-4-multimodal at its real size with random weights, for benchmarks on the GPU host (no weights there).
 
-The shapes follow NOTES-phi4mm.md: 24 heads of 128, 8 KV heads, 32 layers, hidden 3072, FFN 8192,
+The shapes follow ../shared/design/NOTES-phi4mm.md: 24 heads of 128, 8 KV heads, 32 layers, hidden 3072, FFN 8192,
 vocab 200064, tied embeddings, longrope with partial rotary 0.75; SigLIP vision and the conformer audio
 encoder at their defaults. The tokenizer is the project's byte-level one with the real special-token ids.
 """

@@ -112,7 +112,7 @@ def run_card(card, items: Items, n: int, new: int) -> tuple[float, list]:
 
 def run_engine(engine, items: Items, n: int, new: int):
     built = items.take(n)
-    gens, wall = timed(lambda: engine.generate([b.inputs for b in built], [b.bucket for b in built], [new] * n,
+    gens, wall = timed(lambda: engine.generate([b.inputs for b in built], [b.batch_key for b in built], [new] * n,
                                                min_new=new))
     bad = [g for g in gens if isinstance(g, Exception)]
     if bad:
@@ -250,8 +250,9 @@ def bench_pipeline(args, ckpt: str, rows: list[dict], meta: dict, gpus: int, n: 
     new = max(2, int(100 * args.scale))
     config = JobConfig.model_validate({
         "job": "transcribe", "input": manifest, "output": os.path.join(work, f"out-{gpus}gpu-{n}"),
-        "model": {"source": ckpt, "random_weights": not args.tiny},
-        "generation": {"max_new_tokens": {"asr": new}, "min_new_tokens": new},
+        "model": {"source": ckpt},
+        "generation": {"max_new_tokens": {"asr": new}},
+        "benchmark": {"random_weights": not args.tiny, "min_new_tokens": new},
         "batching": {"decoder": "static" if not args.tiny else "generate", "decode_slots": args.slots,
                      "max_batch_size": args.prefill_batch, "rows_per_call": args.slots,
                      "check_every": args.check_every},

@@ -13,7 +13,13 @@ import sys
 
 from pydantic import ValidationError
 
+from actors.tiny_model import build_tiny_model
+from jobs import report, runner
+from jobs.settings import from_environment
+from pipeline.errors import InputError
 from schemas.config import DEFAULT_MODEL, JobConfig
+from schemas.manifest import ManifestError
+from schemas.tasks import TASKS
 
 
 class ConfigFileError(ValueError):
@@ -104,7 +110,7 @@ def config_from_args(job: str, args: argparse.Namespace) -> JobConfig:
     _nested(data, "resources", "accelerator_type", args.accelerator_type)
     if args.max_new_tokens:
         data.setdefault("generation", {})["max_new_tokens"] = {
-            t: args.max_new_tokens for t in ("asr", "translate", "ocr", "summarize")}
+            t: args.max_new_tokens for t in TASKS}
     if job == "transcribe":
         data["translate_to"] = args.translate_to or data.get("translate_to", [])
         data["summarize"] = args.summarize or data.get("summarize", False)
@@ -135,10 +141,8 @@ def run_job_main(job: str, argv: list[str] | None = None) -> int:
 
 def execute(make_config) -> int:
     """Build and validate the config, run it, print where the output is. Errors: one clear line."""
-    from pipeline.errors import InputError
-    from schemas.manifest import ManifestError
-
-    logging.basicConfig(level=os.environ.get("PHI4MM_LOG", "INFO"),
+    settings = from_environment()
+    logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = make_config()
@@ -148,10 +152,8 @@ def execute(make_config) -> int:
     except ConfigFileError as exc:
         print(f"phi4mm: {exc}", file=sys.stderr)
         return 2
-    from jobs.runner import run_job
-
     try:
-        record = run_job(config)
+        record = runner.run_job(config, settings)
     except (ManifestError, InputError, ValueError, FileNotFoundError) as exc:
         print(f"phi4mm: {exc}", file=sys.stderr)
         return 2
@@ -170,15 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     if command in ("transcribe", "ocr", "meetings"):
         return run_job_main(command, rest)
     if command == "report":
-        from jobs.report import main as report_main
-
-        return report_main(rest) or 0
+        return report.main(rest) or 0
     if command == "tiny-model":
         parser = argparse.ArgumentParser(prog="phi4mm tiny-model")
         parser.add_argument("dir")
         args = parser.parse_args(rest)
-        from actors.tiny_model import build_tiny_model
-
         print(build_tiny_model(args.dir))
         return 0
     parser = argparse.ArgumentParser(prog="phi4mm run")

@@ -9,46 +9,60 @@ import logging
 import os
 from datetime import datetime, timezone
 
+from jobs.graph import build_dataset, plan_cluster
+from jobs.run_record import run_record
+from jobs.settings import Settings, from_environment
+from pipeline.model_inputs import load_processor
+from pipeline.model_source import resolve_model
+from pipeline.read import read_manifest
+from pipeline.resume import drop_superseded, rows_to_redo
+from pipeline.stage import StageContext, start_run_counters
+from pipeline.storage import StorageOptions, fsspec_filesystem, is_local, pyarrow_filesystem
+from pipeline.write import read_results, write_results, write_run_record
 from schemas.config import JobConfig
+from schemas.manifest import passthrough_columns
+from schemas.results import RESULT_SCHEMA
 
 log = logging.getLogger(__name__)
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def init_ray() -> None:
+
+def init_ray(settings: Settings) -> None:
     """Join the cluster in RAY_ADDRESS, else start a local one-machine Ray (the embedded default)."""
     import ray
 
     if ray.is_initialized():
         return
     # worker logs stay in Ray's log folder unless asked for (PHI4MM_WORKER_LOGS=1)
-    worker_logs = os.environ.get("PHI4MM_WORKER_LOGS", "") not in ("", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=worker_logs)
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, log_to_driver=settings.worker_logs)
     else:
         # a few logical CPUs more than cores, so the CPU stages and the model actors of a small machine
         # can be scheduled side by side (they mostly wait on each other)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=worker_logs,
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=settings.worker_logs,
                  runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                     p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}})
+                     p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)}})
     from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = bool(os.environ.get("PHI4MM_PROGRESS", ""))
+    DataContext.get_current().enable_progress_bars = settings.progress
 
 
-def run_job(config: JobConfig) -> dict:
-    from actors.model_source import resolve_model
-    from pipeline.graph import build_dataset
-    from pipeline.read import read_manifest
-    from pipeline.storage import StorageOptions, pyarrow_filesystem
-    from pipeline.write import read_results, run_record, write_results, write_run_record
-    from schemas.manifest import passthrough_columns
+def with_driver_settings(config: JobConfig, storage: StorageOptions, settings: Settings) -> JobConfig:
+    """What the driver's environment decides, written into the config that travels to every worker."""
+    update = {}
+    if storage.endpoint_url and not config.s3_endpoint:  # AWS_ENDPOINT_URL_S3 and friends
+        update["s3_endpoint"] = storage.endpoint_url
+    if settings.model_cache and not config.model.cache_dir and not is_local(config.model.source):
+        update["model"] = config.model.model_copy(update={"cache_dir": settings.model_cache})
+    return config.model_copy(update=update) if update else config
 
+
+def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
+    settings = settings or from_environment()
     started = datetime.now(timezone.utc)
     storage = StorageOptions(endpoint_url=config.s3_endpoint)
-    if storage.endpoint_url and not config.s3_endpoint:  # from the driver's environment: ship it to workers
-        config = config.model_copy(update={"s3_endpoint": storage.endpoint_url})
+    config = with_driver_settings(config, storage, settings)
     manifest = read_manifest(config.input, storage, suffixes=config.manifest_suffixes,
                              modified_since=config.modified_since)
     # the driver only checks the processor loads (a wrong --model fails here, before any GPU starts)
@@ -57,49 +71,38 @@ def run_job(config: JobConfig) -> dict:
     _check_processor(model_dir)
     passthrough_schema = manifest.select(passthrough_columns(manifest.schema)).schema
     if config.resume:
-        from pipeline.resume import rows_to_redo
-
         manifest = rows_to_redo(manifest, config, storage)
         log.info("resume: %d input rows left to process", manifest.num_rows)
 
-    init_ray()
+    init_ray(settings)
     import ray
 
     out_fs, out_path = pyarrow_filesystem(config.output, storage)
+    cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     gpus = float(ray.cluster_resources().get("GPU", 0))
     stages: list[dict] = []
+    counters: dict = {}
     if manifest.num_rows:
-        ds = build_dataset(config, manifest, config.model.source,
-                           config.model.resolved_revision(), passthrough_schema)
-        stages = write_results(ds, out_path, config.run_id, filesystem=out_fs)
+        name, counters_actor = start_run_counters(config.run_id)
+        context = StageContext(config.model_dump_json(), passthrough_schema, counters_actor=name)
+        cluster = plan_cluster(config, cpus, gpus, manifest.num_rows, settings.autoscaling)
+        try:
+            stages = write_results(build_dataset(config, manifest, cluster, context), out_path, config.run_id,
+                                   filesystem=out_fs)
+            counters = ray.get(counters_actor.snapshot.remote())
+        finally:
+            ray.kill(counters_actor)
     if config.resume:
-        from pipeline.resume import drop_superseded
-
         drop_superseded(out_path, out_fs, config.run_id)
-    rows = read_results(out_path, out_fs, run_id=config.run_id) if manifest.num_rows else _empty()
-    record = run_record(config.model_dump(mode="json"), rows, started, datetime.now(timezone.utc), gpus)
+    rows = read_results(out_path, out_fs, run_id=config.run_id) if manifest.num_rows else RESULT_SCHEMA.empty_table()
+    record = run_record(config.model_dump(mode="json"), rows, started, datetime.now(timezone.utc), gpus, counters)
     record["stages"] = stages
-    write_run_record(config.output, record, _fsspec(config.output, storage))
+    write_run_record(config.output, record, fsspec_filesystem(config.output, storage)[0])
     return record
 
 
 def _check_processor(model_dir: str) -> None:
-    from pipeline.model_inputs import load_processor
-
     try:
         load_processor(model_dir)
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"--model {model_dir}: cannot load the processor/tokenizer ({exc})") from exc
-
-
-def _fsspec(uri: str, storage):
-    from pipeline.storage import fsspec_filesystem
-
-    return fsspec_filesystem(uri, storage)[0]
-
-
-def _empty():
-
-    from schemas.results import RESULT_SCHEMA
-
-    return RESULT_SCHEMA.empty_table()

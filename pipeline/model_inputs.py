@@ -2,17 +2,17 @@
 
 The GPU actor only stacks them (`actors/collate.py`): feature extraction, image crops and tokenisation
 never run on the GPU's critical path. An item travels through Ray as one pickled dict of numpy arrays
-(`encode_item` / `decode_item`), which keeps arbitrary shapes out of Arrow's tensor types.
+(`schemas/work_rows.py: encode_item`).
 """
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.decode import SAMPLE_RATE
+from pipeline.media import SAMPLE_RATE
 from pipeline.prompts import chat_messages
+from schemas.work_rows import BatchKey
 
 
 def load_processor(model_dir: str):
@@ -28,16 +28,8 @@ def load_processor(model_dir: str):
 @dataclass(frozen=True)
 class BuiltItem:
     inputs: dict[str, np.ndarray]  # per-item arrays, no batch dimension
-    bucket: str  # items batch together only within one bucket (equal audio length / crop count)
+    batch_key: BatchKey  # items batch together only under one key (equal audio length / crop count)
     input_tokens: int
-
-
-def encode_item(inputs: dict[str, np.ndarray]) -> bytes:
-    return pickle.dumps(inputs, protocol=5)
-
-
-def decode_item(blob: bytes) -> dict[str, np.ndarray]:
-    return pickle.loads(blob)
 
 
 class InputBuilder:
@@ -61,7 +53,7 @@ class InputBuilder:
         inputs.pop("attention_mask", None)  # rebuilt when batching
         inputs.pop("audio_attention_mask", None)
         frames = inputs["audio_input_features"].shape[0]
-        return BuiltItem(inputs, f"audio:{frames}", int(inputs["input_ids"].shape[0]))
+        return BuiltItem(inputs, BatchKey("audio", int(frames)), int(inputs["input_ids"].shape[0]))
 
     def image(self, image, instruction: str) -> BuiltItem:
         kwargs = {"images": [image]}
@@ -70,9 +62,9 @@ class InputBuilder:
         inputs = self._run(self.prompt(instruction, "image"), **kwargs)
         inputs.pop("attention_mask", None)
         crops = inputs["image_pixel_values"].shape[0]
-        return BuiltItem(inputs, f"image:{crops}", int(inputs["input_ids"].shape[0]))
+        return BuiltItem(inputs, BatchKey("image", int(crops)), int(inputs["input_ids"].shape[0]))
 
     def text(self, instruction: str) -> BuiltItem:
         inputs = self._run(self.prompt(instruction, None))
         inputs.pop("attention_mask", None)
-        return BuiltItem(inputs, "text", int(inputs["input_ids"].shape[0]))
+        return BuiltItem(inputs, BatchKey("text", 0), int(inputs["input_ids"].shape[0]))

@@ -1,63 +1,82 @@
 """CPU stage: manifest rows -> work rows (fetch, decode, segment, prompt, features).
 
-Runs in Ray tasks on CPU nodes, before the GPU actors, so a GPU never waits on decoding, resampling,
+Runs in Ray actors on CPU nodes, before the GPU actors, so a GPU never waits on decoding, resampling,
 VAD, feature extraction, image cropping or tokenisation.
 """
 from __future__ import annotations
 
 import logging
+import math
 
 import pyarrow as pa
 
 from pipeline.errors import InputError
-from pipeline.model_inputs import InputBuilder, encode_item
+from pipeline.fetch import fetch_bytes
+from pipeline.media import SAMPLE_RATE, decode_audio, decode_audio_channels, decode_pages, sniff_kind
+from pipeline.model_inputs import InputBuilder
+from pipeline.model_source import local_model_dir
 from pipeline.prompts import task_instruction
-from pipeline.work_items import Chunk, work_row, work_table
+from pipeline.segment import SpeechSegmenter
+from pipeline.stage import Cluster, Stage, StageContext, StageResources, one_thread_per_worker
+from pipeline.storage import StorageOptions
+from pipeline.summaries import summary_from_audio
 from schemas.config import JobConfig
 from schemas.manifest import passthrough_columns
+from schemas.tasks import DERIVED_FROM, output_keys
+from schemas.work_rows import WORK_COLUMNS, WorkChunk, encode_item, work_row, work_table
 
 log = logging.getLogger(__name__)
 
-MODALITY_FOR_TASK = {"asr": "speech", "translate": "speech", "ocr": "vision", "summarize": "text"}
+# manifest columns a work row is made from (the others are passed through)
+MANIFEST_READS = ("id", "uri", "data", "kind", "language", "target_language")
 
 
-class PrepareWork:
-    """`__call__(batch)`: a pyarrow batch of manifest rows -> a pyarrow table of work rows."""
+class PrepareWork(Stage):
+    """Manifest rows -> work rows: one per output key (task x target language x page) of each input,
+    with its chunks' model inputs built, or one error row per key when the input is bad."""
 
-    def __init__(self, config_json: str):
-        from actors.model_files import local_model_dir
-        from pipeline.storage import StorageOptions
+    reads = MANIFEST_READS
+    writes = tuple(WORK_COLUMNS)
 
+    def __init__(self, context: StageContext):
+        super().__init__(context)
         one_thread_per_worker()
-        self.config = JobConfig.model_validate_json(config_json)
         processor_dir = local_model_dir(self.config, processor_only=True)
         self.storage = StorageOptions(endpoint_url=self.config.s3_endpoint)
         self.builder = InputBuilder(processor_dir, self.config.system_prompt, self.config.image.dynamic_hd)
         self._segmenter = None
 
-    @property
-    def segmenter(self):
-        if self._segmenter is None:  # loaded once per worker, only by audio jobs
-            from pipeline.segment import SpeechSegmenter
+    @classmethod
+    def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
+        """A fixed pool of the CPUs the other actors leave (an autoscaling pool would start with one
+        worker and ramp up while the GPUs wait), at most one worker per two inputs; small batches, so
+        that decoding spreads over every worker from the start."""
+        workers = max(1, min(int(cluster.cpus - cluster.reserved_cpus), math.ceil(cluster.input_rows / 2)))
+        return StageResources(batch_size=rows_per_block(cluster.input_rows, workers), pool_size=(workers, workers),
+                              num_cpus=config.resources.cpus_per_prepare_task)
 
+    @property
+    def segmenter(self) -> SpeechSegmenter:
+        if self._segmenter is None:  # loaded once per worker, only by audio jobs
             self._segmenter = SpeechSegmenter(max_chunk_s=self.config.audio.max_chunk_s,
                                               grid_s=self.config.audio.grid_s)
         return self._segmenter
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
         out_rows: list[dict] = []
         source_rows: list[int] = []
-        rows = batch.select([c for c in ("id", "uri", "data", "kind", "language", "target_language")
-                             if c in batch.column_names]).to_pylist()
+        rows = batch.select([c for c in MANIFEST_READS if c in batch.column_names]).to_pylist()
         for i, row in enumerate(rows):
             try:
                 made = self.prepare_row(row)
             except InputError as exc:
                 made = self.error_rows(row, str(exc))
+                self.counters["bad_inputs"] += 1
             except Exception as exc:  # noqa: BLE001 - a row never takes the job down
                 log.exception("preparing %s failed", row.get("id"))
                 made = self.error_rows(row, f"{self.name(row)}: could not be prepared "
                                              f"({type(exc).__name__}: {exc})")
+                self.counters["bad_inputs"] += 1
             out_rows.extend(made)
             source_rows.extend([i] * len(made))
         keep = passthrough_columns(batch.schema)
@@ -68,35 +87,23 @@ class PrepareWork:
     def name(row: dict) -> str:
         return row.get("uri") or f"id {row['id']}"
 
-    def targets(self, row: dict) -> list[str]:
-        """Translation targets: the row's own target_language overrides the job's list."""
-        return [row["target_language"]] if row.get("target_language") else list(self.config.translate_to)
-
-    def speech_tasks(self, row: dict) -> list[tuple[str, str | None]]:
-        tasks: list[tuple[str, str | None]] = [("asr", None)]
-        if "translate" in self.config.tasks:
-            tasks += [("translate", t) for t in self.targets(row)]
-        return tasks
+    def input_keys(self, row: dict) -> list:
+        """The output keys this stage makes for an input (schemas/tasks.py); those derived from another
+        task's result (the summary, from the transcript) are made after assembly."""
+        return [k for k in output_keys(self.config.tasks, self.config.translate_to, row.get("target_language"))
+                if k.task not in DERIVED_FROM]
 
     def error_rows(self, row: dict, message: str) -> list[dict]:
         """One error row per output row the input would have produced."""
-        if self.config.job == "ocr":
-            pairs = [("ocr", None)]
-        else:
-            pairs = self.speech_tasks(row)
-        return [work_row(row["id"], task, target_language=target, language=row.get("language"), error=message)
-                for task, target in pairs]
+        return [work_row(row["id"], key.task, target_language=key.target_language, language=row.get("language"),
+                         error=message) for key in self.input_keys(row)]
 
     def load_bytes(self, row: dict) -> bytes:
-        from pipeline.fetch import fetch_bytes
-
         if row.get("data") is not None:
             return row["data"]
         return fetch_bytes(row["uri"], self.storage)
 
     def prepare_row(self, row: dict) -> list[dict]:
-        from pipeline.decode import sniff_kind
-
         data = self.load_bytes(row)
         kind = row.get("kind") or sniff_kind(data, row.get("uri"))
         if self.config.job == "ocr":
@@ -110,8 +117,6 @@ class PrepareWork:
         return self.audio_rows(row, data)
 
     def audio_rows(self, row: dict, data: bytes) -> list[dict]:
-        from pipeline.decode import SAMPLE_RATE, decode_audio, decode_audio_channels
-
         name = self.name(row)
         cfg = self.config.audio
         if cfg.split_channels:
@@ -125,15 +130,17 @@ class PrepareWork:
         pieces = sorted(((chunk, speaker) for audio, speaker in zip(channels, speakers)
                          for chunk in self.segmenter.split(audio)), key=lambda p: (p[0].start_s, p[1] or ""))
         rows = self.audio_summary_rows(row, channels, duration)
-        for task, target in self.speech_tasks(row):
-            instruction = task_instruction(task, target)
+        for key in self.input_keys(row):
+            instruction = task_instruction(key.task, key.target_language)
             chunks = []
             for piece, speaker in pieces:
                 built = self.builder.audio(piece.audio, instruction)
-                chunks.append(Chunk(built.bucket, encode_item(built.inputs), built.input_tokens,
-                                    piece.start_s, piece.end_s, speaker))
-            rows.append(work_row(row["id"], task, chunks=chunks, target_language=target,
+                chunks.append(WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens,
+                                        piece.start_s, piece.end_s, speaker))
+            rows.append(work_row(row["id"], key.task, chunks=chunks, target_language=key.target_language,
                                  language=row.get("language"), duration_s=duration, modality="speech"))
+        self.counters.update(audio_inputs=1, audio_chunks=len(pieces))
+        self.counters["audio_s"] += duration
         return rows
 
     def audio_summary_rows(self, row: dict, channels: list, duration: float) -> list[dict]:
@@ -143,13 +150,11 @@ class PrepareWork:
             return []
         audio = channels[0] if len(channels) == 1 else sum(channels) / len(channels)
         built = self.builder.audio(audio, task_instruction("summarize", from_audio=True))
-        chunk = Chunk(built.bucket, encode_item(built.inputs), built.input_tokens)
+        chunk = WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens)
         return [work_row(row["id"], "summarize", chunks=[chunk], language=row.get("language"),
                          duration_s=duration, modality="speech")]
 
     def document_rows(self, row: dict, data: bytes) -> list[dict]:
-        from pipeline.decode import decode_pages
-
         cfg = self.config.image
         pages = decode_pages(data, self.name(row), max_pixels=cfg.max_pixels, pdf_dpi=cfg.pdf_dpi,
                              max_pages=cfg.max_pages)
@@ -157,24 +162,16 @@ class PrepareWork:
         rows = []
         for number, image in enumerate(pages, start=1):
             built = self.builder.image(image, instruction)
-            chunk = Chunk(built.bucket, encode_item(built.inputs), built.input_tokens)
+            chunk = WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens)
             rows.append(work_row(row["id"], "ocr", chunks=[chunk], language=row.get("language"), page=number,
                                  pages=len(pages), modality="vision"))
+        self.counters.update(documents=1, pages=len(pages))
         return rows
 
 
-def one_thread_per_worker() -> None:
-    """Each CPU stage worker holds one Ray CPU: torch's default of one thread per core, times a pool of
-    workers, oversubscribes the node and starves the thread that feeds the GPU."""
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def summary_from_audio(config: JobConfig, duration: float | None) -> bool:
-    """Whether this recording's summary comes from its audio (else from its transcript)."""
-    return ("summarize" in config.tasks and config.audio.summarize_from_audio and duration is not None
-            and duration <= config.audio.max_summary_audio_s)
+def rows_per_block(input_rows: int, workers: int) -> int:
+    """Manifest rows per block and per call: about two blocks per worker, at most 16 rows."""
+    return max(1, min(16, math.ceil(input_rows / (2 * workers))))
 
 
 def kind_phrase(kind: str) -> str:

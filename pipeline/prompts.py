@@ -5,13 +5,7 @@ message parts, so the same code works with the real tokenizer and the tiny one.
 """
 from __future__ import annotations
 
-LANGUAGE_NAMES = {
-    "en": "English", "fr": "French", "de": "German", "es": "Spanish", "it": "Italian", "pt": "Portuguese",
-    "ja": "Japanese", "zh": "Chinese", "ko": "Korean", "ru": "Russian", "ar": "Arabic", "hi": "Hindi",
-    "nl": "Dutch", "pl": "Polish", "sv": "Swedish", "da": "Danish", "fi": "Finnish", "no": "Norwegian",
-    "tr": "Turkish", "th": "Thai", "vi": "Vietnamese", "id": "Indonesian", "ms": "Malay", "he": "Hebrew",
-    "uk": "Ukrainian", "hu": "Hungarian", "cs": "Czech", "ro": "Romanian", "el": "Greek",
-}
+from schemas.languages import language_name
 
 ASR_PROMPT = "Transcribe the audio clip into text."
 TRANSLATE_PROMPT = "Translate the audio to {language}."
@@ -20,15 +14,6 @@ OCR_PROMPT = ("Extract all the text from this document page, in reading order. "
 SUMMARIZE_TRANSCRIPT_PROMPT = ("Summarize the following transcript of a recorded conversation: "
                                "the topics, decisions and action items.\n\n{transcript}")
 SUMMARIZE_AUDIO_PROMPT = "Summarize this recording: the topics, decisions and action items."
-
-
-def language_name(code: str) -> str:
-    """ISO 639-1 code -> the English name the model understands. Unknown codes are refused early."""
-    try:
-        return LANGUAGE_NAMES[code.strip().lower()]
-    except KeyError:
-        known = ", ".join(sorted(LANGUAGE_NAMES))
-        raise ValueError(f"unknown language code {code!r}; known: {known}") from None
 
 
 def task_instruction(task: str, target_language: str | None = None, transcript: str | None = None,

@@ -14,8 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.storage import pyarrow_filesystem
 from schemas.config import JobConfig
 from schemas.results import KEY_COLUMNS as KEY, STATUS_OK
+from schemas.tasks import output_keys
 
 log = logging.getLogger(__name__)
 
@@ -67,31 +69,23 @@ def existing_keys(output: str, fs) -> pa.Table:
 
 
 def rows_to_redo(manifest: pa.Table, config: JobConfig, storage) -> pa.Table:
-    from pipeline.storage import pyarrow_filesystem
-
+    """The manifest rows that lack an `ok` row for one of their output keys (schemas/tasks.py), or
+    have an error row: those are redone whole (their ok rows are replaced, never duplicated)."""
     fs, path = pyarrow_filesystem(config.output, storage)
     done = existing_keys(path, fs)
     if done.num_rows == 0:
         return manifest
+    if "target_language" not in done.column_names:
+        done = done.append_column("target_language", pa.nulls(done.num_rows, pa.string()))
     ok = done.filter(pc.equal(done["status"], STATUS_OK))
+    have = set(zip(ok["id"].to_pylist(), ok["task"].to_pylist(), ok["target_language"].to_pylist()))
     failed_ids = set(done.filter(pc.not_equal(done["status"], STATUS_OK))["id"].to_pylist())
-    complete: set[str] | None = None
-    for task in config.tasks:
-        ids = set(ok.filter(pc.equal(ok["task"], task))["id"].to_pylist())
-        complete = ids if complete is None else complete & ids
-    if "translate" in config.tasks and config.translate_to:
-        tr = ok.filter(pc.equal(ok["task"], "translate"))
-        have = {}
-        for rid, lang in zip(tr["id"].to_pylist(), tr["target_language"].to_pylist()):
-            have.setdefault(rid, set()).add(lang)
-        # a row's own target_language overrides the job's list (pipeline.prepare), so it is all it needs
-        wanted = set(config.translate_to)
-        own = dict(zip(manifest["id"].to_pylist(), manifest["target_language"].to_pylist())) \
-            if "target_language" in manifest.column_names else {}
-        complete = {i for i in complete or set() if ({own[i]} if own.get(i) else wanted) <= have.get(i, set())}
-    skip = (complete or set()) - failed_ids
-    keep = pc.invert(pc.is_in(manifest["id"], pa.array(sorted(skip), pa.string())))
-    return manifest.filter(keep)
+    targets = manifest["target_language"].to_pylist() if "target_language" in manifest.column_names \
+        else [None] * manifest.num_rows
+    redo = [rid in failed_ids or any((rid, *key) not in have
+                                     for key in output_keys(config.tasks, config.translate_to, target))
+            for rid, target in zip(manifest["id"].to_pylist(), targets)]
+    return manifest.filter(pa.array(redo, pa.bool_()))
 
 
 def drop_superseded(output: str, fs, run_id: str) -> int:

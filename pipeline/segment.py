@@ -1,4 +1,4 @@
-"""Long audio -> chunks the speech encoder can take, cut in silences, on a fixed length grid.
+"""Long audio -> spans (chunks) the speech encoder can take, cut in silences, on a fixed length grid.
 
 Why this shape:
 - The model takes at most ~30-40 s of audio per prompt, so long recordings are cut; cutting inside a
@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.decode import SAMPLE_RATE
+from pipeline.media import SAMPLE_RATE
 
-__all__ = ["Chunk", "SpeechSegmenter"]
+__all__ = ["AudioSpan", "SpeechSegmenter"]
 
 _FRAME = 512  # silero-vad's window at 16 kHz (32 ms)
 
 
 @dataclass(frozen=True)
-class Chunk:
+class AudioSpan:
     """One piece of a recording: [start_s, end_s) in seconds and its 16 kHz samples (a view, no copy).
 
     Equality and hashing use the times only (arrays don't compare to a bool).
@@ -92,7 +92,7 @@ class SpeechSegmenter:
         """True when the VAD finds any speech (music-on-hold or line noise alone gives False)."""
         return bool(self._speech_samples(audio))
 
-    def split(self, audio: np.ndarray) -> list[Chunk]:
+    def split(self, audio: np.ndarray) -> list[AudioSpan]:
         """Cut `audio` (16 kHz mono) into chunks of at most max_chunk_s that tile it exactly.
 
         Each cut goes in a silence of at least min_silence_s, preferring the last third of the window
@@ -104,10 +104,10 @@ class SpeechSegmenter:
         audio = _as_mono(audio)
         n = len(audio)
         if n <= self._max_len:
-            return [Chunk(0.0, n / SAMPLE_RATE, audio)]
+            return [AudioSpan(0.0, n / SAMPLE_RATE, audio)]
         silences = self._silences(self._speech_samples(audio), n)
         bounds = self._cut_points(silences, n)
-        return [Chunk(a / SAMPLE_RATE, b / SAMPLE_RATE, audio[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        return [AudioSpan(a / SAMPLE_RATE, b / SAMPLE_RATE, audio[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
     # -- cutting -------------------------------------------------------------------------------------------
 

@@ -2,12 +2,11 @@
 
 Files are named `part-<run_id>-<write uuid>-<task index>.parquet` inside `task=<task>/`: deterministic per write
 task, so a retried write task replaces its own file instead of adding a duplicate.
-`_runs/<run_id>.json` is written last; its presence means the run finished.
+`_runs/<run_id>.json` (its content: jobs/run_record.py) is written last; its presence means the run finished.
 """
 from __future__ import annotations
 
 import json
-from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -65,40 +64,6 @@ def read_results(output: str, filesystem=None, run_id: str | None = None) -> pa.
                            exclude_invalid_files=True, ignore_prefixes=["_", "."])
     flt = pads.field("run_id") == run_id if run_id else None
     return dataset.to_table(filter=flt)
-
-
-def run_record(config_json: dict, rows: pa.Table, started_at: datetime, finished_at: datetime,
-               gpus: float) -> dict:
-    """Counts, sizes, tokens, wall time, throughput and (with references) scores of one run, from the
-    rows it wrote."""
-    counts: dict[str, dict[str, int]] = {}
-    for task, status in zip(rows["task"].to_pylist(), rows["status"].to_pylist()):
-        counts.setdefault(task, {"ok": 0, "error": 0})[status] += 1
-    table = rows.to_pandas() if rows.num_rows else None
-    wall = (finished_at - started_at).total_seconds()
-    audio_s = pages = input_tokens = output_tokens = 0.0
-    if table is not None:
-        asr = table[table["task"] == "asr"]
-        audio_s = float(asr["duration_s"].fillna(0).sum())
-        pages = int((table["task"] == "ocr").sum())
-        input_tokens = int(table["input_tokens"].fillna(0).sum())
-        output_tokens = int(table["output_tokens"].fillna(0).sum())
-    scores = {}
-    if table is not None:
-        from jobs.scoring import score_all
-
-        scores = score_all(table).summary  # only tasks whose rows carry reference texts
-    return {
-        "run_id": config_json["run_id"], "job": config_json["job"], "config": config_json,
-        "started_at": started_at.isoformat(), "finished_at": finished_at.isoformat(), "wall_s": wall,
-        "gpus": gpus, "rows": rows.num_rows, "counts": counts, "audio_s": audio_s,
-        "audio_hours": audio_s / 3600, "pages": pages, "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "throughput": {"audio_s_per_s": audio_s / wall if wall else None,
-                       "pages_per_s": pages / wall if wall else None,
-                       "output_tokens_per_s": output_tokens / wall if wall else None},
-        "scores": scores,
-    }
 
 
 def write_run_record(output: str, record: dict, fs=None) -> str:

@@ -7,8 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.languages import language_name
+from schemas.tasks import job_tasks
+
 JobName = Literal["transcribe", "ocr", "meetings"]
-SpeechTask = Literal["asr", "translate"]
 
 DEFAULT_MODEL = "microsoft/Phi-4-multimodal-instruct"
 DEFAULT_REVISION = "refs/pr/70"  # the hub branch that holds the native transformers format
@@ -26,8 +28,6 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     merge_adapters: bool = True  # merge the modality's LoRA into the base weights (no per-token cost)
-    # benchmarks only: the checkpoint's config with random weights made on the device (no weights read)
-    random_weights: bool = False
 
     def resolved_revision(self) -> str | None:
         if self.revision is None and self.source == DEFAULT_MODEL:
@@ -39,7 +39,6 @@ class GenerationConfig(_Strict):
     """Greedy decoding limits per task (the model card decodes greedily)."""
     max_new_tokens: dict[str, int] = Field(default_factory=lambda: {
         "asr": 256, "translate": 320, "ocr": 1024, "summarize": 512})
-    min_new_tokens: int = 0  # benchmarks set min == max to fix the work done
 
 
 class BatchingConfig(_Strict):
@@ -47,6 +46,9 @@ class BatchingConfig(_Strict):
     # work rows (recording x task, or page) per actor call; with decode_slots, what one GPU call holds
     # in flight (512: +10 % asr throughput over 256 on an H200, bench/RESULTS.md)
     rows_per_call: int = Field(512, ge=1)
+    # the same for the meetings job, whose work row carries all of a recording's chunks (an hour: ~120
+    # chunks of ~1 MB of features), so fewer rows make a call of the same size
+    meeting_rows_per_call: int = Field(16, ge=1)
     max_batch_size: int = Field(32, ge=1)  # sequences prefilled (or, with `generate`, decoded) together
     max_batch_tokens: int = Field(65536, ge=512)  # prompt tokens in one prefill batch (memory bound)
     # "static": static KV cache, decode step as a CUDA graph, finished slots refilled (continuous
@@ -87,6 +89,14 @@ class ResourcesConfig(_Strict):
     cpus_per_prepare_task: float = Field(1.0, gt=0.0)
 
 
+class BenchmarkConfig(_Strict):
+    """Knobs for benchmarks and stress tests, not for production runs: they change what is computed."""
+    # the checkpoint's config with random weights made on the device (real shapes, no weights read)
+    random_weights: bool = False
+    # decode at least this many tokens per item: with min == max every engine does the same work
+    min_new_tokens: int = Field(0, ge=0)
+
+
 class JobConfig(_Strict):
     """One run of one job. `phi4mm run JOB.yaml` reads this from YAML; the subcommands build it."""
     job: JobName
@@ -107,12 +117,11 @@ class JobConfig(_Strict):
     audio: AudioConfig = Field(default_factory=AudioConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
 
     @field_validator("translate_to")
     @classmethod
     def _languages(cls, value: list[str]) -> list[str]:
-        from pipeline.prompts import language_name
-
         out = []
         for code in value:
             language_name(code)  # raises ValueError naming the unknown code
@@ -135,12 +144,5 @@ class JobConfig(_Strict):
 
     @property
     def tasks(self) -> list[str]:
-        """The tasks this run writes, each a partition of the output."""
-        if self.job == "ocr":
-            return ["ocr"]
-        tasks = ["asr"]
-        if self.translate_to:
-            tasks.append("translate")
-        if self.summarize or self.job == "meetings":
-            tasks.append("summarize")
-        return tasks
+        """The tasks this run writes, each a partition of the output (schemas/tasks.py)."""
+        return job_tasks(self.job, self.translate_to, self.summarize)

@@ -130,7 +130,7 @@ def test_bad_job_yaml_is_refused_naming_the_field_before_ray_starts(tmp_path, ti
 def test_unreadable_job_yaml_is_one_clear_line(tmp_path, capsys, monkeypatch, text, message):
     import jobs.runner
 
-    monkeypatch.setattr(jobs.runner, "run_job", lambda config: pytest.fail("the job must not start"))
+    monkeypatch.setattr(jobs.runner, "run_job", lambda *args: pytest.fail("the job must not start"))
     path = tmp_path / "job.yaml"
     if text is not None:
         path.write_text(text)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench.card_recipe import CardRecipe
-from pipeline.decode import decode_audio, decode_pages
+from pipeline.media import decode_audio, decode_pages
 from pipeline.prompts import task_instruction
 from tests.conftest import MAX_NEW, read_output
 
@@ -125,7 +125,7 @@ def test_batched_equals_unbatched_for_equal_length_audio(engines, tiny_model):
     clips = [(0.1 * rng.standard_normal(16000 * 4)).astype(np.float32) for _ in range(4)]
     items = [builder.audio(c, task_instruction(t, lang)) for c, (t, lang) in
              zip(clips, [("asr", None), ("translate", "fr"), ("translate", "de"), ("asr", None)])]
-    assert len({it.bucket for it in items}) == 1 and len({it.input_tokens for it in items}) > 1
+    assert len({it.batch_key for it in items}) == 1 and len({it.input_tokens for it in items}) > 1
     engine = engines["speech"]
     batched = engine.generate_batch([it.inputs for it in items], MAX)
     single = [engine.generate_batch([it.inputs], MAX)[0] for it in items]
@@ -134,7 +134,7 @@ def test_batched_equals_unbatched_for_equal_length_audio(engines, tiny_model):
 
 
 def test_scheduler_never_mixes_audio_lengths_or_token_budgets(engines):
-    """The audio encoder does not mask padding (NOTES-phi4mm), so batches hold one audio length only."""
+    """The audio encoder does not mask padding (../shared/design/NOTES-phi4mm.md), so batches hold one audio length only."""
     engine = engines["speech"]
     plan = engine.plan_batches(["audio:298", "audio:398", "audio:298", "audio:298"], [50, 50, 50, 50],
                                [12, 12, 12, 30])

@@ -22,7 +22,7 @@ def generate_both_ways(tiny_model, modality: str, built: list, new: int, slots: 
     fast = Phi4MMEngine(tiny_model, modality, cfg, BatchingConfig(decoder="static", decode_slots=slots,
                                                                   max_batch_size=batch), model=reference.model)
     want = [reference.generate_batch([b.inputs], new)[0].token_ids for b in built]
-    got = fast.generate([b.inputs for b in built], [b.bucket for b in built], [new] * len(built))
+    got = fast.generate([b.inputs for b in built], [b.batch_key for b in built], [new] * len(built))
     fused = fast._decoder.fast_prefill  # the prefill ran through the compiled decoder layers
     assert fused is not None and fused.compiled and not fused._eager_fallback
     return want, [g.token_ids for g in got], fast

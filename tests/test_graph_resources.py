@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.graph import gpu_stages_of, prepare_pool_size
+from jobs.graph import gpu_stages_of, prepare_pool_size
+from pipeline.stage import Cluster
 from schemas.config import JobConfig
 
 ROWS = 100_000  # a large manifest: the pool is bounded by the CPUs, not the rows
@@ -19,9 +20,9 @@ def cpu_demand(config: JobConfig, cpus: int, gpus: int) -> tuple[int, int]:
     prepare = prepare_pool_size(config, cpus, gpus, ROWS, autoscaling=False)
     replicas = 0
     for stage in gpu_stages_of(config):
-        options = stage.ray_options(config, gpus, autoscaling=False)
-        replicas += options["compute"].max_size
-    single_actors = 1 + (1 if "summarize" in config.tasks else 0)  # ResultRows, PrepareSummaries
+        replicas += stage.resources(config, Cluster(cpus=cpus, gpus=gpus)).pool_size[1]
+    # ResultRows, PrepareSummaries (one CPU each), AssembleChunks (a quarter CPU after each GPU stage)
+    single_actors = 1 + (1.5 if "summarize" in config.tasks else 0.25)
     return prepare * config.resources.cpus_per_prepare_task + replicas + single_actors, replicas
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 
-from actors.model_source import COMPLETE_MARKER
+from pipeline.model_source import COMPLETE_MARKER
 from pipeline.storage import pyarrow_filesystem
 from tests.conftest import SAMPLES
 from schemas.results import KEY_COLUMNS

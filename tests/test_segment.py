@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.decode import SAMPLE_RATE, decode_audio
-from pipeline.segment import Chunk, SpeechSegmenter
+from pipeline.media import SAMPLE_RATE, decode_audio
+from pipeline.segment import AudioSpan, SpeechSegmenter
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -30,7 +30,7 @@ def truth() -> list[dict]:
     return json.loads((SAMPLES / "long" / "meeting.segments.json").read_text())["segments"]
 
 
-def assert_tiles(chunks: list[Chunk], audio: np.ndarray, seg: SpeechSegmenter) -> list[int]:
+def assert_tiles(chunks: list[AudioSpan], audio: np.ndarray, seg: SpeechSegmenter) -> list[int]:
     """The invariants the pipeline relies on; returns the cut positions in samples."""
     assert chunks[0].start_s == 0.0
     assert chunks[-1].end_s == pytest.approx(len(audio) / SAMPLE_RATE, abs=1e-9)

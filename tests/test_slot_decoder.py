@@ -41,7 +41,7 @@ def speech_items(builder, n=7):
         clip = (0.1 * rng.standard_normal(16000 * seconds)).astype(np.float32)
         built = builder.audio(clip, task_instruction(*tasks[k % 3]))
         items.append(built.inputs)
-        buckets.append(built.bucket)
+        buckets.append(built.batch_key)
     return items, buckets
 
 
@@ -78,14 +78,14 @@ def test_static_decoder_vision_and_text(tiny_model, builder, prefill):
     reference = engine(tiny_model, "vision", "generate")
     fast = engine(tiny_model, "vision", "static", model=reference.model, prefill=prefill)
     want = [reference.generate_batch([b.inputs], 8)[0].token_ids for b in built]
-    got = fast.generate([b.inputs for b in built], [b.bucket for b in built], [8] * 3)
+    got = fast.generate([b.inputs for b in built], [b.batch_key for b in built], [8] * 3)
     assert [g.token_ids for g in got] == want
 
     texts = [builder.text(task_instruction("summarize", transcript="word " * (5 + 9 * k))) for k in range(3)]
     reference = engine(tiny_model, "text", "generate")
     fast = engine(tiny_model, "text", "static", model=reference.model, prefill=prefill)
     want = [reference.generate_batch([t.inputs], 8)[0].token_ids for t in texts]
-    got = fast.generate([t.inputs for t in texts], [t.bucket for t in texts], [8] * 3)
+    got = fast.generate([t.inputs for t in texts], [t.batch_key for t in texts], [8] * 3)
     assert [g.token_ids for g in got] == want
 
 

@@ -14,8 +14,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-import actors.model_source as model_source
-from actors.model_source import COMPLETE_MARKER, DEFAULT_MODEL, DEFAULT_REVISION, resolve_model
+import pipeline.model_source as model_source
+from pipeline.model_source import COMPLETE_MARKER, DEFAULT_MODEL, DEFAULT_REVISION, resolve_model
 from pipeline.errors import InputError
 from pipeline.fetch import fetch_bytes
 from pipeline.read import read_manifest

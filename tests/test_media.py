@@ -1,4 +1,4 @@
-"""pipeline.decode: what a user checks of decoded media, on the committed samples and in-memory files."""
+"""pipeline.media: what a user checks of decoded media, on the committed samples and in-memory files."""
 from __future__ import annotations
 
 import csv
@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from pipeline.decode import (
+from pipeline.media import (
     SAMPLE_RATE,
     count_pages,
     decode_audio,

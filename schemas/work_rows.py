@@ -1,15 +1,36 @@
-"""Work rows: what flows from the CPU stages through the GPU actors to the result rows.
+"""Work rows: the CPU<->GPU contract, what flows from the CPU stages through the GPU actors to the results.
 
 One work row is one future output row: (id, task, target language, page). It carries its chunks as
 lists (one entry per audio chunk; one entry for a page or a text prompt), so a long recording never has
 to be regrouped after the GPU: no shuffle barrier, and results stream to Parquet as rows finish. A bad
-input becomes one error row per task instead, so every input still yields a row for every task.
+input becomes one error row per output key instead, so every input still yields a row for every task.
+
+A chunk's model inputs travel as one pickled dict of numpy arrays (`encode_item` / `decode_item`), which
+keeps arbitrary shapes out of Arrow's tensor types. `BatchKey` says which chunks may share a GPU batch.
 """
 from __future__ import annotations
 
+import pickle
+from typing import NamedTuple
+
+import numpy as np
 import pyarrow as pa
 
 from schemas.results import RESULT_FIELDS
+
+
+class BatchKey(NamedTuple):
+    """Chunks batch together on a GPU only under equal keys.
+
+    The model's audio encoder does not mask padding (a batched clip's output would change with its
+    neighbours' lengths), so audio batches hold one feature length only; image batches hold one crop
+    count. Text prompts are left-padded and masked, so they all share one key.
+    """
+    kind: str  # "audio" | "image" | "text"
+    size: int  # audio: feature frames; image: crops; text: 0
+
+
+BATCH_KEY_TYPE = pa.struct([("kind", pa.string()), ("size", pa.int64())])
 
 # Columns a work row carries besides the passed-through manifest columns. Those it shares with the
 # result rows are the result schema's own fields, so the two can never disagree on a type.
@@ -22,7 +43,7 @@ WORK_FIELDS: list[pa.Field] = [
     pa.field("chunk_start_s", pa.list_(pa.float64())),
     pa.field("chunk_end_s", pa.list_(pa.float64())),
     pa.field("chunk_speaker", pa.list_(pa.string())),
-    pa.field("chunk_bucket", pa.list_(pa.string())),
+    pa.field("chunk_batch_key", pa.list_(BATCH_KEY_TYPE)),
     pa.field("chunk_inputs", pa.list_(pa.binary())),  # pickled model inputs; emptied after generation
     pa.field("chunk_input_tokens", pa.list_(pa.int64())),
     pa.field("chunk_text", pa.list_(pa.string())),
@@ -36,18 +57,26 @@ WORK_SCHEMA = pa.schema(WORK_FIELDS)
 WORK_COLUMNS = [f.name for f in WORK_FIELDS]
 
 
-class Chunk:
-    """One unit of generation inside a work row."""
+def encode_item(inputs: dict[str, np.ndarray]) -> bytes:
+    return pickle.dumps(inputs, protocol=5)
 
-    __slots__ = ("start_s", "end_s", "speaker", "bucket", "inputs", "input_tokens")
 
-    def __init__(self, bucket: str, inputs: bytes, input_tokens: int, start_s: float | None = None,
+def decode_item(blob: bytes) -> dict[str, np.ndarray]:
+    return pickle.loads(blob)
+
+
+class WorkChunk:
+    """One unit of generation inside a work row: an audio chunk, a page, or a text prompt."""
+
+    __slots__ = ("start_s", "end_s", "speaker", "batch_key", "inputs", "input_tokens")
+
+    def __init__(self, batch_key: BatchKey, inputs: bytes, input_tokens: int, start_s: float | None = None,
                  end_s: float | None = None, speaker: str | None = None):
         self.start_s, self.end_s, self.speaker = start_s, end_s, speaker
-        self.bucket, self.inputs, self.input_tokens = bucket, inputs, input_tokens
+        self.batch_key, self.inputs, self.input_tokens = batch_key, inputs, input_tokens
 
 
-def work_row(row_id: str, task: str, *, chunks: list[Chunk] = (), target_language: str | None = None,
+def work_row(row_id: str, task: str, *, chunks: list[WorkChunk] = (), target_language: str | None = None,
              language: str | None = None, page: int = 1, pages: int | None = None,
              duration_s: float | None = None, modality: str = "none", error: str | None = None) -> dict:
     n = len(chunks)
@@ -55,7 +84,8 @@ def work_row(row_id: str, task: str, *, chunks: list[Chunk] = (), target_languag
         "id": row_id, "task": task, "target_language": target_language, "language": language, "page": page,
         "pages": pages, "duration_s": duration_s, "modality": modality if n else "none", "error": error,
         "chunk_start_s": [c.start_s for c in chunks], "chunk_end_s": [c.end_s for c in chunks],
-        "chunk_speaker": [c.speaker for c in chunks], "chunk_bucket": [c.bucket for c in chunks],
+        "chunk_speaker": [c.speaker for c in chunks],
+        "chunk_batch_key": [c.batch_key._asdict() for c in chunks],
         "chunk_inputs": [c.inputs for c in chunks], "chunk_input_tokens": [c.input_tokens for c in chunks],
         "chunk_text": [None] * n, "chunk_output_tokens": [None] * n, "chunk_latency_s": [None] * n,
         "chunk_error": [None] * n,
@@ -74,6 +104,7 @@ def work_table(rows: list[dict], passthrough: pa.Table | None) -> pa.Table:
 
 
 def set_column(table: pa.Table, name: str, values) -> pa.Table:
+    """`table` with column `name` replaced by `values` (a list or an Arrow array), keeping its type."""
     field = table.schema.field(name)
     array = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, field.type)
     return table.set_column(table.schema.get_field_index(name), field, array)

@@ -17,9 +17,9 @@ import uuid
 from filelock import FileLock
 
 from pipeline.storage import StorageOptions, find_files, fsspec_filesystem, is_local
-from schemas.config import DEFAULT_MODEL, DEFAULT_REVISION
+from schemas.config import DEFAULT_MODEL, DEFAULT_REVISION, JobConfig
 
-__all__ = ["resolve_model", "DEFAULT_MODEL", "DEFAULT_REVISION", "COMPLETE_MARKER", "default_cache_root"]
+__all__ = ["resolve_model", "local_model_dir", "DEFAULT_MODEL", "DEFAULT_REVISION", "COMPLETE_MARKER", "default_cache_root"]
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,9 @@ COMPLETE_MARKER = ".phi4mm-complete.json"
 
 
 def default_cache_root() -> str:
-    """~/.cache/phi4mm/models (or $PHI4MM_CACHE/models): node-local disk, shared by the node's actors."""
-    base = os.environ.get("PHI4MM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "phi4mm")
-    return os.path.join(base, "models")
+    """~/.cache/phi4mm/models: node-local disk, shared by the node's actors (PHI4MM_CACHE, read by the
+    entry point, jobs/settings.py, puts it elsewhere through ModelConfig.cache_dir)."""
+    return os.path.join(os.path.expanduser("~"), ".cache", "phi4mm", "models")
 
 
 # Weight files: what a CPU node that only needs the processor (tokenizer, chat template, feature and image
@@ -139,3 +139,13 @@ def _from_hub(repo_id: str, revision: str | None, cache_dir: str | None, process
     ignore = [f"*{suffix}" for suffix in WEIGHT_SUFFIXES] + ["*/*"] if processor_only else None
     return snapshot_download(repo_id=repo_id, revision=revision, cache_dir=cache_dir, local_files_only=offline,
                              ignore_patterns=ignore)
+
+
+def local_model_dir(config: JobConfig, processor_only: bool = False) -> str:
+    """A local folder holding the job's checkpoint (hub snapshot, s3:// copy, or the folder given).
+
+    CPU stages ask for `processor_only`: the tokenizer and processor files, not the ~11 GB of weights.
+    """
+    return resolve_model(config.model.source, revision=config.model.resolved_revision(),
+                         cache_dir=config.model.cache_dir, options=StorageOptions(endpoint_url=config.s3_endpoint),
+                         processor_only=processor_only)

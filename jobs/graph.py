@@ -1,0 +1,96 @@
+"""The Ray Data graph of a job: a flat list of declared stages (pipeline/stage.py), run in order.
+
+    PrepareWork (CPU) -> SpeechStage / VisionStage (GPU pools) -> AssembleChunks
+        [-> PrepareSummaries (CPU) -> TextStage (GPU pool) -> AssembleChunks] -> ResultRows -> Parquet
+
+The graph lives here, above both sides, because it is the one place that joins the CPU stages
+(`pipeline/`) and the GPU stages (`actors/`); neither side imports the other's stages. Each stage
+declares its resources and the work-row columns it reads and writes; only the actor stages touch a
+GPU; every stage passes rows it does not own through, so the row count only changes where a stage says
+so (one row per output key and page, +1 summary per recording). A work row carries all of its chunks,
+so there is no shuffle: rows stream to Parquet as they finish, and a run that dies half way has
+written what it finished (which --resume then skips).
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from actors.stages import STAGE_FOR_MODALITY, ModelStage, TextStage
+from pipeline.assemble import AssembleChunks
+from pipeline.prepare import PrepareWork
+from pipeline.result_rows import ResultRows
+from pipeline.stage import Cluster, Stage, StageContext
+from pipeline.summaries import PrepareSummaries
+from schemas.config import JobConfig
+from schemas.tasks import MODALITY_FOR_TASK
+
+
+def media_stages_of(config: JobConfig) -> list[type[ModelStage]]:
+    """The GPU stages that read the inputs (speech, vision), in graph order."""
+    return [STAGE_FOR_MODALITY[m] for m in sorted({MODALITY_FOR_TASK[t] for t in config.tasks} - {"text"})]
+
+
+def gpu_stages_of(config: JobConfig) -> list[type[ModelStage]]:
+    """Every GPU stage of the job: the media stages, then summaries (after assembly)."""
+    return media_stages_of(config) + ([TextStage] if "summarize" in config.tasks else [])
+
+
+def stages_of(config: JobConfig) -> list[type[Stage]]:
+    """The job's graph, in order."""
+    stages: list[type[Stage]] = [PrepareWork, *media_stages_of(config), AssembleChunks]
+    if "summarize" in config.tasks:
+        stages += [PrepareSummaries, TextStage, AssembleChunks]
+    return stages + [ResultRows]
+
+
+def reserved_cpus(config: JobConfig, cluster: Cluster) -> float:
+    """CPUs the actors other than the decoding pool hold, from their declarations.
+
+    Ray Data reserves one CPU for each GPU actor (they do CPU work between GPU calls); each single-actor
+    CPU stage takes its own; one stays free for the driver and Ray's own processes. Without this, a host
+    with many GPUs has its CPUs taken by prepare workers and the last GPU actors never start. On an
+    autoscaling cluster only the GPU actors that fit the GPUs present now count: later GPU nodes bring
+    their own CPUs.
+    """
+    reserved = 1.0  # the driver and Ray
+    per_replica = config.resources.gpus_per_replica
+    for stage in stages_of(config):
+        if stage is PrepareWork:
+            continue
+        res = stage.resources(config, cluster)
+        if stage in gpu_stages_of(config):
+            fit = int(cluster.gpus / per_replica) if cluster.gpus > 0 and per_replica > 0 else res.pool_size[1]
+            reserved += min(res.pool_size[1], fit)
+        else:
+            reserved += res.pool_size[1] * res.num_cpus
+    return reserved
+
+
+def plan_cluster(config: JobConfig, cpus: float, gpus: float, input_rows: int, autoscaling: bool) -> Cluster:
+    cluster = Cluster(cpus=cpus, gpus=gpus, autoscaling=autoscaling, input_rows=input_rows)
+    return Cluster(cpus=cpus, gpus=gpus, autoscaling=autoscaling, input_rows=input_rows,
+                   reserved_cpus=reserved_cpus(config, cluster))
+
+
+def prepare_pool_size(config: JobConfig, cpus: float, gpus: float, rows: int, autoscaling: bool) -> int:
+    """CPU workers for decoding and features: the cluster's CPUs less what the other actors need."""
+    cluster = plan_cluster(config, cpus, gpus, rows, autoscaling)
+    return PrepareWork.resources(config, cluster).pool_size[1]
+
+
+def build_dataset(config: JobConfig, manifest: pa.Table, cluster: Cluster, context: StageContext):
+    """The lazy Ray Dataset of result rows (nothing runs until it is written)."""
+    import ray
+
+    first = PrepareWork.resources(config, cluster)
+    ds = ray.data.from_arrow(manifest_blocks(manifest, first.batch_size))
+    for stage in stages_of(config):
+        ds = ds.map_batches(stage, fn_constructor_args=(context,), batch_format="pyarrow",
+                            **stage.resources(config, cluster).map_batches_args())
+    return ds
+
+
+def manifest_blocks(manifest: pa.Table, rows_per_block: int) -> list[pa.Table]:
+    """Small blocks so that decoding spreads over all CPU workers from the start."""
+    n = manifest.num_rows
+    return [manifest.slice(i, rows_per_block) for i in range(0, n, rows_per_block)] or [manifest]

@@ -1,0 +1,53 @@
+"""The last stage: work rows cast to the result contract (schemas/results.py), with provenance."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.stage import Cluster, Stage, StageContext, StageResources
+from schemas.config import JobConfig
+from schemas.results import RESULT_COLUMNS, STATUS_ERROR, STATUS_OK, result_schema
+from schemas.work_rows import WORK_COLUMNS
+
+
+class ResultRows(Stage):
+    """Rows in work-row columns -> rows in the result contract (plus the passed-through columns)."""
+
+    # the result columns a work row carries; status and provenance are made here
+    reads = tuple(c for c in RESULT_COLUMNS if c in WORK_COLUMNS)
+    writes = tuple(RESULT_COLUMNS)
+
+    def __init__(self, context: StageContext):
+        super().__init__(context)
+        self.model_name = self.config.model.source
+        self.model_revision = self.config.model.resolved_revision()
+        self.schema = result_schema(context.passthrough_schema)
+
+    @classmethod
+    def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
+        return StageResources(batch_size=1024)  # one actor; big batches make few, large files
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        status = pc.if_else(pc.is_null(batch["error"]), STATUS_OK, STATUS_ERROR)
+        now = datetime.now(timezone.utc)
+        columns = {
+            "status": status,
+            "model": pa.array([self.model_name] * n, pa.string()),
+            "model_revision": pa.array([self.model_revision] * n, pa.string()),
+            "run_id": pa.array([self.config.run_id] * n, pa.string()),
+            "processed_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+        }
+        arrays = []
+        for field in self.schema:
+            if field.name in columns:
+                arrays.append(columns[field.name])
+            elif field.name in batch.column_names:
+                arrays.append(batch[field.name].cast(field.type))
+            else:
+                arrays.append(pa.nulls(n, field.type))
+        errors = pc.sum(pc.is_valid(batch["error"])).as_py() or 0
+        self.counters.update(ok_rows=n - errors, error_rows=errors)
+        return pa.Table.from_arrays(arrays, schema=self.schema)

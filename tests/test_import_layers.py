@@ -1,0 +1,80 @@
+"""Imports flow one way between the top-level folders: jobs -> actors -> pipeline -> schemas.
+
+- schemas/  the contracts (manifest, result rows, work rows, tasks, config): imports nothing of ours above;
+- pipeline/ the CPU side (read, fetch, decode media, segment, prompt, assemble, write) and the Stage
+  declaration every stage uses;
+- actors/   the GPU side: the engine and the GPU stages, built on the CPU side's loaders;
+- jobs/     entry points, the graph that joins both sides, the run record and the report.
+
+Every import of a project module counts, also one inside a function. Run this file to print the
+picture of the imports between folders:  python tests/test_import_layers.py
+"""
+from __future__ import annotations
+
+import ast
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = ["schemas", "pipeline", "actors", "jobs"]  # bottom to top: a folder imports only those before it
+
+
+def project_imports() -> dict[str, set[str]]:
+    """{module path: project modules it imports}, for every module of the four folders."""
+    found: dict[str, set[str]] = {}
+    for folder in LAYERS:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            names: set[str] = set()
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names.update(alias.name for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names.add(node.module)
+                    names.update(f"{node.module}.{alias.name}" for alias in node.names)
+            found[str(path.relative_to(REPO))] = {n for n in names if n.split(".")[0] in LAYERS}
+    return found
+
+
+def folder_edges() -> dict[tuple[str, str], list[str]]:
+    """{(from folder, to folder): ["module -> imported", ...]} for imports that cross folders."""
+    edges: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for module, imported in project_imports().items():
+        src = module.split("/")[0]
+        for name in sorted(imported):
+            dst = name.split(".")[0]
+            if dst != src:
+                edges[(src, dst)].append(f"{module} -> {name}")
+    return dict(edges)
+
+
+def upward(edges: dict[tuple[str, str], list[str]]) -> list[str]:
+    return [line for (src, dst), lines in edges.items() if LAYERS.index(dst) > LAYERS.index(src) for line in lines]
+
+
+def test_imports_only_flow_down():
+    bad = upward(folder_edges())
+    assert not bad, "imports that run back up (" + " -> ".join(reversed(LAYERS)) + "):\n" + "\n".join(bad)
+
+
+def test_no_two_folders_import_each_other():
+    edges = folder_edges()
+    both = sorted({tuple(sorted(pair)) for pair in edges if pair[::-1] in edges})
+    assert not both, f"folders importing each other: {both}"
+
+
+def test_the_check_sees_an_upward_import():
+    """The check itself can fail: an import from schemas/ of pipeline/ is flagged."""
+    edges = {("schemas", "pipeline"): ["schemas/config.py -> pipeline.prompts"]}
+    assert upward(edges) == ["schemas/config.py -> pipeline.prompts"]
+
+
+if __name__ == "__main__":
+    edges = folder_edges()
+    for src in reversed(LAYERS):
+        for dst in reversed(LAYERS):
+            if (src, dst) in edges:
+                print(f"{src:9s} -> {dst:9s} {len(edges[(src, dst)]):3d} imports")
+    bad = upward(edges)
+    print("\n".join(["upward:"] + bad) if bad else "no import runs upward")
+    sys.exit(1 if bad else 0)
