@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import errno
 import logging
-import random
-import time
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random_exponential,
+)
 
 from pipeline.errors import InputError
 from pipeline.storage import StorageOptions, fsspec_filesystem
@@ -76,9 +83,10 @@ def fetch_bytes(uri: str, options: StorageOptions | None = None, *, attempts: in
                 base_delay_s: float = 0.5, max_delay_s: float = 20.0) -> bytes:
     """The whole object at `uri`; `InputError` ("<uri>: <cause>") when it cannot be had.
 
-    Transient failures (throttling, 5xx, connection errors, timeouts) are tried `attempts` times in all,
-    sleeping base_delay_s * 2**n (capped at max_delay_s) with +-50 % jitter in between, so many workers
-    throttled at once do not come back in lockstep. Not-found and permission errors are not retried.
+    Transient failures (throttling, 5xx, connection errors, timeouts) are tried `attempts` times in all
+    (tenacity), sleeping base_delay_s * 2**n (capped at max_delay_s) with +-50 % jitter in between, so
+    many workers throttled at once do not come back in lockstep. Not-found and permission errors (and
+    anything else `_classify` calls final) are not retried.
     """
     if not uri or not uri.strip():
         raise InputError.about(None, "empty uri")
@@ -88,19 +96,33 @@ def fetch_bytes(uri: str, options: StorageOptions | None = None, *, attempts: in
         raise InputError.about(uri, f"cannot open this kind of uri ({exc})") from exc
 
     attempts = max(1, attempts)
-    for attempt in range(1, attempts + 1):
-        try:
-            return fs.cat_file(path)
-        except Exception as exc:  # noqa: BLE001 - classified below; never a bare crash for one row
-            reason, transient = _classify(exc)
-            if not transient:
-                raise InputError.about(uri, reason) from exc
-            if attempt == attempts:
-                raise InputError.about(uri, f"still failing after {attempts} attempts ({reason})") from exc
-            delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
-            log.info("%s: %s; attempt %d of %d, retrying in %.2f s", uri, reason, attempt, attempts, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    retrying = Retrying(
+        stop=stop_after_attempt(attempts),
+        # d * uniform(0.5, 1.5) with d = min(max_delay_s, base_delay_s * 2**n): half of d, plus 0..d
+        wait=wait_exponential(multiplier=base_delay_s / 2, max=max_delay_s / 2)
+        + wait_random_exponential(multiplier=base_delay_s, max=max_delay_s),
+        retry=retry_if_exception(_is_transient),
+        before_sleep=lambda state: _log_retry(uri, attempts, state),
+        reraise=True,  # the last error itself, classified below, not tenacity's RetryError
+    )
+    try:
+        return retrying(fs.cat_file, path)
+    except Exception as exc:  # noqa: BLE001 - classified here; never a bare crash for one row
+        reason, transient = _classify(exc)
+        if transient:  # only a transient error is retried, so this one used up every attempt
+            raise InputError.about(uri, f"still failing after {attempts} attempts ({reason})") from exc
+        raise InputError.about(uri, reason) from exc
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, Exception) and _classify(exc)[1]
+
+
+def _log_retry(uri: str, attempts: int, state: RetryCallState) -> None:
+    reason = _classify(state.outcome.exception())[0]
+    delay = state.next_action.sleep
+    log.info("%s: %s; attempt %d of %d, retrying in %.2f s", uri, reason, state.attempt_number, attempts,
+             delay)
 
 
 def _classify(exc: BaseException) -> tuple[str, bool]:

@@ -22,7 +22,7 @@ from pathlib import PurePosixPath
 import numpy as np
 import soundfile as sf
 import soxr
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import InputError
 
@@ -262,18 +262,6 @@ _MULTI_PAGE_FORMATS = {"TIFF"}  # GIF/WebP/MPO frames are animation or previews:
 _PIL_LOCK = threading.RLock()  # Image.MAX_IMAGE_PIXELS is process-global: set it under a lock
 _PDFIUM_LOCK = threading.RLock()  # pdfium is not thread-safe
 
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
 def decode_pages(
     data: bytes,
     source: str,
@@ -391,8 +379,10 @@ def _decode_frame(im: Image.Image, index: int, n: int, source: str, max_pixels: 
                 f"{max_pixels / 1e6:.1f} MP limit (possible decompression bomb); "
                 "downscale it or raise max_pixels",
             )
-        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
         rgb = _to_rgb(im, source)
+        # Read from the source frame (the RGB copy may not carry its tags) once its pixels are loaded:
+        # Pillow's TIFF loader applies the orientation itself and drops the tag, so it is not applied twice.
+        orientation = im.getexif().get(ExifTags.Base.Orientation)
     except InputError:
         raise
     except Image.DecompressionBombError as err:
@@ -401,8 +391,9 @@ def _decode_frame(im: Image.Image, index: int, n: int, source: str, max_pixels: 
         raise InputError.about(source, reason) from err
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as err:
         raise InputError.about(source, f"cannot decode {where} ({err})") from err
-    if orientation in _TRANSPOSE:  # phone photos of documents: upright text for OCR
-        rgb = rgb.transpose(_TRANSPOSE[orientation])
+    if orientation is not None:  # phone photos of documents: upright text for OCR
+        rgb.getexif()[ExifTags.Base.Orientation] = orientation
+        ImageOps.exif_transpose(rgb, in_place=True)  # Pillow's table; also drops the tag it applied
     return rgb
 
 

@@ -33,6 +33,7 @@ from urllib.parse import unquote
 import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
@@ -160,7 +161,7 @@ def _read_one(fs: fsspec.AbstractFileSystem, path: str, root: str, protocol: str
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ManifestError(f"{shown}: cannot be read as {fmt} ({type(exc).__name__}: {exc})") from exc
     table = table.drop_columns([c for c in table.column_names if _INDEX_COLUMN.match(c)])
-    table = _add_hive_keys(table, path, root)
+    table = _add_hive_keys(table, path, root, shown)
     return _resolve_uris(table, posixpath.dirname(path), protocol)
 
 
@@ -191,16 +192,32 @@ def _parse_json(raw: bytes) -> pa.Table:
     return table
 
 
-def _add_hive_keys(table: pa.Table, path: str, root: str) -> pa.Table:
-    """`key=value` folders between the root and the file become string columns (when not already there)."""
+def _add_hive_keys(table: pa.Table, path: str, root: str, shown: str) -> pa.Table:
+    """`key=value` folders between the root and the file become string columns (when not already there).
+
+    pyarrow's HivePartitioning parses the folder names: percent-decoding of keys and values, and
+    `__HIVE_DEFAULT_PARTITION__` as null. Its discovery (`HivePartitioning.discover`) is not used, since
+    it infers types (day=07 would become the integer 7) and needs a pyarrow dataset over the files; so
+    the keys are picked out here, the first folder of each key that the file does not already have as a
+    column, and declared as strings.
+    """
     rel = posixpath.relpath(posixpath.dirname(path), root) if root else posixpath.dirname(path)
+    folders: dict[str, str] = {}
     for part in rel.split("/"):
-        key, sep, value = part.partition("=")
+        key, sep, _ = part.partition("=")
+        key = unquote(key)
         if sep and key and key not in table.column_names:
-            value = unquote(value)
-            column = pa.nulls(table.num_rows, pa.string()) if value == "__HIVE_DEFAULT_PARTITION__" \
-                else pa.array([value] * table.num_rows, pa.string())
-            table = table.append_column(key, column)
+            folders.setdefault(key, part)
+    if not folders:
+        return table
+    hive = pads.HivePartitioning(pa.schema([(key, pa.string()) for key in folders]),
+                                 null_fallback="__HIVE_DEFAULT_PARTITION__", segment_encoding="uri")
+    try:
+        values = pads.get_partition_keys(hive.parse("/".join(folders.values()) + "/"))
+    except pa.ArrowInvalid as exc:  # e.g. a percent-escape that is not UTF-8
+        raise ManifestError(f"{shown}: its folder names are not valid Hive key=value pairs ({exc})") from exc
+    for key in folders:
+        table = table.append_column(key, pa.array([values.get(key)] * table.num_rows, pa.string()))
     return table
 
 

@@ -234,6 +234,18 @@ def test_exif_orientation_is_applied():
     assert page.size == (100, 200)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+def test_exif_orientation_is_applied_once_in_every_format(fmt):
+    """A scan tagged "rotate 90" comes out upright, once (Pillow's TIFF loader rotates by itself)."""
+    image = Image.new("RGB", (200, 100), "white")
+    image.paste((0, 0, 0), (0, 0, 20, 20))  # a mark in the top-left corner, to see where it goes
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    [page] = decode_pages(encoded(image, fmt, exif=exif), f"scan.{fmt.lower()}")
+    assert page.size == (100, 200)
+    assert page.getpixel((95, 5))[0] < 60 and page.getpixel((5, 5))[0] > 200  # now top-right
+
+
 def png_header_claiming(width: int, height: int) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
