@@ -77,6 +77,12 @@ class Stage:
 
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
+    stage_name: ClassVar[str] = "Stage"  # the class's own name, also under Ray Data's private wrapper
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_"):  # Ray Data subclasses an actor class as _SingleThreadedWrapper
+            cls.stage_name = cls.__name__
 
     def __init__(self, context: StageContext):
         self.context = context
@@ -107,12 +113,13 @@ class Stage:
             return
         import ray
 
-        delta = {k: v - self._pushed.get(k, 0) for k, v in self.counters.items() if v != self._pushed.get(k, 0)}
+        delta = {k: v - self._pushed.get(k, 0) for k, v in self.counters.items()
+                 if k not in self._pushed or v != self._pushed[k]}
         if not delta:
             return
         if self._actor is None:
             self._actor = ray.get_actor(self.context.counters_actor)
-        ray.get(self._actor.add.remote(type(self).__name__, delta))
+        ray.get(self._actor.add.remote(self.stage_name, delta))
         self._pushed = Counter(self.counters)
 
 

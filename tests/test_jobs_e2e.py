@@ -66,6 +66,16 @@ def test_transcribe_translate_summarize_keeps_every_row(transcribe_run):
     assert {"PrepareWork", "SpeechStage", "ResultRows"} <= set(stages), list(stages)
     speech = stages["SpeechStage"]
     assert 0 < speech["busy_s"] <= record["wall_s"] and speech["calls"] >= 1
+    # what each stage counted: every input seen once, the bad ones named as such, every row written,
+    # and the engine's split of its time between prefill and decode
+    counters = record["counters"]
+    assert counters["PrepareWork"]["rows_in"] == len(good) + len(bad)
+    assert counters["PrepareWork"]["bad_inputs"] == len(bad)
+    assert counters["ResultRows"]["rows_out"] == record["rows"]
+    assert counters["ResultRows"]["error_rows"] == sum(c["error"] for c in record["counts"].values())
+    assert counters["SpeechStage"]["items"] >= 3 * len(good)  # asr + two translations, a chunk or more each
+    assert counters["SpeechStage"]["engine_decode_s"] + counters["SpeechStage"]["engine_prefill_s"] >= 0
+    assert counters["TextStage"]["items"] == len(good)  # one summary per transcript that worked
 
 
 def test_meetings_long_recording_is_chunked_and_stitched(meetings_run):
