@@ -16,6 +16,7 @@ import torch
 
 from actors.collate import collate
 from actors.fast_prefill import FastPrefill
+from actors.kv_plan import KvPlan, plan_kv
 from actors.slot_decoder import SlotDecoder, SlotRequest
 from pipeline.model_inputs import load_processor
 from schemas.config import BatchingConfig, ModelConfig
@@ -123,7 +124,7 @@ class Phi4MMEngine:
         self.use_static = mode == "static" or (mode == "auto" and self.device.type == "cuda")
         self._decoder = None
         self._prefill_runner = None  # actors/fast_prefill.FastPrefill, made with the first static decoder
-        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "oom_fallbacks": 0}  # where the static path's time goes
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "oom_fallbacks": 0, "caches_built": 0}  # where the static path's time goes
 
     # -- scheduling ------------------------------------------------------------------------------
     def plan_batches(self, batch_keys: list[BatchKey], input_tokens: list[int], max_new: list[int]) -> list[list[int]]:
@@ -145,22 +146,60 @@ class Phi4MMEngine:
 
     def generate(self, items: list[dict[str, np.ndarray]], batch_keys: list[BatchKey], max_new: list[int],
                  min_new: int = 0) -> list[Generation | Exception]:
-        """Generations for all items, in order; an item that fails on its own gets its exception."""
+        """Generations for all items, in order; an item that fails on its own gets its exception (also
+        one that cannot fit the model's context or the KV memory: it names its token count and the limit)."""
         input_tokens = [len(it["input_ids"]) for it in items]
-        plan = self.plan_batches(batch_keys, input_tokens, max_new)
+        kv = self.plan_kv(input_tokens, max_new)
+        results: list[Generation | Exception] = [None] * len(items)  # type: ignore[list-item]
+        for i, why in kv.refused.items():
+            results[i] = ValueError(why)
         if self.use_static:
             try:
-                return self._generate_static(items, plan, max_new, min_new)
+                for group in kv.groups:
+                    index = list(group.items)
+                    plan = [[index[j] for j in batch] for batch in self.plan_batches(
+                        [batch_keys[i] for i in index], [input_tokens[i] for i in index], [max_new[i] for i in index])]
+                    self._generate_static(self.decoder_for(group.max_len, group.slots), items, plan, max_new,
+                                          min_new, results)
+                return results
             except torch.cuda.OutOfMemoryError:
                 log.warning("static decoder out of memory; falling back to generate for this call")
                 self.stats["oom_fallbacks"] += 1
                 self._decoder = None
                 _free_cuda_cache()
-        results: list[Generation | Exception] = [None] * len(items)  # type: ignore[list-item]
+        todo = [i for i in range(len(items)) if i not in kv.refused]
+        plan = self.plan_batches([batch_keys[i] for i in todo], [input_tokens[i] for i in todo],
+                                 [max_new[i] for i in todo])
         for group in plan:
+            group = [todo[j] for j in group]
             for i, gen in self._generate_group(items, group, max_new[group[0]], min_new):
                 results[i] = gen
         return results
+
+    # -- memory ----------------------------------------------------------------------------------
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of static cache per position of one sequence (keys and values, every layer)."""
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * self.dtype.itemsize
+
+    def kv_budget_bytes(self) -> int:
+        """What the static caches may take: a fraction of the GPU memory free besides the current cache
+        (the rest is the prefill's working memory); on CPU, what `decode_slots` full-context slots take."""
+        per_token = self.kv_bytes_per_token()
+        if self.device.type != "cuda":
+            return self.batching.decode_slots * self.context_tokens() * per_token
+        free, _ = torch.cuda.mem_get_info(self.device)
+        held = self._decoder.slots * self._decoder.max_len * per_token if self._decoder is not None else 0
+        return int((free + held) * self.batching.kv_cache_fraction)
+
+    def context_tokens(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 131072))
+
+    def plan_kv(self, input_tokens: list[int], max_new: list[int]) -> KvPlan:
+        return plan_kv(input_tokens, max_new, bytes_per_token=self.kv_bytes_per_token(),
+                       budget_bytes=self.kv_budget_bytes(), max_slots=self.batching.decode_slots,
+                       context=self.context_tokens())
 
     def _generate_group(self, items, group: list[int], max_new: int, min_new: int):
         try:
@@ -203,21 +242,17 @@ class Phi4MMEngine:
         return Generation(ids, text, latency)
 
     # -- static cache + CUDA graph + continuous batching ------------------------------------------
-    def decoder_for(self, max_len: int):
-        need = 128 * -(-max_len // 128)
-        if self._decoder is not None and self._decoder.max_len >= need:
-            return self._decoder
+    def decoder_for(self, max_len: int, slots: int):
+        """A static decoder of at least `slots` slots for sequences up to `max_len` (actors/kv_plan.py
+        sized both); the current one is kept when it is long enough without being twice too long."""
+        current = self._decoder
+        if current is not None and max_len <= current.max_len <= 2 * max_len and current.slots >= slots:
+            return current
         self._decoder = None
         _free_cuda_cache()
-        cfg = self.model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * self.dtype.itemsize
-        slots = self.batching.decode_slots
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            slots = max(1, min(slots, int(free * self.batching.kv_cache_fraction) // (need * per_token)))
-        self._decoder = SlotDecoder(self.model, slots, need, self.eos_ids, self.banned_ids,
+        self._decoder = SlotDecoder(self.model, slots, max_len, self.eos_ids, self.banned_ids,
                                     fast_prefill=self._fast_prefill())
+        self.stats["caches_built"] += 1
         return self._decoder
 
     def _fast_prefill(self):
@@ -228,11 +263,11 @@ class Phi4MMEngine:
             self._prefill_runner = FastPrefill(self.model)
         return self._prefill_runner
 
-    def _generate_static(self, items, plan: list[list[int]], max_new: list[int], min_new: int):
+    def _generate_static(self, decoder, items, plan: list[list[int]], max_new: list[int], min_new: int,
+                         results: list) -> None:
+        """Decode the items of `plan` (batches of indices) on `decoder`, filling `results` in place."""
         start = time.perf_counter()
-        longest = max(len(it["input_ids"]) + m for it, m in zip(items, max_new))
-        decoder = self.decoder_for(longest)
-        results: list[Generation | Exception] = [None] * len(items)  # type: ignore[list-item]
+        n = sum(len(g) for g in plan)
         tokens: dict[int, list[int]] = {}
         queue = [list(g) for g in plan]
         while queue or decoder.busy():
@@ -262,10 +297,9 @@ class Phi4MMEngine:
                     tokens[req.index] = toks
                 self.stats["decode_s"] += time.perf_counter() - started
                 self.stats["steps"] += self.batching.check_every
-        latency = (time.perf_counter() - start) / max(1, len(items))
+        latency = (time.perf_counter() - start) / max(1, n)
         for i, toks in tokens.items():
             results[i] = self._finish(toks, latency)
-        return results
 
     def _prefill(self, decoder, items, group, max_new, min_new, slots):
         requests = [SlotRequest(i, len(items[i]["input_ids"]), max_new[i], min(min_new, max_new[i]))
