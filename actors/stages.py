@@ -13,8 +13,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.engine import Phi4MMEngine
+from pipeline.model_inputs import InputBuilder
 from pipeline.model_source import local_model_dir
+from pipeline.prompts import combine_instruction
 from pipeline.stage import Cluster, Stage, StageContext, StageResources
+from pipeline.summaries import fitted, split_in_sections
 from schemas.config import JobConfig
 from schemas.work_rows import BatchKey, decode_item, set_column
 
@@ -102,7 +105,82 @@ class VisionStage(ModelStage):
 
 
 class TextStage(ModelStage):
+    """Summaries from transcripts. A summary row with several chunks (the sections of a transcript too
+    long for one window, pipeline/summaries.py) has its section summaries combined here, in rounds that
+    each fit the window, until one summary is left; the row then holds that one as its only chunk."""
+
     modality = "text"
+    writes = ModelStage.writes + ("chunk_input_tokens", "chunk_start_s", "chunk_end_s", "chunk_speaker",
+                                  "chunk_batch_key")
+
+    def __init__(self, context: StageContext):
+        super().__init__(context)
+        self.builder = InputBuilder(local_model_dir(self.config, processor_only=True), self.config.system_prompt)
+        self.max_new = self.config.generation.max_new_tokens.get("summarize", 512)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        return self.combine_sections(super().process(batch))
+
+    def combine_sections(self, batch: pa.Table) -> pa.Table:
+        rows = batch.select(["modality", "error", "chunk_text", "chunk_error", "chunk_input_tokens",
+                             "chunk_output_tokens", "chunk_latency_s"]).to_pylist()
+        todo = {i: r for i, r in enumerate(rows) if r["modality"] == "text" and r["error"] is None
+                and len(r["chunk_text"]) > 1 and not any(r["chunk_error"]) and None not in r["chunk_text"]}
+        if not todo:
+            return batch
+        summaries = {i: list(r["chunk_text"]) for i, r in todo.items()}
+        totals = {i: [sum(r["chunk_input_tokens"]), sum(r["chunk_output_tokens"]), sum(r["chunk_latency_s"])]
+                  for i, r in todo.items()}
+        failed: dict[int, str] = {}
+        ids = batch["id"].to_pylist()
+        overhead = self.builder.text(combine_instruction([])).input_tokens
+        limit = self.config.summary.window_tokens - self.max_new  # prompt tokens one call may hold
+        budget = limit - overhead
+        while pending := [i for i in summaries if len(summaries[i]) > 1 and i not in failed]:
+            work = []  # (row, items of this round)
+            for i in pending:
+                texts = summaries[i]
+                counts = [len(self.builder.processor.tokenizer(t, add_special_tokens=False)["input_ids"]) + 4
+                          for t in texts]
+                stuck = (f"{ids[i]}: the section summaries cannot be combined within the summary window of "
+                         f"{self.config.summary.window_tokens} tokens: raise --summary-window")
+                try:
+                    groups = fitted(split_in_sections(texts, counts, budget, lambda text, n: [text]),
+                                    lambda g: self.builder.text(combine_instruction(g)), limit)
+                except ValueError:
+                    groups = []
+                if not groups or len(groups) == len(texts):  # combining would not converge
+                    failed[i] = stuck
+                    continue
+                work += [(i, built) for _, built in groups]
+            gens = self.engine.generate([b.inputs for _, b in work], [b.batch_key for _, b in work],
+                                        [self.max_new] * len(work), self.config.benchmark.min_new_tokens)
+            self.counters["combine_items"] += len(work)
+            fresh: dict[int, list[str]] = {}
+            for (i, built), gen in zip(work, gens):
+                if isinstance(gen, Exception):
+                    failed.setdefault(i, f"{ids[i]}: combining the section summaries failed "
+                                         f"({type(gen).__name__}: {gen})")
+                    continue
+                fresh.setdefault(i, []).append(gen.text)
+                totals[i][0] += built.input_tokens
+                totals[i][1] += len(gen.token_ids)
+                totals[i][2] += gen.latency_s
+            for i, texts in fresh.items():
+                if i not in failed:
+                    summaries[i] = texts
+        columns = {name: batch[name].to_pylist() for name in self.writes}
+        for i in todo:
+            final = summaries[i][0] if i not in failed else None
+            one = {"chunk_text": final, "chunk_input_tokens": totals[i][0], "chunk_output_tokens": totals[i][1],
+                   "chunk_latency_s": totals[i][2], "chunk_error": failed.get(i), "chunk_inputs": None,
+                   "chunk_start_s": None, "chunk_end_s": None, "chunk_speaker": None,
+                   "chunk_batch_key": BatchKey("text", 0)._asdict()}
+            for name, value in one.items():
+                columns[name][i] = [value]
+        for name, values in columns.items():
+            batch = set_column(batch, name, values)
+        return batch
 
 
 STAGE_FOR_MODALITY = {"speech": SpeechStage, "vision": VisionStage, "text": TextStage}

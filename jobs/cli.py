@@ -80,6 +80,9 @@ def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
         parser.add_argument("--split-channels", action="store_true",
                             help="stereo calls: transcribe each channel (agent/customer) separately")
         parser.add_argument("--max-chunk-s", type=float, default=None)
+        parser.add_argument("--summary-window", type=int, default=None, metavar="TOKENS",
+                            help="tokens one summary call may hold (default 16384); longer transcripts are "
+                                 "summarised in sections, then the section summaries combined")
         parser.add_argument("--summarize-from-audio", action="store_true",
                             help="summarise recordings up to 30 min from the audio itself, not the transcript")
     if job == "ocr":
@@ -121,6 +124,7 @@ def config_from_args(job: str, args: argparse.Namespace) -> JobConfig:
         if args.split_channels:
             _nested(data, "audio", "split_channels", True)
         _nested(data, "audio", "max_chunk_s", args.max_chunk_s)
+        _nested(data, "summary", "window_tokens", args.summary_window)
     if job == "ocr":
         _nested(data, "image", "dynamic_hd", args.dynamic_hd)
         _nested(data, "image", "pdf_dpi", args.pdf_dpi)

@@ -152,7 +152,7 @@ class PrepareWork(Stage):
         built = self.builder.audio(audio, task_instruction("summarize", from_audio=True))
         chunk = WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens)
         return [work_row(row["id"], "summarize", chunks=[chunk], language=row.get("language"),
-                         duration_s=duration, modality="speech")]
+                         duration_s=duration, modality="speech", summary_sections=1, summary_from="audio")]
 
     def document_rows(self, row: dict, data: bytes) -> list[dict]:
         cfg = self.config.image

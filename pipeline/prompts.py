@@ -14,6 +14,21 @@ OCR_PROMPT = ("Extract all the text from this document page, in reading order. "
 SUMMARIZE_TRANSCRIPT_PROMPT = ("Summarize the following transcript of a recorded conversation: "
                                "the topics, decisions and action items.\n\n{transcript}")
 SUMMARIZE_AUDIO_PROMPT = "Summarize this recording: the topics, decisions and action items."
+# a transcript too long for one summary window: its sections, then their summaries, are summarised
+SUMMARIZE_SECTION_PROMPT = ("Summarize part {part} of {parts} of the transcript of a recorded conversation: "
+                            "the topics, decisions and action items.\n\n{transcript}")
+COMBINE_SUMMARIES_PROMPT = ("These are summaries of consecutive parts of one recorded conversation. Combine "
+                            "them into one summary of the whole conversation: the topics, decisions and "
+                            "action items.\n\n{summaries}")
+
+
+def section_instruction(transcript: str, part: int, parts: int) -> str:
+    return SUMMARIZE_SECTION_PROMPT.format(part=part, parts=parts, transcript=transcript)
+
+
+def combine_instruction(summaries: list[str]) -> str:
+    return COMBINE_SUMMARIES_PROMPT.format(
+        summaries="\n\n".join(f"Part {k}: {text}" for k, text in enumerate(summaries, start=1)))
 
 
 def task_instruction(task: str, target_language: str | None = None, transcript: str | None = None,

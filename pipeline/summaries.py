@@ -5,7 +5,7 @@ import pyarrow as pa
 
 from pipeline.model_inputs import InputBuilder
 from pipeline.model_source import local_model_dir
-from pipeline.prompts import task_instruction
+from pipeline.prompts import section_instruction, task_instruction
 from pipeline.stage import Cluster, Stage, StageContext, StageResources, one_thread_per_worker
 from schemas.config import JobConfig
 from schemas.work_rows import WORK_COLUMNS, WorkChunk, encode_item, work_row, work_table
@@ -24,13 +24,15 @@ class PrepareSummaries(Stage):
     partition has a row for every input too.
     """
 
-    reads = ("id", "task", "text", "error", "duration_s", "language")
+    reads = ("id", "task", "text", "segments", "error", "duration_s", "language")
     writes = tuple(WORK_COLUMNS)  # the new rows
 
     def __init__(self, context: StageContext):
         super().__init__(context)
         one_thread_per_worker()
         self.builder = InputBuilder(local_model_dir(self.config, processor_only=True), self.config.system_prompt)
+        self.window = self.config.summary.window_tokens
+        self.max_new = self.config.generation.max_new_tokens.get("summarize", 512)
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
@@ -52,9 +54,7 @@ class PrepareSummaries(Stage):
                 made.append(work_row(row["id"], "summarize", **common,
                                      error=f"{row['id']}: no summary: the transcript is empty"))
             else:
-                built = self.builder.text(task_instruction("summarize", transcript=row["text"]))
-                chunk = WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens)
-                made.append(work_row(row["id"], "summarize", chunks=[chunk], modality="text", **common))
+                made.append(self.summary_row(row, common))
             picks.append(i)
         self.counters["summaries"] += len(made)
         if not picks:
@@ -62,3 +62,86 @@ class PrepareSummaries(Stage):
         extra = [c for c in batch.column_names if c not in made[0]]
         summaries = work_table(made, batch.select(extra).take(picks) if extra else None)
         return pa.concat_tables([batch, summaries.select(batch.column_names)])
+
+    def summary_row(self, row: dict, common: dict) -> dict:
+        """The summary's work row: one prompt when the transcript fits the window, else one prompt per
+        section (consecutive segments), which TextStage summarises and then combines."""
+        how = "transcript"
+        if self.config.audio.summarize_from_audio:
+            how = (f"transcript: the recording is longer than the {self.config.audio.max_summary_audio_s:.0f} s "
+                   "limit for summaries from audio")
+        built = self.builder.text(task_instruction("summarize", transcript=row["text"]))
+        if built.input_tokens + self.max_new <= self.window:
+            chunks = [WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens)]
+        else:
+            chunks = self.section_chunks(row)
+            self.counters["sectioned_summaries"] += 1
+        self.counters["summary_sections"] += len(chunks)
+        return work_row(row["id"], "summarize", chunks=chunks, modality="text", summary_sections=len(chunks),
+                        summary_from=how, **common)
+
+    def section_chunks(self, row: dict) -> list[WorkChunk]:
+        texts = [s["text"] for s in row["segments"] or [] if s["text"]] or [row["text"]]
+        overhead = self.builder.text(section_instruction("", 99, 99)).input_tokens
+        budget = self.window - self.max_new - overhead
+        sections = split_in_sections(texts, [self.token_count(t) + 1 for t in texts], budget, self.cut)
+        sections = [g for g, _ in fitted(sections, lambda g: self.builder.text(section_instruction(" ".join(g), 99, 99)),
+                                         self.window - self.max_new)]
+        chunks = []
+        for k, section in enumerate(sections, start=1):
+            built = self.builder.text(section_instruction(" ".join(section), k, len(sections)))
+            chunks.append(WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens))
+        return chunks
+
+    def token_count(self, text: str) -> int:
+        return len(self.builder.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def cut(self, text: str, budget: int) -> list[str]:
+        """A text longer than `budget` tokens, in pieces of at most `budget` tokens."""
+        tokenizer = self.builder.processor.tokenizer
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [tokenizer.decode(ids[k:k + budget]) for k in range(0, len(ids), budget)]
+
+
+def split_in_sections(texts: list[str], tokens: list[int], budget: int, cut) -> list[list[str]]:
+    """Consecutive texts grouped so that each group's tokens stay within `budget`; a text longer than the
+    budget on its own is cut (`cut(text, budget)`) and its pieces stand alone. Order is kept."""
+    if budget < 1:
+        raise ValueError(f"the summary window leaves {budget} tokens for the transcript: raise it")
+    sections: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for text, n in zip(texts, tokens):
+        if n > budget:
+            if current:
+                sections.append(current)
+                current, used = [], 0
+            sections += [[piece] for piece in cut(text, budget)]
+            continue
+        if current and used + n > budget:
+            sections.append(current)
+            current, used = [], 0
+        current.append(text)
+        used += n
+    if current:
+        sections.append(current)
+    return sections
+
+
+def fitted(groups: list[list[str]], build, limit: int) -> list[tuple[list[str], object]]:
+    """Each group with its built prompt (`build(group)`), halving any group whose prompt is over `limit`
+    tokens (token estimates are only estimates: the prompt as built is what counts). A single text whose
+    prompt is still over the limit raises ValueError."""
+    out = []
+    for group in groups:
+        built = build(group)
+        if built.input_tokens <= limit:
+            out.append((group, built))
+        elif len(group) > 1:
+            half = len(group) // 2
+            out += fitted([group[:half], group[half:]], build, limit)
+        else:
+            raise ValueError(f"a prompt of {built.input_tokens} tokens does not fit the summary window "
+                             f"({limit} tokens besides the summary): raise --summary-window")
+    return out
+

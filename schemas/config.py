@@ -72,6 +72,13 @@ class AudioConfig(_Strict):
     max_summary_audio_s: float = 1800.0
 
 
+class SummaryConfig(_Strict):
+    """Summaries of whole recordings."""
+    # tokens one summary call may hold, prompt and summary together; a longer transcript is cut at segment
+    # boundaries into sections, each summarised, then the section summaries summarised (recursively)
+    window_tokens: int = Field(16384, ge=256, le=131072)
+
+
 class ImageConfig(_Strict):
     max_pixels: int = Field(40_000_000, ge=10_000)  # decompression-bomb guard per page
     pdf_dpi: int = Field(150, ge=36, le=600)
@@ -116,6 +123,7 @@ class JobConfig(_Strict):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
+    summary: SummaryConfig = Field(default_factory=SummaryConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
 

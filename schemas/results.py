@@ -34,6 +34,9 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("model_revision", pa.string()),
     pa.field("run_id", pa.string()),
     pa.field("processed_at", pa.timestamp("us", tz="UTC")),
+    # summarize rows: how the summary was made (1 = in one call; n = from n sections of the transcript)
+    pa.field("summary_sections", pa.int32()),
+    pa.field("summary_from", pa.string()),  # "transcript" or "audio" (and why, when not as asked)
 ]
 RESULT_COLUMNS = [f.name for f in RESULT_FIELDS]
 RESULT_SCHEMA = pa.schema(RESULT_FIELDS)

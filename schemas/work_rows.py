@@ -36,7 +36,8 @@ BATCH_KEY_TYPE = pa.struct([("kind", pa.string()), ("size", pa.int64())])
 # result rows are the result schema's own fields, so the two can never disagree on a type.
 _RESULT = {f.name: f for f in RESULT_FIELDS}
 WORK_FIELDS: list[pa.Field] = [
-    *(_RESULT[n] for n in ("id", "task", "target_language", "language", "page", "pages", "duration_s")),
+    *(_RESULT[n] for n in ("id", "task", "target_language", "language", "page", "pages", "duration_s",
+                           "summary_sections", "summary_from")),
     pa.field("modality", pa.string()),  # speech | vision | text | none (nothing to generate)
     _RESULT["error"],  # the row failed before generation (fetch, decode, ...)
     # per chunk (audio chunk, page, or text prompt), in time order
@@ -78,11 +79,13 @@ class WorkChunk:
 
 def work_row(row_id: str, task: str, *, chunks: list[WorkChunk] = (), target_language: str | None = None,
              language: str | None = None, page: int = 1, pages: int | None = None,
-             duration_s: float | None = None, modality: str = "none", error: str | None = None) -> dict:
+             duration_s: float | None = None, modality: str = "none", error: str | None = None,
+             summary_sections: int | None = None, summary_from: str | None = None) -> dict:
     n = len(chunks)
     return {
         "id": row_id, "task": task, "target_language": target_language, "language": language, "page": page,
-        "pages": pages, "duration_s": duration_s, "modality": modality if n else "none", "error": error,
+        "pages": pages, "duration_s": duration_s, "summary_sections": summary_sections,
+        "summary_from": summary_from, "modality": modality if n else "none", "error": error,
         "chunk_start_s": [c.start_s for c in chunks], "chunk_end_s": [c.end_s for c in chunks],
         "chunk_speaker": [c.speaker for c in chunks],
         "chunk_batch_key": [c.batch_key._asdict() for c in chunks],
