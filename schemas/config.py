@@ -79,6 +79,59 @@ class ImageConfig(_Strict):
     dynamic_hd: int = Field(36, ge=1, le=64)  # crop cap: fewer crops trade detail for speed
 
 
+# schemes a manifest's uris may use unless the operator says otherwise: local files and the object stores
+# a nightly job reads its recordings from. Not http(s): a uri in a manifest must not make a worker inside
+# the network fetch an internal endpoint (metadata services, admin pages) on the manifest author's behalf.
+DEFAULT_ALLOWED_SCHEMES = ("file", "s3", "s3a", "gs", "gcs")
+
+
+class InputsConfig(_Strict):
+    """What a manifest's `uri`s may make a worker read, and how long one read may take.
+
+    A uri outside these rules, or a read that passes its deadline, becomes an error row for that input
+    (the message names the rule or the timeout); the other rows go on. Rows with `data` read nothing.
+    """
+    # uri schemes a worker may read ("file" covers plain paths and file:// uris); add "https" to fetch web
+    # uris, "memory" for fsspec's in-memory filesystem
+    allowed_schemes: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOWED_SCHEMES))
+    # when set, every uri must lie under one of these: "s3://calls-in/", "/mnt/recordings" (local paths
+    # are compared after symlinks and ".." are resolved); None: anywhere the schemes allow. Local paths
+    # under /proc, /sys and /dev are refused whatever this says.
+    allowed_prefixes: list[str] | None = None
+    connect_timeout_s: float = Field(10.0, gt=0.0)  # to open a connection to S3 / an HTTP server
+    read_timeout_s: float = Field(60.0, gt=0.0)  # with no byte arriving from an open connection
+    # the whole fetch of one input, retries included; past it the row is an error and the read is left
+    # to its thread (at most `pipeline.fetch.MAX_STALLED_READS` of them per worker)
+    fetch_timeout_s: float = Field(300.0, gt=0.0)
+
+    @field_validator("allowed_schemes")
+    @classmethod
+    def _schemes(cls, value: list[str]) -> list[str]:
+        out = []
+        for scheme in value:
+            scheme = scheme.strip().lower().removesuffix("://")
+            if not scheme or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+                raise ValueError(f"allowed_schemes: {scheme!r} is not a uri scheme (e.g. s3, file, https)")
+            if scheme not in out:
+                out.append(scheme)
+        return out
+
+    @field_validator("allowed_prefixes")
+    @classmethod
+    def _prefixes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not p or not p.strip() for p in value):
+            raise ValueError("allowed_prefixes: an empty prefix would allow everything; leave the field "
+                             "unset (null) for that")
+        return value
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> "InputsConfig":
+        if self.fetch_timeout_s < self.connect_timeout_s:
+            raise ValueError(f"fetch_timeout_s ({self.fetch_timeout_s}) is shorter than connect_timeout_s "
+                             f"({self.connect_timeout_s}): no fetch could ever connect")
+        return self
+
+
 class ResourcesConfig(_Strict):
     """Actor pools: Ray Data sizes them between min and max from the cluster's resources."""
     gpus_per_replica: float = Field(1.0, ge=0.0)  # 0.5 puts two replicas on one GPU; 0 runs on CPU
@@ -116,6 +169,7 @@ class JobConfig(_Strict):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
+    inputs: InputsConfig = Field(default_factory=InputsConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
 
