@@ -121,7 +121,7 @@ class PrepareWork(Stage):
         if self.config.job == "ocr":
             if kind not in ("image", "document"):
                 raise InputError(f"{self.name(row)}: is {kind_phrase(kind)}, but the ocr job takes images "
-                                 "and documents (PNG, JPEG, TIFF, WebP, BMP, GIF, PDF)")
+                                 "and documents (PNG, JPEG, TIFF, WebP, AVIF, BMP, GIF, PDF)")
             return self.document_rows(row, data)
         if kind not in ("audio", "meeting"):
             raise InputError(f"{self.name(row)}: is {kind_phrase(kind)}, but the {self.config.job} job takes "
@@ -132,10 +132,10 @@ class PrepareWork(Stage):
         name = self.name(row)
         cfg = self.config.audio
         if cfg.split_channels:
-            channels = decode_audio_channels(data, name)
+            channels = decode_audio_channels(data, name, max_s=cfg.max_audio_s)
             speakers = [f"channel {c + 1}" for c in range(len(channels))] if len(channels) > 1 else [None]
         else:
-            channels, speakers = [decode_audio(data, name)], [None]
+            channels, speakers = [decode_audio(data, name, max_s=cfg.max_audio_s)], [None]
         duration = len(channels[0]) / SAMPLE_RATE
         if cfg.reject_no_speech and not any(self.segmenter.has_speech(a) for a in channels):
             raise InputError(f"{name}: no speech detected in {duration:.1f} s of audio")

@@ -70,6 +70,10 @@ class AudioConfig(_Strict):
     reject_no_speech: bool = True  # a clip where the VAD finds no speech becomes an error row
     summarize_from_audio: bool = False  # summaries of recordings up to 30 min from the audio itself
     max_summary_audio_s: float = 1800.0
+    # longest recording accepted (4 h): a longer one is an error row, refused from the file's header
+    # before it is decoded where the header says its length (an 8 h FLAC of silence is 0.7 MB to send
+    # and ~1.8 GB of 16 kHz samples to hold), and when the decoded samples pass it otherwise
+    max_audio_s: float = Field(4 * 3600.0, gt=0.0)
 
 
 class ImageConfig(_Strict):
