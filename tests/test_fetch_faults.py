@@ -236,3 +236,28 @@ def test_file_uri_is_percent_decoded(tmp_path):
     assert fetch_bytes(f"file://localhost{tmp_path}/my%20call.wav", timeout_s=5) == b"RIFF-space"
     (tmp_path / "50%20off.wav").write_bytes(b"RIFF-literal")  # a plain path is taken literally
     assert fetch_bytes(str(tmp_path / "50%20off.wav"), timeout_s=5) == b"RIFF-literal"
+
+
+# -- the whole job: every row written, the blocking ones as errors ---------------------------------------
+
+@pytest.mark.slow
+def test_job_with_a_fifo_and_forbidden_uris_writes_every_row(run_job, samples_copy, tmp_path):
+    import pandas as pd
+
+    from tests.conftest import read_output
+
+    good = pd.read_csv(samples_copy / "transcribe.csv").head(2)
+    fifo_path = fifo(samples_copy)
+    extra = pd.DataFrame([{"id": "pipe", "uri": fifo_path}, {"id": "web", "uri": "http://10.0.0.5/a.wav"},
+                          {"id": "system", "uri": "/proc/self/environ"}])
+    manifest = samples_copy / "faults.csv"
+    pd.concat([good, extra]).to_csv(manifest, index=False)
+    started = time.monotonic()
+    assert run_job("transcribe", manifest, tmp_path / "out", "--max-new-tokens", "4") == 0
+    assert time.monotonic() - started < 240  # it used to wait forever on the FIFO
+    rows = read_output(tmp_path / "out").to_pandas().set_index("id")
+    assert sorted(rows.index) == sorted([*good.id, *extra.id])  # one asr row per input, none lost
+    assert (rows.loc[list(good.id)].status == "ok").all()
+    assert "not a regular file" in rows.loc["pipe"].error
+    assert "uri scheme 'http' is not allowed" in rows.loc["web"].error
+    assert "is a system path (under /proc)" in rows.loc["system"].error
