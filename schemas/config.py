@@ -123,9 +123,16 @@ class InputsConfig(_Strict):
     @field_validator("allowed_prefixes")
     @classmethod
     def _prefixes(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and any(not p or not p.strip() for p in value):
-            raise ValueError("allowed_prefixes: an empty prefix would allow everything; leave the field "
-                             "unset (null) for that")
+        if value is None:
+            return None
+        for prefix in value:
+            if not prefix or not prefix.strip():
+                raise ValueError("allowed_prefixes: an empty prefix would allow everything; leave the field "
+                                 "unset (null) for that")
+            if "://" not in prefix and not prefix.startswith(("/", "~")):
+                # a worker would resolve it against its own working directory, not the driver's
+                raise ValueError(f"allowed_prefixes: {prefix!r} is a relative path; give a bucket as "
+                                 f"s3://{prefix} or a local folder as an absolute path")
         return value
 
     @model_validator(mode="after")

@@ -223,6 +223,8 @@ def test_rules_are_validated():
         InputsConfig(allowed_schemes=["s3", "bad scheme"])
     with pytest.raises(ValueError, match="empty prefix would allow everything"):
         InputsConfig(allowed_prefixes=[""])
+    with pytest.raises(ValueError, match="'calls-in/x' is a relative path; give a bucket as s3://calls-in/x"):
+        InputsConfig(allowed_prefixes=["calls-in/x"])
     with pytest.raises(ValueError, match="shorter than connect_timeout_s"):
         InputsConfig(fetch_timeout_s=1, connect_timeout_s=5)
     assert InputsConfig(allowed_schemes=["S3://", "file"]).allowed_schemes == ["s3", "file"]
