@@ -69,6 +69,18 @@ def test_max_duration_is_a_limit_not_a_cut():
     assert len(decode_audio(data, "a.wav")) == 3 * SAMPLE_RATE  # no limit given: none applied
 
 
+def test_without_a_length_in_the_header_decoding_stops_at_the_limit(monkeypatch):
+    import pipeline.media as media
+
+    monkeypatch.setattr(media, "_UNKNOWN_FRAMES", 1)  # every header's frame count taken as "not known"
+    data = encode(tone(10.0), SAMPLE_RATE, "FLAC")
+    with pytest.raises(InputError, match=r"a\.flac: audio is longer than the 2\.0 s limit \(audio.max_audio_s\); "
+                                         "decoding stopped there"):
+        decode_audio(data, "a.flac", max_s=2.0)
+    wave = decode_audio(data, "a.flac", max_s=10.5)  # the buffer, sized without a count, grows as it must
+    np.testing.assert_allclose(wave, tone(10.0), atol=1e-4)
+
+
 def test_decoding_holds_about_one_copy_of_the_output():
     """8 min of 44.1 kHz audio: the 16 kHz output (31 MB) is filled in place, not joined from parts."""
     data = encode(tone(480.0, 44100), 44100, "WAV")
