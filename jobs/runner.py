@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from datetime import datetime, timezone
 
 from jobs.graph import build_dataset, plan_cluster
@@ -65,6 +66,8 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
     config = with_driver_settings(config, storage, settings)
     manifest = read_manifest(config.input, storage, suffixes=config.manifest_suffixes,
                              modified_since=config.modified_since)
+    # on the console whatever the log level: the first thing to compare with what the manifest should hold
+    print(f"phi4mm: manifest {config.input}: {manifest.num_rows} rows read", file=sys.stderr, flush=True)
     # the driver only checks the processor loads (a wrong --model fails here, before any GPU starts)
     model_dir = resolve_model(config.model.source, revision=config.model.resolved_revision(),
                               cache_dir=config.model.cache_dir, options=storage, processor_only=True)

@@ -55,7 +55,7 @@ _AUDIO_EXT = {
 }
 _IMAGE_EXT = {
     "png", "jpg", "jpeg", "jpe", "jfif", "webp", "bmp", "dib", "gif", "tif", "tiff", "jp2", "j2k",
-    "ppm", "pgm", "pbm", "pnm",
+    "ppm", "pgm", "pbm", "pnm", "avif",
 }
 _DOCUMENT_EXT = {"pdf"}
 
@@ -99,6 +99,8 @@ def _kind_from_magic(data: bytes) -> str:
         return "audio"
     if head[4:8] == b"ftyp" and head[8:12] in (b"M4A ", b"M4B "):
         return "audio"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):  # AVIF (an ISO-BMFF image)
+        return "image"
     if head[:8] == b"\x89PNG\r\n\x1a\n" or head[:3] == b"\xff\xd8\xff" or head[:6] in (b"GIF87a", b"GIF89a"):
         return "image"
     if head[:2] == b"BM" and len(head) >= 26 and head[6:10] == b"\0\0\0\0":
@@ -140,17 +142,19 @@ def _tiff_pages(data: bytes) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
-def decode_audio(data: bytes, source: str, *, channels: str = "mix") -> np.ndarray:
+def decode_audio(data: bytes, source: str, *, channels: str = "mix", max_s: float | None = None) -> np.ndarray:
     """Decode any soundfile-readable audio to float32 mono at 16 kHz, peak within [-1, 1].
 
     channels: "mix" averages all channels (what ASR of a whole call wants); "left" / "right" take one
     channel of a stereo recording (a right channel of a mono file is an InputError).
-    Raises InputError for undecodable bytes, empty audio, NaN/inf samples and digital silence.
+    max_s: the longest recording accepted (None: no limit); see `_read_resampled`.
+    Raises InputError for undecodable bytes, empty audio, NaN/inf samples, digital silence, audio over
+    `max_s`, and truncated files (fewer frames than the header says).
     """
     if channels == "mix":
-        out = _read_resampled(data, source, select=None)
+        out = _read_resampled(data, source, select=None, max_s=max_s)
     elif channels in ("left", "right"):
-        out = _read_resampled(data, source, select=0 if channels == "left" else 1)
+        out = _read_resampled(data, source, select=0 if channels == "left" else 1, max_s=max_s)
     else:
         raise ValueError(f"channels must be 'mix', 'left' or 'right', not {channels!r}")
     wave = out[:, 0]
@@ -158,14 +162,14 @@ def decode_audio(data: bytes, source: str, *, channels: str = "mix") -> np.ndarr
     return wave
 
 
-def decode_audio_channels(data: bytes, source: str) -> list[np.ndarray]:
+def decode_audio_channels(data: bytes, source: str, *, max_s: float | None = None) -> list[np.ndarray]:
     """Decode to one float32 16 kHz waveform per channel (stereo calls: agent and customer apart).
 
-    Raises InputError when the file is undecodable or empty, or when *every* channel is silent. A
-    single silent channel (a muted side of a call) is returned as is, since the other side is still
-    worth transcribing; callers can test it with `SpeechSegmenter.has_speech`.
+    Raises InputError when the file is undecodable, empty, over `max_s` or truncated, or when *every*
+    channel is silent. A single silent channel (a muted side of a call) is returned as is, since the
+    other side is still worth transcribing; callers can test it with `SpeechSegmenter.has_speech`.
     """
-    out = _read_resampled(data, source, select=None, mix=False)
+    out = _read_resampled(data, source, select=None, mix=False, max_s=max_s)
     waves = [np.ascontiguousarray(out[:, c]) for c in range(out.shape[1])]
     _check_not_empty(waves[0], source)
     if all(_peak(w) < SILENCE_PEAK for w in waves):
@@ -173,11 +177,26 @@ def decode_audio_channels(data: bytes, source: str) -> list[np.ndarray]:
     return waves
 
 
-def _read_resampled(data: bytes, source: str, *, select: int | None, mix: bool = True) -> np.ndarray:
+# Formats whose header gives the exact frame count, so that fewer frames read means a cut-off file. MP3
+# (mpg123 estimates the count from the bitrate when there is no Xing header) and Ogg are left out.
+_EXACT_LENGTH_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "W64", "AIFF", "AU", "CAF", "FLAC"})
+_TRUNCATION_SLACK_S = 0.1  # sloppy writers miscount the data length by a few frames, not by this much
+_UNKNOWN_FRAMES = 1 << 62  # libsndfile's "length not known" (SF_COUNT_MAX) and anything near it
+
+
+def _read_resampled(data: bytes, source: str, *, select: int | None, mix: bool = True,
+                    max_s: float | None = None) -> np.ndarray:
     """Read all frames block by block, mix or pick channels, resample to 16 kHz; shape (n, channels).
 
-    Mixing before resampling makes soxr do one channel's work instead of N. Blocks keep the peak memory
-    near the size of the 16 kHz output, whatever the source rate and length.
+    Mixing before resampling makes soxr do one channel's work instead of N. The output is written into
+    one buffer sized from the header's frame count, so the peak memory is about the size of the 16 kHz
+    output (not twice it), whatever the source rate and length.
+
+    max_s: a recording longer than this is refused from its header's frame count before any sample is
+    decoded, and, for headers without one (or lying), as soon as the decoded frames pass it.
+    Truncation: for formats whose header counts the frames exactly, a file that holds less audio than
+    its header says (an upload or a copy cut short) is refused, because its transcript would be that of
+    a fragment that looks complete.
     """
     try:
         f = sf.SoundFile(io.BytesIO(data))
@@ -185,6 +204,13 @@ def _read_resampled(data: bytes, source: str, *, select: int | None, mix: bool =
         raise InputError.about(source, f"cannot decode audio ({_sf_reason(err)})") from err
     with f:
         rate, n_channels = f.samplerate, f.channels
+        claimed = f.frames if 0 < f.frames < _UNKNOWN_FRAMES else None
+        wav_claimed = _wav_claimed_frames(data)
+        if wav_claimed is not None and (claimed is None or wav_claimed > claimed):
+            claimed = wav_claimed  # libsndfile clamps a WAV's frame count to the bytes present
+        if max_s is not None and claimed is not None and claimed / rate > max_s:
+            raise InputError.about(source, f"audio is {_duration(claimed / rate)} long, over the "
+                                           f"{_duration(max_s)} limit (audio.max_audio_s); not decoded")
         if select is not None and select >= n_channels:
             plural = "s" if n_channels != 1 else ""
             raise InputError.about(
@@ -194,12 +220,25 @@ def _read_resampled(data: bytes, source: str, *, select: int | None, mix: bool =
         stream = None
         if rate != SAMPLE_RATE:
             stream = soxr.ResampleStream(rate, SAMPLE_RATE, out_channels, dtype="float32", quality="HQ")
-        parts: list[np.ndarray] = []
+        expected = f.frames if 0 < f.frames < _UNKNOWN_FRAMES else None
+        out = _Samples(out_channels, int(expected * SAMPLE_RATE / rate) + 4096 if expected else 1 << 16)
+        max_frames = int(max_s * rate) if max_s is not None else None
+        frames_read = 0
+        peak = 0.0
         while True:
             try:
                 block = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
             except (sf.SoundFileError, RuntimeError) as err:
+                if claimed is not None and frames_read < claimed:
+                    raise InputError.about(source, f"truncated or corrupt audio: decoding failed after "
+                                                   f"{_duration(frames_read / rate)} of the "
+                                                   f"{_duration(claimed / rate)} its header says "
+                                                   f"({_sf_reason(err)})") from err
                 raise InputError.about(source, f"cannot decode audio ({_sf_reason(err)})") from err
+            frames_read += len(block)
+            if max_frames is not None and frames_read > max_frames:
+                raise InputError.about(source, f"audio is longer than the {_duration(max_s)} limit "
+                                               "(audio.max_audio_s); decoding stopped there")
             last = len(block) < _BLOCK_FRAMES
             if not np.isfinite(block).all():
                 raise InputError.about(source, "audio contains NaN or infinite samples")
@@ -210,18 +249,72 @@ def _read_resampled(data: bytes, source: str, *, select: int | None, mix: bool =
             if stream is not None:
                 block = stream.resample_chunk(np.ascontiguousarray(block), last=last)
             if len(block):
-                parts.append(np.asarray(block, dtype=np.float32))
+                peak = max(peak, _peak(block))
+                out.append(block)
             if last:
                 break
-    if not parts:
-        return np.zeros((0, out_channels), dtype=np.float32)
-    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if (claimed is not None and f.format in _EXACT_LENGTH_FORMATS
+                and claimed - frames_read > _TRUNCATION_SLACK_S * rate):
+            raise InputError.about(source, f"truncated audio: the header says {_duration(claimed / rate)} but "
+                                           f"the file holds {_duration(frames_read / rate)} (an upload or "
+                                           "copy cut short?)")
+    wave = out.array()
     # Resampling can overshoot full scale slightly, and float files may hold values past 1.0: scale
     # down (never clip) so the contract "within [-1, 1]" holds without distortion.
-    peak = max(_peak(p) for p in parts)
     if peak > 1.0:
-        out *= np.float32(1.0 / peak)
-    return out
+        wave *= np.float32(1.0 / peak)
+    return wave
+
+
+class _Samples:
+    """A growing (frames, channels) float32 buffer: blocks are copied in, no list of parts to join."""
+
+    def __init__(self, channels: int, capacity: int):
+        self._buf = np.empty((max(1, capacity), channels), dtype=np.float32)
+        self._n = 0
+
+    def append(self, block: np.ndarray) -> None:
+        end = self._n + len(block)
+        if end > len(self._buf):  # the header's count was low (or absent): grow by half again
+            grown = np.empty((max(end, len(self._buf) * 3 // 2), self._buf.shape[1]), dtype=np.float32)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n : end] = block
+        self._n = end
+
+    def array(self) -> np.ndarray:
+        return self._buf[: self._n]
+
+
+def _wav_claimed_frames(data: bytes) -> int | None:
+    """Frames a RIFF/WAVE header's data chunk claims (None: not a WAV, or a streaming-length header).
+
+    libsndfile reports a WAV's frames from the bytes actually present, so a file cut short cannot be
+    told from a short file through it: the header's own data size is read here."""
+    head = bytes(data[:12])
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, block_align, end = 12, None, min(len(data), 1 << 20)
+    while pos + 8 <= end:
+        chunk_id = bytes(data[pos : pos + 4])
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if chunk_id == b"fmt " and pos + 22 <= len(data):
+            block_align = int.from_bytes(data[pos + 20 : pos + 22], "little")
+        elif chunk_id == b"data":
+            if not block_align or size in (0, 0xFFFFFFFF):  # 0 / all ones: "length unknown" (streamed)
+                return None
+            return size // block_align
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _duration(seconds: float) -> str:
+    """'5.2 s', '12 min 30 s', '8 h 0 min' for messages."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
 
 
 def _check_not_empty(wave: np.ndarray, source: str) -> None:
@@ -244,6 +337,9 @@ def _peak(x: np.ndarray) -> float:
 def _sf_reason(err: Exception) -> str:
     """libsndfile's own reason ("Format not recognised"), without the "Error opening <BytesIO ...>" noise."""
     reason = (getattr(err, "error_string", None) or str(err)).strip().rstrip(".")
+    if not reason or reason.startswith("Error opening <") and reason.endswith(">:"):
+        code = getattr(err, "code", None)
+        return f"libsndfile error {code}, no reason given" if code is not None else "no reason given"
     if "does not exist or is not a regular file" in reason:  # libsndfile's words for unparseable memory input
         return "unrecognised or truncated audio data"
     return reason
@@ -256,7 +352,9 @@ def _sf_reason(err: Exception) -> str:
 # Formats we accept. Restricting Image.open keeps out plugins with large attack surfaces (EPS runs
 # Ghostscript, PSD, ...) that a document pipeline has no use for.
 # (MPO, cameras' multi-picture JPEG, opens through the JPEG plugin; its first picture is the page.)
-_PIL_FORMATS = ["PNG", "JPEG", "TIFF", "WEBP", "BMP", "DIB", "GIF", "JPEG2000", "PPM"]
+# (AVIF needs Pillow >= 11.2 built with libavif; where the plugin is missing it is simply not offered.)
+_PIL_FORMATS = ["PNG", "JPEG", "TIFF", "WEBP", "BMP", "DIB", "GIF", "JPEG2000", "PPM", "AVIF"]
+_FORMAT_NAMES = {"WEBP": "WebP", "JPEG2000": "JPEG 2000", "PPM": "PNM"}
 _MULTI_PAGE_FORMATS = {"TIFF"}  # GIF/WebP/MPO frames are animation or previews: first frame only
 
 _PIL_LOCK = threading.RLock()  # Image.MAX_IMAGE_PIXELS is process-global: set it under a lock
@@ -343,9 +441,8 @@ def _open_image(data: bytes, source: str, max_pixels: int | None = None) -> Imag
         limit = f"the {max_pixels / 1e6:.1f} MP limit" if max_pixels else "the pixel limit"
         raise InputError.about(source, f"image is over {limit} (possible decompression bomb): {err}") from err
     except UnidentifiedImageError as err:
-        raise InputError.about(
-            source, "cannot decode image (not a PNG, JPEG, TIFF, WebP, BMP, GIF or PDF file)"
-        ) from err
+        names = ", ".join(_FORMAT_NAMES.get(name, name) for name in formats if name != "DIB")
+        raise InputError.about(source, f"cannot decode image (not a {names} or PDF file)") from err
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise InputError.about(source, f"cannot decode image ({err})") from err
 
@@ -413,7 +510,12 @@ def _to_rgb(im: Image.Image, source: str) -> Image.Image:
     try:
         return im.convert("RGB")
     except ValueError as err:
-        raise InputError.about(source, f"unsupported colour mode {mode!r} ({err})") from err
+        # Pillow converts every mode its plugins produce, so a failure here is bad data, not our gap:
+        # a palette ("P") image whose palette is missing or of the wrong size, most often
+        if mode in ("P", "PA") or "palette" in str(err).lower():
+            raise InputError.about(source, f"cannot decode image: its colour palette is corrupt ({err})") from err
+        raise InputError.about(source, f"cannot decode image: its {mode!r} pixels cannot be converted to RGB "
+                                       f"({err})") from err
 
 
 def _high_depth_grey_to_rgb(im: Image.Image) -> Image.Image:
@@ -444,6 +546,9 @@ def _open_pdf(data: bytes, source: str):  # -> pypdfium2.PdfDocument
         reason = str(err).strip().rstrip(".")
         if "password" in reason.lower():
             raise InputError.about(source, f"PDF is password-protected ({reason})") from err
+        if reason.endswith("(PDFium: Success)"):
+            # PDFium refuses a document whose page tree is empty without setting an error code
+            raise InputError.about(source, "cannot open PDF: it has no pages (an empty page tree)") from err
         raise InputError.about(source, f"cannot open PDF ({reason})") from err
 
 

@@ -11,7 +11,7 @@ import math
 import pyarrow as pa
 
 from pipeline.errors import InputError
-from pipeline.fetch import fetch_bytes
+from pipeline.fetch import PendingFetch, start_fetch
 from pipeline.media import SAMPLE_RATE, decode_audio, decode_audio_channels, decode_pages, sniff_kind
 from pipeline.model_inputs import InputBuilder
 from pipeline.model_source import local_model_dir
@@ -42,7 +42,9 @@ class PrepareWork(Stage):
         super().__init__(context)
         one_thread_per_worker()
         processor_dir = local_model_dir(self.config, processor_only=True)
-        self.storage = StorageOptions(endpoint_url=self.config.s3_endpoint)
+        inputs = self.config.inputs
+        self.storage = StorageOptions(endpoint_url=self.config.s3_endpoint, connect_timeout_s=inputs.connect_timeout_s,
+                                      read_timeout_s=inputs.read_timeout_s)
         self.builder = InputBuilder(processor_dir, self.config.system_prompt, self.config.image.dynamic_hd)
         self._segmenter = None
 
@@ -66,9 +68,12 @@ class PrepareWork(Stage):
         out_rows: list[dict] = []
         source_rows: list[int] = []
         rows = batch.select([c for c in MANIFEST_READS if c in batch.column_names]).to_pylist()
+        # every row's fetch starts now, side by side: a row whose storage stalls costs its own timeout,
+        # and the rows beside it are neither blocked by it nor waiting their turn behind it
+        fetches = [self.start_load(row) for row in rows]
         for i, row in enumerate(rows):
             try:
-                made = self.prepare_row(row)
+                made = self.prepare_row(row, fetches[i])
             except InputError as exc:
                 made = self.error_rows(row, str(exc))
                 self.counters["bad_inputs"] += 1
@@ -98,18 +103,25 @@ class PrepareWork(Stage):
         return [work_row(row["id"], key.task, target_language=key.target_language, language=row.get("language"),
                          error=message) for key in self.input_keys(row)]
 
-    def load_bytes(self, row: dict) -> bytes:
+    def start_load(self, row: dict) -> PendingFetch | None:
+        """The row's fetch, started (None for a row that carries its bytes in `data`)."""
+        if row.get("data") is not None:
+            return None
+        inputs = self.config.inputs
+        return start_fetch(row["uri"], self.storage, timeout_s=inputs.fetch_timeout_s, rules=inputs)
+
+    def load_bytes(self, row: dict, pending: PendingFetch | None = None) -> bytes:
         if row.get("data") is not None:
             return row["data"]
-        return fetch_bytes(row["uri"], self.storage)
+        return (pending or self.start_load(row)).result()
 
-    def prepare_row(self, row: dict) -> list[dict]:
-        data = self.load_bytes(row)
+    def prepare_row(self, row: dict, pending: PendingFetch | None = None) -> list[dict]:
+        data = self.load_bytes(row, pending)
         kind = row.get("kind") or sniff_kind(data, row.get("uri"))
         if self.config.job == "ocr":
             if kind not in ("image", "document"):
                 raise InputError(f"{self.name(row)}: is {kind_phrase(kind)}, but the ocr job takes images "
-                                 "and documents (PNG, JPEG, TIFF, WebP, BMP, GIF, PDF)")
+                                 "and documents (PNG, JPEG, TIFF, WebP, AVIF, BMP, GIF, PDF)")
             return self.document_rows(row, data)
         if kind not in ("audio", "meeting"):
             raise InputError(f"{self.name(row)}: is {kind_phrase(kind)}, but the {self.config.job} job takes "
@@ -120,10 +132,10 @@ class PrepareWork(Stage):
         name = self.name(row)
         cfg = self.config.audio
         if cfg.split_channels:
-            channels = decode_audio_channels(data, name)
+            channels = decode_audio_channels(data, name, max_s=cfg.max_audio_s)
             speakers = [f"channel {c + 1}" for c in range(len(channels))] if len(channels) > 1 else [None]
         else:
-            channels, speakers = [decode_audio(data, name)], [None]
+            channels, speakers = [decode_audio(data, name, max_s=cfg.max_audio_s)], [None]
         duration = len(channels[0]) / SAMPLE_RATE
         if cfg.reject_no_speech and not any(self.segmenter.has_speech(a) for a in channels):
             raise InputError(f"{name}: no speech detected in {duration:.1f} s of audio")

@@ -20,6 +20,7 @@ its media works from any working directory and on Ray workers, whose cwd is not 
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -50,6 +51,8 @@ _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 _STRING_COLUMNS = [name for name, typ in KNOWN_FIELDS.items() if typ == pa.string()]
 _INDEX_COLUMN = re.compile(r"^__index_level_\d+__$")  # pandas' index, stored by DataFrame.to_parquet
 _MAX_READERS = 8
+# known columns whose values never hold a line break: one there means a quote was left open above it
+_SINGLE_LINE_COLUMNS = ("id", "uri", "kind", "language", "target_language")
 
 
 def read_manifest(source: str, options: StorageOptions | None = None, *, suffixes: list[str] | None = None,
@@ -154,6 +157,9 @@ def _read_one(fs: fsspec.AbstractFileSystem, path: str, root: str, protocol: str
             with fs.open(path, "rb", compression="infer") as f:
                 raw = f.read()
             table = _parse_csv(raw) if fmt == "csv" else _parse_json(raw)
+            _check_row_count(raw, table, fmt, shown)
+    except ManifestError:
+        raise
     except FileNotFoundError as exc:
         raise ManifestError(f"{shown}: manifest not found") from exc
     except PermissionError as exc:
@@ -171,6 +177,63 @@ def _parse_csv(raw: bytes) -> pa.Table:
     # as a read block boundary falls inside one, i.e. only on large manifests
     return pacsv.read_csv(io.BytesIO(raw), parse_options=pacsv.ParseOptions(newlines_in_values=True),
                           convert_options=pacsv.ConvertOptions(column_types=types))
+
+
+def _check_row_count(raw: bytes, table: pa.Table, fmt: str, shown: str) -> None:
+    """Refuse a CSV or JSON Lines file whose parse is suspect, naming the line, instead of losing rows.
+
+    pyarrow reads a CSV quote that is never closed as one field running to the end of the file: a
+    4-row manifest with a stray quote on row 1 came out as 1 row, and the run "succeeded". So CSV is
+    parsed a second time, strictly (Python's csv module: a quoted field must close, and close before a
+    delimiter), with every record's first line noted; a record that fails, a line break in a column
+    that never holds one (id, uri, kind, language, target_language), or a row count that disagrees with
+    pyarrow's refuses the file. JSON Lines: one row per non-blank line.
+    """
+    if fmt == "json":
+        if raw.lstrip()[:1] == b"[":
+            return  # one JSON array: json.loads saw every object
+        lines = sum(1 for line in raw.splitlines() if line.strip())
+        if lines != table.num_rows:
+            raise ManifestError(f"{shown}: parsed as {table.num_rows} rows, but the file has {lines} non-blank "
+                                "lines (one JSON object per line expected); refused rather than lose rows")
+        return
+    if fmt != "csv":
+        return
+    text = raw.decode("utf-8-sig", errors="replace")
+    csv.field_size_limit(2**31 - 1)  # long reference texts: the module's default stops at 128 KiB
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    checked: list[tuple[int, str]] = []
+    records, start = 0, 1
+    try:
+        for row in reader:
+            if not row:  # a blank line: pyarrow skips those too
+                start = reader.line_num + 1
+                continue
+            if header is None:
+                header = row
+                checked = [(i, name) for i, name in enumerate(header) if name in _SINGLE_LINE_COLUMNS]
+            else:
+                records += 1
+                for i, name in checked:
+                    if i < len(row) and ("\n" in row[i] or "\r" in row[i]):
+                        raise ManifestError(
+                            f"{shown}: line {start}: column {name!r} holds a line break "
+                            f"({row[i][:60]!r}...), so a quote on or above this line is not closed where it "
+                            "should be; the manifest is refused, since the rows it swallowed would be lost")
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            what = f"a quoted field opened on line {start} is never closed"
+        elif "expected after" in str(exc):
+            what = f"the record starting on line {start} has a quote that does not close its field ({exc})"
+        else:
+            what = f"the record starting on line {start} cannot be parsed ({exc})"
+        raise ManifestError(f"{shown}: line {start}: {what}; every row after it would be lost, so the manifest "
+                            "is refused") from exc
+    if records != table.num_rows:
+        raise ManifestError(f"{shown}: the CSV parser read {table.num_rows} rows, but the file holds {records} "
+                            "records; refused rather than lose rows")
 
 
 def _parse_json(raw: bytes) -> pa.Table:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import fsspec
 import pyarrow.fs as pafs
@@ -31,7 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["StorageOptions", "fsspec_filesystem", "pyarrow_filesystem", "protocol_of", "is_local",
-           "find_files", "is_file_entry", "ENDPOINT_ENV_VARS"]
+           "local_path", "find_files", "is_file_entry", "ENDPOINT_ENV_VARS"]
 
 # Read, in this order, when `endpoint_url` is not given (the AWS SDKs' own names for the setting).
 ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -107,11 +107,20 @@ def is_local(uri: str) -> bool:
     return protocol_of(uri) == "file"
 
 
-def _local_path(uri: str) -> str:
-    """Absolute local path: Ray workers do not share the driver's cwd."""
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+def local_path(uri: str) -> str:
+    """Absolute local path of a plain path or a file:// uri: Ray workers do not share the driver's cwd.
+
+    A file:// uri is a URL, so its path is percent-decoded (file:///calls/my%20call.wav names
+    "/calls/my call.wav", RFC 8089) and an empty or "localhost" host is dropped; a plain path is taken
+    literally ("50%20off.wav" is that file name).
+    """
+    if uri[:7].lower() == "file://":
+        rest = uri[7:]
+        if rest[:10].lower() == "localhost/":
+            rest = rest[9:]
+        uri = unquote(rest)
     return os.path.abspath(os.path.expanduser(uri))
+
 
 
 def fsspec_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -122,14 +131,21 @@ def fsspec_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[
     options = options or StorageOptions()
     protocol = protocol_of(uri)
     if protocol == "file":
-        return LocalFileSystem(), _local_path(uri)
+        return LocalFileSystem(), local_path(uri)
     if protocol in _S3_PROTOCOLS:
         import s3fs
 
         fs = s3fs.S3FileSystem(**options.s3fs_kwargs())
         fs.retries = 1  # s3fs's own retry loop (a class attribute): one try, botocore retries instead
         return fs, uri.split("://", 1)[1]
-    fs, path = fsspec.core.url_to_fs(uri)  # gs://, https://, ...: fsspec's own, with its defaults
+    if protocol in ("http", "https"):
+        # aiohttp waits forever by default for a server that accepts and never answers
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=None, connect=options.connect_timeout_s,
+                                        sock_connect=options.connect_timeout_s, sock_read=options.read_timeout_s)
+        return fsspec.filesystem(protocol, client_kwargs={"timeout": timeout}), uri
+    fs, path = fsspec.core.url_to_fs(uri)  # gs://, memory://, ...: fsspec's own, with its defaults
     return fs, path
 
 
@@ -149,7 +165,7 @@ def pyarrow_filesystem(uri: str, options: StorageOptions | None = None) -> tuple
     options = options or StorageOptions()
     protocol = protocol_of(uri)
     if protocol == "file":
-        return pafs.LocalFileSystem(), _local_path(uri)
+        return pafs.LocalFileSystem(), local_path(uri)
     if protocol in _S3_PROTOCOLS and not options.profile:
         path = uri.split("://", 1)[1]
         return _native_s3(options, bucket=path.split("/", 1)[0]), path

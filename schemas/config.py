@@ -70,6 +70,10 @@ class AudioConfig(_Strict):
     reject_no_speech: bool = True  # a clip where the VAD finds no speech becomes an error row
     summarize_from_audio: bool = False  # summaries of recordings up to 30 min from the audio itself
     max_summary_audio_s: float = 1800.0
+    # longest recording accepted (4 h): a longer one is an error row, refused from the file's header
+    # before it is decoded where the header says its length (an 8 h FLAC of silence is 0.7 MB to send
+    # and ~1.8 GB of 16 kHz samples to hold), and when the decoded samples pass it otherwise
+    max_audio_s: float = Field(4 * 3600.0, gt=0.0)
 
 
 class SummaryConfig(_Strict):
@@ -84,6 +88,66 @@ class ImageConfig(_Strict):
     pdf_dpi: int = Field(150, ge=36, le=600)
     max_pages: int | None = Field(None, ge=1)
     dynamic_hd: int = Field(36, ge=1, le=64)  # crop cap: fewer crops trade detail for speed
+
+
+# schemes a manifest's uris may use unless the operator says otherwise: local files and the object stores
+# a nightly job reads its recordings from. Not http(s): a uri in a manifest must not make a worker inside
+# the network fetch an internal endpoint (metadata services, admin pages) on the manifest author's behalf.
+DEFAULT_ALLOWED_SCHEMES = ("file", "s3", "s3a", "gs", "gcs")
+
+
+class InputsConfig(_Strict):
+    """What a manifest's `uri`s may make a worker read, and how long one read may take.
+
+    A uri outside these rules, or a read that passes its deadline, becomes an error row for that input
+    (the message names the rule or the timeout); the other rows go on. Rows with `data` read nothing.
+    """
+    # uri schemes a worker may read ("file" covers plain paths and file:// uris); add "https" to fetch web
+    # uris, "memory" for fsspec's in-memory filesystem
+    allowed_schemes: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOWED_SCHEMES))
+    # when set, every uri must lie under one of these: "s3://calls-in/", "/mnt/recordings" (local paths
+    # are compared after symlinks and ".." are resolved); None: anywhere the schemes allow. Local paths
+    # under /proc, /sys and /dev are refused whatever this says.
+    allowed_prefixes: list[str] | None = None
+    connect_timeout_s: float = Field(10.0, gt=0.0)  # to open a connection to S3 / an HTTP server
+    read_timeout_s: float = Field(60.0, gt=0.0)  # with no byte arriving from an open connection
+    # the whole fetch of one input, retries included; past it the row is an error and the read is left
+    # to its thread (at most `pipeline.fetch.MAX_STALLED_READS` of them per worker)
+    fetch_timeout_s: float = Field(300.0, gt=0.0)
+
+    @field_validator("allowed_schemes")
+    @classmethod
+    def _schemes(cls, value: list[str]) -> list[str]:
+        out = []
+        for scheme in value:
+            scheme = scheme.strip().lower().removesuffix("://")
+            if not scheme or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+                raise ValueError(f"allowed_schemes: {scheme!r} is not a uri scheme (e.g. s3, file, https)")
+            if scheme not in out:
+                out.append(scheme)
+        return out
+
+    @field_validator("allowed_prefixes")
+    @classmethod
+    def _prefixes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for prefix in value:
+            if not prefix or not prefix.strip():
+                raise ValueError("allowed_prefixes: an empty prefix would allow everything; leave the field "
+                                 "unset (null) for that")
+            if "://" not in prefix and not prefix.startswith(("/", "~")):
+                # a worker would resolve it against its own working directory, not the driver's
+                raise ValueError(f"allowed_prefixes: {prefix!r} is a relative path; give a bucket as "
+                                 f"s3://{prefix} or a local folder as an absolute path")
+        return value
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> "InputsConfig":
+        if self.fetch_timeout_s < self.connect_timeout_s:
+            raise ValueError(f"fetch_timeout_s ({self.fetch_timeout_s}) is shorter than connect_timeout_s "
+                             f"({self.connect_timeout_s}): no fetch could ever connect")
+        return self
 
 
 class ResourcesConfig(_Strict):
@@ -124,6 +188,7 @@ class JobConfig(_Strict):
     audio: AudioConfig = Field(default_factory=AudioConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
     summary: SummaryConfig = Field(default_factory=SummaryConfig)
+    inputs: InputsConfig = Field(default_factory=InputsConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
 
