@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -72,6 +73,7 @@ def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
     parser.add_argument("--accelerator-type", default=None, help="GPU type for the actor pools, e.g. L40S")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--config", default=None, help="YAML with further JobConfig fields")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines or bars")
     if job == "transcribe":
         parser.add_argument("--translate-to", action="append", default=[], metavar="LANG",
                             help="translate the speech too (ISO 639-1; repeatable)")
@@ -140,12 +142,14 @@ def run_job_main(job: str, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"phi4mm {job}")
     add_job_arguments(parser, job)
     args = parser.parse_args(argv)
-    return execute(lambda: config_from_args(job, args))
+    return execute(lambda: config_from_args(job, args), quiet=args.quiet)
 
 
-def execute(make_config) -> int:
+def execute(make_config, quiet: bool = False) -> int:
     """Build and validate the config, run it, print where the output is. Errors: one clear line."""
     settings = from_environment()
+    if quiet:
+        settings = dataclasses.replace(settings, progress=False)
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -185,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(prog="phi4mm run")
     parser.add_argument("job_yaml")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines or bars")
     args = parser.parse_args(rest)
 
     def from_yaml() -> JobConfig:
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             data["model"]["source"] = _local_abspath(source)
         return JobConfig.model_validate(data)
 
-    return execute(from_yaml)
+    return execute(from_yaml, quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import sys
 from datetime import datetime, timezone
 
 from jobs.graph import build_dataset, plan_cluster
+from jobs.progress import ProgressReporter
 from jobs.run_record import run_record
 from jobs.settings import Settings, from_environment
 from pipeline.model_inputs import load_processor
@@ -46,7 +48,8 @@ def init_ray(settings: Settings) -> None:
                      p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)}})
     from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = settings.progress
+    # Ray Data's bars on a terminal; in `ray job logs` the progress lines (jobs/progress.py) do that job
+    DataContext.get_current().enable_progress_bars = settings.progress and sys.stderr.isatty()
 
 
 def with_driver_settings(config: JobConfig, storage: StorageOptions, settings: Settings) -> JobConfig:
@@ -89,11 +92,15 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
         name, counters_actor = start_run_counters(config.run_id)
         context = StageContext(config.model_dump_json(), passthrough_schema, counters_actor=name)
         cluster = plan_cluster(config, cpus, gpus, manifest.num_rows, settings.autoscaling)
+        progress = ProgressReporter(counters_actor, manifest.num_rows, settings.progress_every_s).start() \
+            if settings.progress else None
         try:
             stages = write_results(build_dataset(config, manifest, cluster, context), out_path, config.run_id,
                                    filesystem=out_fs)
             counters = ray.get(counters_actor.snapshot.remote())
         finally:
+            if progress is not None:
+                progress.stop()
             ray.kill(counters_actor)
     if config.resume:
         drop_superseded(out_path, out_fs, config.run_id)

@@ -1,0 +1,31 @@
+"""Progress by default: a long job tells a person what it is doing; --quiet turns it off."""
+from __future__ import annotations
+
+import re
+
+from jobs.progress import progress_line
+from tests.conftest import MAX_NEW
+
+
+def test_progress_line_says_inputs_rows_audio_rate_and_time_left():
+    counters = {"PrepareWork": {"rows_in": 10}, "ResultRows": {"inputs_done": 4, "rows_out": 8, "error_rows": 1,
+                                                                "audio_s_done": 7200.0}}
+    line = progress_line(counters, 20, 60.0)
+    assert line == ("phi4mm: progress 1m00s: inputs 10/20 prepared, 4/20 done, 8 rows written (1 errors), "
+                    "2.00 h of audio (120x real time), about 4m00s left")
+    assert "pages" not in line and "left" not in progress_line({}, 20, 5.0)
+
+
+def test_jobs_show_progress_by_default_and_not_with_quiet(run_job, samples_copy, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PHI4MM_PROGRESS_EVERY_S", "1")
+    manifest = samples_copy / "transcribe.csv"
+    assert run_job("transcribe", manifest, tmp_path / "a", "--max-new-tokens", MAX_NEW) == 0
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("phi4mm: progress")]
+    assert lines, err[-2000:]
+    n = sum(1 for _ in open(manifest)) - 1
+    assert re.search(rf"inputs {n}/{n} prepared, {n}/{n} done, {n} rows written \(0 errors\), [0-9.]+ h of audio",
+                     lines[-1]), lines[-1]
+    assert "Traceback" not in err
+    assert run_job("transcribe", manifest, tmp_path / "b", "--max-new-tokens", MAX_NEW, "--quiet") == 0
+    assert "phi4mm: progress" not in capsys.readouterr().err
