@@ -13,7 +13,7 @@ from jobs.graph import build_dataset, plan_cluster
 from jobs.run_record import run_record
 from jobs.settings import Settings, from_environment
 from pipeline.model_inputs import load_processor
-from pipeline.model_source import resolve_model
+from pipeline.model_source import describe_model, resolve_model
 from pipeline.read import read_manifest
 from pipeline.resume import drop_superseded, rows_to_redo
 from pipeline.stage import StageContext, start_run_counters
@@ -65,6 +65,12 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
     config = with_driver_settings(config, storage, settings)
     manifest = read_manifest(config.input, storage, suffixes=config.manifest_suffixes,
                              modified_since=config.modified_since)
+    # the checkpoint is checked where it lies (config, adapters, safetensors headers: a few MB read) and
+    # refused here, before Ray starts, when the pipeline cannot use it; what it is goes into the run
+    # record and every row
+    provenance = describe_model(config.model.source, revision=config.model.resolved_revision(),
+                                cache_dir=config.model.cache_dir, options=storage,
+                                need_weights=not config.benchmark.random_weights)
     # the driver only checks the processor loads (a wrong --model fails here, before any GPU starts)
     model_dir = resolve_model(config.model.source, revision=config.model.resolved_revision(),
                               cache_dir=config.model.cache_dir, options=storage, processor_only=True)
@@ -84,7 +90,8 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
     counters: dict = {}
     if manifest.num_rows:
         name, counters_actor = start_run_counters(config.run_id)
-        context = StageContext(config.model_dump_json(), passthrough_schema, counters_actor=name)
+        context = StageContext(config.model_dump_json(), passthrough_schema, counters_actor=name,
+                               model_provenance=provenance)
         cluster = plan_cluster(config, cpus, gpus, manifest.num_rows, settings.autoscaling)
         try:
             stages = write_results(build_dataset(config, manifest, cluster, context), out_path, config.run_id,
@@ -95,7 +102,8 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
     if config.resume:
         drop_superseded(out_path, out_fs, config.run_id)
     rows = read_results(out_path, out_fs, run_id=config.run_id) if manifest.num_rows else RESULT_SCHEMA.empty_table()
-    record = run_record(config.model_dump(mode="json"), rows, started, datetime.now(timezone.utc), gpus, counters)
+    record = run_record(config.model_dump(mode="json"), rows, started, datetime.now(timezone.utc), gpus, counters,
+                        model=provenance)
     record["stages"] = stages
     write_run_record(config.output, record, fsspec_filesystem(config.output, storage)[0])
     return record

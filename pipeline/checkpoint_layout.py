@@ -125,7 +125,7 @@ class WeightFile:
 class CheckpointInfo:
     """What `inspect_checkpoint` found: the layout and a fingerprint of the weights."""
     layout: str  # NATIVE or REMOTE_CODE
-    weights_sha: str  # sha256 over the weight files' digests (FINGERPRINT_METHOD)
+    weights_sha: str | None  # sha256 over the weight files' digests (FINGERPRINT_METHOD)
     files: dict = field(default_factory=dict)  # weight file -> size
     config: dict = field(default_factory=dict)
 
@@ -182,7 +182,7 @@ def _read_json(fs, path: str, label: str) -> dict:
     return data
 
 
-def inspect_checkpoint(fs, root: str, label: str) -> CheckpointInfo:
+def inspect_checkpoint(fs, root: str, label: str, need_weights: bool = True) -> CheckpointInfo:
     """Layout and fingerprint of the checkpoint under `root` on `fs`, or CheckpointError.
 
     Reads config.json, the adapter configs, the weight index and each safetensors file's header plus two
@@ -201,6 +201,8 @@ def inspect_checkpoint(fs, root: str, label: str) -> CheckpointInfo:
                               f"not finished?); {FETCH_HINT}")
     config = _read_json(fs, listing["config.json"][0], label)
     layout = read_config_layout(config, label)
+    if not need_weights:
+        return CheckpointInfo(layout, None, {}, config)
     index = None
     if "model.safetensors.index.json" in listing:
         index = _read_json(fs, listing["model.safetensors.index.json"][0], label)

@@ -251,11 +251,12 @@ OFFLINE_HINT = ("HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache:
 
 
 def describe_model(spec: str, *, revision: str | None = None, cache_dir: str | None = None,
-                   options: StorageOptions | None = None) -> dict:
+                   options: StorageOptions | None = None, need_weights: bool = True) -> dict:
     """What `spec` names, checked where it lies (local disk, the object store, the hub or its local cache)
     before anything is copied: {"source", "revision", "layout", "weights_sha", "weights_bytes",
     "fingerprint"}. Raises CheckpointError (a ValueError: the CLI prints it as one line) for a checkpoint
-    the pipeline cannot use, FileNotFoundError for a local path that does not exist."""
+    the pipeline cannot use, FileNotFoundError for a local path that does not exist. `need_weights=False`
+    (benchmarks on random weights): the config alone is checked, and there is no weights_sha."""
     spec = spec.strip()
     resolved_revision = None
     if is_local(spec):
@@ -272,7 +273,7 @@ def describe_model(spec: str, *, revision: str | None = None, cache_dir: str | N
     else:
         fs, root = fsspec_filesystem(spec.rstrip("/"), options)
         label = spec.rstrip("/")
-    info = inspect_checkpoint(fs, root, label)
+    info = inspect_checkpoint(fs, root, label, need_weights=need_weights)
     return {"source": spec, "revision": resolved_revision or revision, "layout": info.layout,
             "weights_sha": info.weights_sha, "weights_bytes": info.weights_bytes, "fingerprint": FINGERPRINT_METHOD}
 

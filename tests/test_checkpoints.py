@@ -278,3 +278,164 @@ def test_main_branch_from_hub_cache_offline(remote_model, native_generations, tm
     _assert_same(native_generations, _generations(folder))
     with pytest.raises(ValueError, match=r"HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache"):
         describe_model("someone/not-cached", cache_dir=str(hub_cache))
+
+
+# -- refusals: one message naming what is missing and how to fix it ------------------------------------
+
+def _copy(src: str, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def _refusal(folder) -> str:
+    from pipeline.model_source import CheckpointError, describe_model
+
+    with pytest.raises(CheckpointError) as info:
+        describe_model(str(folder))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_refuses_another_model(tiny_model, tmp_path):
+    folder = _copy(tiny_model, tmp_path / "llama")
+    _edit_json(folder / "config.json", model_type="llama", architectures=["LlamaForCausalLM"])
+    message = _refusal(folder)
+    assert "is a llama (LlamaForCausalLM) checkpoint, not Phi-4-multimodal-instruct" in message
+    assert "point --model at it" in message
+
+
+def test_refuses_a_half_copied_folder(remote_model, tiny_model, tmp_path):
+    folder = _copy(remote_model, tmp_path / "half")
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    message = _refusal(folder)
+    assert "is half-copied: 1 of the 2 weight files that model.safetensors.index.json lists are missing " \
+           "(model-00002-of-00002.safetensors)" in message and "copy the complete checkpoint again" in message
+    cut = _copy(tiny_model, tmp_path / "cut")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert f"model.safetensors has {len(data) // 2} bytes, its header says {len(data)} (a half-copied file)" \
+        in _refusal(cut)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "is empty: not a checkpoint folder" in _refusal(empty)
+    no_weights = _copy(tiny_model, tmp_path / "no-weights")
+    (no_weights / "model.safetensors").unlink()
+    assert "has no weights (*.safetensors next to config.json" in _refusal(no_weights)
+
+
+def test_refuses_missing_adapter_weights(remote_model, tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    native = _copy(tiny_model, tmp_path / "native")
+    shutil.rmtree(native / "speech-lora")
+    message = _refusal(native)
+    assert "no speech-lora/adapter_config.json, so the speech replicas cannot be built" in message
+    assert "refs/pr/70 revision has both" in message
+    remote = _copy(remote_model, tmp_path / "remote")
+    for shard in remote.glob("*.safetensors"):
+        tensors = load_file(shard)
+        save_file({k: v for k, v in tensors.items() if ".vision." not in k}, shard)
+    index = json.loads((remote / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if ".vision." not in k}
+    (remote / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "no vision LoRA weights (`*.lora_A.vision.weight`) inline in the weights" in _refusal(remote)
+
+
+def test_refuses_a_config_without_its_audio_or_vision_part(remote_model, tiny_model, tmp_path):
+    remote = _copy(remote_model, tmp_path / "remote")
+    _edit_json(remote / "config.json", audio_processor=None)
+    message = _refusal(remote)
+    assert "config.json has no audio part (`audio_processor.config` and `embd_layer.audio_embd_layer` missing)" \
+        in message and "use the checkpoint's own config.json" in message
+    native = _copy(tiny_model, tmp_path / "native")
+    _edit_json(native / "config.json", vision_config=None)
+    assert "config.json has no vision part (`vision_config` missing)" in _refusal(native)
+
+
+def test_refuses_a_gated_hub_id_without_a_token(monkeypatch):
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError
+
+    from pipeline.model_source import CheckpointError, describe_model
+
+    def gated(self, repo_id, revision=None, **kwargs):
+        request = httpx.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
+        raise GatedRepoError("Access to model is restricted", response=httpx.Response(401, request=request))
+
+    monkeypatch.setattr(HfApi, "model_info", gated)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(CheckpointError, match=r"someone/gated-phi4mm@main: the hub says this model is gated and the "
+                                              r"job has no token that may read it; set HF_TOKEN"):
+        describe_model("someone/gated-phi4mm")
+
+
+def test_a_refused_model_stops_the_job_before_ray(tiny_model, tmp_path, capsys):
+    import ray
+
+    from jobs.cli import main
+    from tests.conftest import SAMPLES
+
+    folder = _copy(tiny_model, tmp_path / "no-vision-lora")
+    shutil.rmtree(folder / "vision-lora")
+    rc = main(["ocr", str(SAMPLES / "ocr.csv"), str(tmp_path / "out"), "--model", str(folder)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("phi4mm")]
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith(f"phi4mm: {folder}: no vision-lora/adapter_config.json")
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_layout_of_weights_and_config_must_agree(remote_model, tiny_model, tmp_path):
+    mixed = _copy(tiny_model, tmp_path / "mixed")
+    shutil.copy(Path(remote_model) / "config.json", mixed / "config.json")
+    assert "config.json is the main branch's (remote-code) but the weights have no inline LoRA" in _refusal(mixed)
+
+
+def test_placeholder_ids_fall_back_to_the_remote_code_constants():
+    from pipeline.checkpoint_layout import CheckpointError, placeholder_ids
+
+    tokenizer_json = {"added_tokens": [{"id": 200010, "content": "<|endoftext10|>"},
+                                       {"id": 200011, "content": "<|endoftext11|>"}]}
+    assert placeholder_ids({}, tokenizer_json) == {"image": ("<|endoftext10|>", 200010),
+                                                   "audio": ("<|endoftext11|>", 200011)}
+    with pytest.raises(CheckpointError, match="the tokenizer has no image placeholder token"):
+        placeholder_ids({}, {"added_tokens": []})
+
+
+# -- provenance: the run record and every row say which weights wrote them -------------------------------
+# (last in this file: it starts the session's Ray, which the refusal test above must not find running)
+
+def test_job_on_main_branch_checkpoint_records_its_provenance(run_job, remote_model, tiny_model, tmp_path):
+    import pandas as pd
+
+    from pipeline.model_source import describe_model
+    from tests.conftest import SAMPLES, read_output
+
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame([{"id": "call-1", "uri": str(SAMPLES / "audio" / "call_0001.wav"), "language": "en"}]).to_csv(
+        manifest, index=False)
+    config = tmp_path / "job.yaml"
+    config.write_text(f"model:\n  cache_dir: {tmp_path / 'cache'}\n")
+    out = tmp_path / "out"
+    assert run_job("transcribe", manifest, out, "--max-new-tokens", "4", "--run-id", "main-branch",
+                   "--config", str(config), model=remote_model) == 0
+    rows = read_output(out).to_pandas()
+    expected = describe_model(remote_model)
+    assert len(rows) == 1 and rows.status.tolist() == ["ok"]
+    assert rows.model_layout.tolist() == ["remote-code"]
+    assert rows.model_weights_sha.tolist() == [expected["weights_sha"]]
+    record = json.loads((out / "_runs" / "main-branch.json").read_text())
+    assert record["model"]["layout"] == "remote-code" and record["model"]["weights_sha"] == expected["weights_sha"]
+    assert record["model"]["source"] == remote_model
+    assert describe_model(tiny_model)["weights_sha"] != expected["weights_sha"]
