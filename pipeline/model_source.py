@@ -273,7 +273,11 @@ def describe_model(spec: str, *, revision: str | None = None, cache_dir: str | N
     else:
         fs, root = fsspec_filesystem(spec.rstrip("/"), options)
         label = spec.rstrip("/")
-    info = inspect_checkpoint(fs, root, label, need_weights=need_weights)
+    try:
+        info = inspect_checkpoint(fs, root, label, need_weights=need_weights)
+    except PermissionError as exc:
+        raise CheckpointError(f"model {label}: access denied ({exc}); run the job with credentials that may "
+                              f"read it") from exc
     return {"source": spec, "revision": resolved_revision or revision, "layout": info.layout,
             "weights_sha": info.weights_sha, "weights_bytes": info.weights_bytes, "fingerprint": FINGERPRINT_METHOD}
 
@@ -285,6 +289,7 @@ def _hub_offline() -> bool:
 def _hub_checkpoint(repo_id: str, revision: str | None, cache_dir: str | None):
     """(filesystem, root, commit) of a hub checkpoint: its local cache snapshot offline, the hub itself
     online (headers read with range requests: nothing is downloaded)."""
+    import httpx
     from huggingface_hub import HfApi, HfFileSystem, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -308,7 +313,7 @@ def _hub_checkpoint(repo_id: str, revision: str | None, cache_dir: str | None):
     except RepositoryNotFoundError as exc:
         raise CheckpointError(f"model {label}: no such model on the hub, or a private one the job's token may "
                               f"not read; check the id, or {HUB_TOKEN_HINT}") from exc
-    except (OfflineModeIsEnabled, ConnectionError, TimeoutError) as exc:
+    except (OfflineModeIsEnabled, ConnectionError, TimeoutError, httpx.TransportError) as exc:
         raise CheckpointError(f"model {label}: the hub cannot be reached ({type(exc).__name__}); set "
                               f"HF_HUB_OFFLINE=1 to use the local cache, or pass a local folder or s3:// copy "
                               f"to --model") from exc
