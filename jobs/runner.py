@@ -53,7 +53,10 @@ def with_driver_settings(config: JobConfig, storage: StorageOptions, settings: S
     update = {}
     if storage.endpoint_url and not config.s3_endpoint:  # AWS_ENDPOINT_URL_S3 and friends
         update["s3_endpoint"] = storage.endpoint_url
-    if settings.model_cache and not config.model.cache_dir and not is_local(config.model.source):
+    # PHI4MM_CACHE: where s3:// copies and conversions of main-branch checkpoints go; a hub id keeps
+    # the hub's own cache (HF_HOME), which `cache_dir` would move
+    source = config.model.source
+    if settings.model_cache and not config.model.cache_dir and (not is_local(source) or os.path.isdir(source)):
         update["model"] = config.model.model_copy(update={"cache_dir": settings.model_cache})
     return config.model_copy(update=update) if update else config
 
