@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 __all__ = ["NATIVE", "REMOTE_CODE", "CheckpointError", "CheckpointInfo", "inspect_checkpoint", "detect_layout",
-           "convert_checkpoint", "remote_key_to_native", "read_config_layout", "is_remote_code_config", "FINGERPRINT_METHOD"]
+           "convert_checkpoint", "remote_key_to_native", "read_config_layout", "is_remote_code_config",
+           "placeholder_ids", "FINGERPRINT_METHOD"]
 
 NATIVE = "native"
 REMOTE_CODE = "remote-code"
@@ -573,6 +574,8 @@ def _convert_weights(src: str, dst: str, shards: list[str], config: dict, native
     adapters = {}
     for adapter, sub in ADAPTERS.items():
         adapters[sub] = _write_adapter(src, os.path.join(dst, sub), lora[adapter], config.get(f"{adapter}_lora") or {})
+    log.info("converted %s: %d tensors (%.2f GB) in %d files, adapters %s", src, len(weight_map), total / 1e9, n,
+             adapters)
     return {"tensors": len(weight_map), "bytes": total, "adapters": adapters}
 
 

@@ -15,7 +15,6 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -213,6 +212,42 @@ def test_converted_main_branch_generates_as_native(remote_model, tiny_model, nat
     _assert_same(native_generations, _generations(folder))
     # the native tiny checkpoint itself is loaded where it is
     assert resolve_model(tiny_model, cache_dir=str(cache)) == tiny_model
+
+
+def test_conversion_runs_once_per_node_under_the_lock(remote_model, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import pipeline.model_source as model_source
+
+    calls = []
+    real = model_source.convert_checkpoint
+
+    def counting(src, dst, weights=True):
+        calls.append(dst)
+        time.sleep(0.3)  # both callers are inside resolve_model at once
+        return real(src, dst, weights=weights)
+
+    monkeypatch.setattr(model_source, "convert_checkpoint", counting)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / (model_source._native_name(f"local:{remote_model}:{model_source._listing_key(remote_model)}", False)
+              + ".tmp-999-dead")).mkdir()  # a conversion that died: cleared, not used
+    results, errors = [], []
+
+    def resolve():
+        try:
+            results.append(model_source.resolve_model(remote_model, cache_dir=str(cache)))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=resolve) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(calls) == 1 and len(set(results)) == 1
+    assert not [e for e in os.listdir(cache) if ".tmp-" in e]
 
 
 def test_convert_checkpoint_command(remote_model, tmp_path, capsys):
