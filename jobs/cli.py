@@ -1,4 +1,4 @@
-"""`phi4mm` command line (stable): transcribe, ocr, meetings, report, tiny-model, run.
+"""`phi4mm` command line (stable): transcribe, ocr, meetings, report, tiny-model, run, convert-checkpoint.
 
 `python -m jobs.transcribe ...` (and jobs.ocr, jobs.meetings, jobs.report) take the same arguments, so
 `ray job submit --working-dir . -- python -m jobs.transcribe IN OUT` works on a cluster.
@@ -18,6 +18,8 @@ from actors.tiny_model import build_tiny_model
 from jobs import report, runner
 from jobs.settings import from_environment
 from pipeline.errors import InputError
+from pipeline.model_source import convert_to_native
+from pipeline.storage import StorageOptions
 from schemas.config import DEFAULT_MODEL, JobConfig
 from schemas.manifest import ManifestError
 from schemas.tasks import TASKS
@@ -170,9 +172,36 @@ def execute(make_config, quiet: bool = False) -> int:
     return 0
 
 
+def convert_checkpoint_main(argv: list[str]) -> int:
+    """`phi4mm convert-checkpoint SRC DST`: the main-branch (remote-code) checkpoint in the native layout,
+    ahead of the jobs (which otherwise convert it once per node on first use)."""
+    parser = argparse.ArgumentParser(
+        prog="phi4mm convert-checkpoint",
+        description="Convert a Phi-4-multimodal-instruct checkpoint in the hub's main-branch (remote-code) "
+                    "layout into the native transformers layout. SRC: local folder, s3:// prefix or hub id; "
+                    "DST: a new local folder or s3:// prefix.")
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    parser.add_argument("--revision", default=None, help="hub revision of SRC (default: the hub's default branch)")
+    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (MinIO, Ceph, R2)")
+    args = parser.parse_args(argv)
+    settings = from_environment()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = convert_to_native(args.src, args.dst, revision=args.revision,
+                                    options=StorageOptions(endpoint_url=args.s3_endpoint))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"phi4mm: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"converted": summary["source"], "to": summary["converted_to"], "layout": "native",
+                      "from_layout": summary["layout"], "weights_sha": summary["weights_sha"],
+                      "tensors": summary["tensors"], "bytes": summary["bytes"]}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = ("transcribe", "ocr", "meetings", "report", "tiny-model", "run")
+    commands = ("transcribe", "ocr", "meetings", "report", "tiny-model", "run", "convert-checkpoint")
     if not argv or argv[0] not in commands:
         print(f"usage: phi4mm {{{','.join(commands)}}} ...", file=sys.stderr)
         return 2
@@ -187,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(rest)
         print(build_tiny_model(args.dir))
         return 0
+    if command == "convert-checkpoint":
+        return convert_checkpoint_main(rest)
     parser = argparse.ArgumentParser(prog="phi4mm run")
     parser.add_argument("job_yaml")
     parser.add_argument("--quiet", action="store_true", help="no progress lines or bars")

@@ -9,7 +9,7 @@ from jobs.scoring import score_all
 
 
 def run_record(config_json: dict, rows: pa.Table, started_at: datetime, finished_at: datetime,
-               gpus: float, counters: dict | None = None) -> dict:
+               gpus: float, counters: dict | None = None, model: dict | None = None) -> dict:
     """Counts, sizes, tokens, wall time, throughput and (with references) scores of one run, from the
     rows it wrote."""
     counts: dict[str, dict[str, int]] = {}
@@ -37,6 +37,8 @@ def run_record(config_json: dict, rows: pa.Table, started_at: datetime, finished
                        "pages_per_s": pages / wall if wall else None,
                        "output_tokens_per_s": output_tokens / wall if wall else None},
         "scores": scores,
+        # the checkpoint that wrote the rows: source, revision, layout, weights_sha (as in every row)
+        "model": model or {},
         # per stage: rows in/out, calls, busy seconds, and what the stage counts itself (bad inputs,
         # chunks, pages; for GPU stages items, output tokens and the engine's prefill/decode split)
         "counters": counters or {},

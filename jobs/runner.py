@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import sys
 from datetime import datetime, timezone
 
 from jobs.graph import build_dataset, plan_cluster
@@ -16,7 +15,7 @@ from jobs.progress import ProgressReporter
 from jobs.run_record import run_record
 from jobs.settings import Settings, from_environment
 from pipeline.model_inputs import load_processor
-from pipeline.model_source import resolve_model
+from pipeline.model_source import describe_model, resolve_model
 from pipeline.read import read_manifest
 from pipeline.resume import drop_superseded, rows_to_redo
 from pipeline.stage import StageContext, start_run_counters
@@ -57,7 +56,10 @@ def with_driver_settings(config: JobConfig, storage: StorageOptions, settings: S
     update = {}
     if storage.endpoint_url and not config.s3_endpoint:  # AWS_ENDPOINT_URL_S3 and friends
         update["s3_endpoint"] = storage.endpoint_url
-    if settings.model_cache and not config.model.cache_dir and not is_local(config.model.source):
+    # PHI4MM_CACHE: where s3:// copies and conversions of main-branch checkpoints go; a hub id keeps
+    # the hub's own cache (HF_HOME), which `cache_dir` would move
+    source = config.model.source
+    if settings.model_cache and not config.model.cache_dir and (not is_local(source) or os.path.isdir(source)):
         update["model"] = config.model.model_copy(update={"cache_dir": settings.model_cache})
     return config.model_copy(update=update) if update else config
 
@@ -71,6 +73,12 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
                              modified_since=config.modified_since)
     # on the console whatever the log level: the first thing to compare with what the manifest should hold
     print(f"phi4mm: manifest {config.input}: {manifest.num_rows} rows read", file=sys.stderr, flush=True)
+    # the checkpoint is checked where it lies (config, adapters, safetensors headers: a few MB read) and
+    # refused here, before Ray starts, when the pipeline cannot use it; what it is goes into the run
+    # record and every row
+    provenance = describe_model(config.model.source, revision=config.model.resolved_revision(),
+                                cache_dir=config.model.cache_dir, options=storage,
+                                need_weights=not config.benchmark.random_weights)
     # the driver only checks the processor loads (a wrong --model fails here, before any GPU starts)
     model_dir = resolve_model(config.model.source, revision=config.model.resolved_revision(),
                               cache_dir=config.model.cache_dir, options=storage, processor_only=True)
@@ -90,7 +98,8 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
     counters: dict = {}
     if manifest.num_rows:
         name, counters_actor = start_run_counters(config.run_id)
-        context = StageContext(config.model_dump_json(), passthrough_schema, counters_actor=name)
+        context = StageContext(config.model_dump_json(), passthrough_schema, counters_actor=name,
+                               model_provenance=provenance)
         cluster = plan_cluster(config, cpus, gpus, manifest.num_rows, settings.autoscaling)
         progress = ProgressReporter(counters_actor, manifest.num_rows, settings.progress_every_s).start() \
             if settings.progress else None
@@ -105,7 +114,8 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
     if config.resume:
         drop_superseded(out_path, out_fs, config.run_id)
     rows = read_results(out_path, out_fs, run_id=config.run_id) if manifest.num_rows else RESULT_SCHEMA.empty_table()
-    record = run_record(config.model_dump(mode="json"), rows, started, datetime.now(timezone.utc), gpus, counters)
+    record = run_record(config.model_dump(mode="json"), rows, started, datetime.now(timezone.utc), gpus, counters,
+                        model=provenance)
     record["stages"] = stages
     write_run_record(config.output, record, fsspec_filesystem(config.output, storage)[0])
     return record

@@ -4,6 +4,12 @@ Every actor calls `resolve_model` in `__init__` and loads from the local folder 
 actors start at once on one node (one per GPU, or two per GPU), so a remote checkpoint is copied once
 per node under a file lock, into a temporary folder renamed into place when complete: a crashed or
 killed copy never leaves a half-written folder that a later actor would load.
+
+A checkpoint in the hub's main-branch layout (the one the model card loads with trust_remote_code) is
+converted to the native layout once per node, into the same cache and under the same lock-staging-marker
+scheme (pipeline/checkpoint_layout.py does the conversion, without running the checkpoint's code). The
+driver calls `describe_model` first: it refuses a checkpoint the pipeline cannot use, before Ray
+starts, and says what was loaded (layout and a fingerprint of the weights) for the run record and rows.
 """
 from __future__ import annotations
 
@@ -14,12 +20,17 @@ import os
 import shutil
 import uuid
 
+from urllib.parse import quote
+
 from filelock import FileLock
 
+from pipeline.checkpoint_layout import (FINGERPRINT_METHOD, CheckpointError, convert_checkpoint,
+                                        inspect_checkpoint, is_remote_code_config)
 from pipeline.storage import StorageOptions, find_files, fsspec_filesystem, is_local
 from schemas.config import DEFAULT_MODEL, DEFAULT_REVISION, JobConfig
 
-__all__ = ["resolve_model", "local_model_dir", "DEFAULT_MODEL", "DEFAULT_REVISION", "COMPLETE_MARKER", "default_cache_root"]
+__all__ = ["resolve_model", "local_model_dir", "describe_model", "DEFAULT_MODEL", "DEFAULT_REVISION",
+           "COMPLETE_MARKER", "default_cache_root", "CheckpointError"]
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +67,87 @@ def resolve_model(spec: str, *, revision: str | None = None, cache_dir: str | No
     """
     spec = spec.strip()
     if is_local(spec):
-        local = os.path.abspath(os.path.expanduser(spec[len("file://"):] if spec.startswith("file://") else spec))
+        local = _local_path(spec)
         if os.path.isdir(local):
-            return local
-        if spec.startswith(("/", ".", "~", "file://")) or os.path.exists(local):
+            return _as_native(local, f"local:{local}:{_listing_key(local)}", cache_dir, processor_only)
+        if _looks_local(spec, local):
             raise FileNotFoundError(f"model {spec!r}: no such local folder")
-        return _from_hub(spec, revision, cache_dir, processor_only)
+        snapshot = _from_hub(spec, revision, cache_dir, processor_only)
+        return _as_native(snapshot, f"hub:{spec}@{os.path.basename(os.path.normpath(snapshot))}", cache_dir,
+                          processor_only)
     return _from_remote(spec, cache_dir, options, processor_only)
+
+
+def _local_path(spec: str) -> str:
+    return os.path.abspath(os.path.expanduser(spec[len("file://"):] if spec.startswith("file://") else spec))
+
+
+def _looks_local(spec: str, local: str) -> bool:
+    """A path, not a hub id: starts like one, or names something that exists."""
+    return spec.startswith(("/", ".", "~", "file://")) or os.path.exists(local)
+
+
+def _listing_key(folder: str) -> str:
+    """Names, sizes and times of a local folder's top-level files: a changed checkpoint converts anew."""
+    entries = []
+    for name in sorted(os.listdir(folder)):
+        st = os.stat(os.path.join(folder, name))
+        entries.append(f"{name}:{st.st_size}:{int(st.st_mtime)}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+
+
+def _cache_name(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _root(cache_dir: str | None) -> str:
+    root = os.path.abspath(os.path.expanduser(cache_dir or default_cache_root()))
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+# -- main-branch checkpoints: converted once per node ------------------------------------------------
+
+def _is_remote_code(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False  # not a checkpoint we can tell: loaded as is (describe_model refuses it on the driver)
+    return isinstance(config, dict) and is_remote_code_config(config)
+
+
+def _native_name(key: str, processor_only: bool) -> str:
+    return _cache_name(key) + "-native" + ("-processor" if processor_only else "")
+
+
+def _as_native(folder: str, key: str, cache_dir: str | None, processor_only: bool,
+               discard_source: bool = False) -> str:
+    """`folder` itself when it is not in the main-branch layout; else its native conversion, made once
+    per node in the cache (`key` names the source: the same source converts to the same folder)."""
+    if not _is_remote_code(folder):
+        return folder
+    root = _root(cache_dir)
+    name = _native_name(key, processor_only)
+    target = os.path.join(root, name)
+    if not os.path.exists(os.path.join(target, COMPLETE_MARKER)):
+        with FileLock(os.path.join(root, name + ".lock")):
+            if not os.path.exists(os.path.join(target, COMPLETE_MARKER)):
+                _remove_leftovers(root, name)
+                staging = os.path.join(root, f"{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                try:
+                    log.info("converting the main-branch checkpoint %s to the native layout in %s", folder, target)
+                    summary = convert_checkpoint(folder, staging, weights=not processor_only)
+                    with open(os.path.join(staging, COMPLETE_MARKER), "w") as f:
+                        json.dump({"converted_from": key, "layout": "remote-code", **summary}, f, indent=1)
+                    if os.path.exists(target):
+                        shutil.rmtree(target)
+                    os.rename(staging, target)
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+    if discard_source and os.path.abspath(folder) != os.path.abspath(target):
+        shutil.rmtree(folder, ignore_errors=True)  # the raw copy of an s3:// checkpoint: not needed again
+    return target
 
 
 # -- remote prefixes ---------------------------------------------------------------------------------
@@ -70,15 +155,20 @@ def resolve_model(spec: str, *, revision: str | None = None, cache_dir: str | No
 def _from_remote(uri: str, cache_dir: str | None, options: StorageOptions | None,
                  processor_only: bool = False) -> str:
     uri = uri.rstrip("/")
-    root = os.path.abspath(os.path.expanduser(cache_dir or default_cache_root()))
-    os.makedirs(root, exist_ok=True)
-    name = hashlib.sha256(uri.encode()).hexdigest()[:16] + ("-processor" if processor_only else "")
+    root = _root(cache_dir)
+    name = _cache_name(uri) + ("-processor" if processor_only else "")
     target = os.path.join(root, name)
+    # a main-branch checkpoint's copy is converted and then removed: its conversion is what is kept
+    converted = os.path.join(root, _native_name(f"remote:{uri}", processor_only))
+    if os.path.exists(os.path.join(converted, COMPLETE_MARKER)):
+        return converted
     if os.path.exists(os.path.join(target, COMPLETE_MARKER)):
-        return target
+        return _as_native(target, f"remote:{uri}", cache_dir, processor_only, discard_source=True)
     with FileLock(os.path.join(root, name + ".lock")):
+        if os.path.exists(os.path.join(converted, COMPLETE_MARKER)):  # converted meanwhile
+            return converted
         if os.path.exists(os.path.join(target, COMPLETE_MARKER)):  # another actor finished meanwhile
-            return target
+            return _as_native(target, f"remote:{uri}", cache_dir, processor_only, discard_source=True)
         _remove_leftovers(root, name)
         staging = os.path.join(root, f"{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
@@ -90,7 +180,7 @@ def _from_remote(uri: str, cache_dir: str | None, options: StorageOptions | None
             os.rename(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return target
+        return _as_native(target, f"remote:{uri}", cache_dir, processor_only, discard_source=True)
 
 
 def _remove_leftovers(root: str, name: str) -> None:
@@ -149,3 +239,130 @@ def local_model_dir(config: JobConfig, processor_only: bool = False) -> str:
     return resolve_model(config.model.source, revision=config.model.resolved_revision(),
                          cache_dir=config.model.cache_dir, options=StorageOptions(endpoint_url=config.s3_endpoint),
                          processor_only=processor_only)
+
+
+# -- what the driver checks and records ---------------------------------------------------------------
+
+HUB_TOKEN_HINT = ("set HF_TOKEN (or run `hf auth login`) with a token that has accepted the model's terms, or "
+                  "mirror the checkpoint to a local folder or s3:// prefix and pass that to --model")
+OFFLINE_HINT = ("HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache: download it once on a machine "
+                "with hub access (`hf download {repo} --revision {revision}`, into the same HF_HOME), or pass "
+                "a local folder or s3:// copy to --model")
+
+
+def describe_model(spec: str, *, revision: str | None = None, cache_dir: str | None = None,
+                   options: StorageOptions | None = None, need_weights: bool = True) -> dict:
+    """What `spec` names, checked where it lies (local disk, the object store, the hub or its local cache)
+    before anything is copied: {"source", "revision", "layout", "weights_sha", "weights_bytes",
+    "fingerprint"}. Raises CheckpointError (a ValueError: the CLI prints it as one line) for a checkpoint
+    the pipeline cannot use, FileNotFoundError for a local path that does not exist. `need_weights=False`
+    (benchmarks on random weights): the config alone is checked, and there is no weights_sha."""
+    spec = spec.strip()
+    resolved_revision = None
+    if is_local(spec):
+        local = _local_path(spec)
+        if os.path.isdir(local):
+            fs, root, label = fsspec_filesystem(local)[0], local, local
+        elif _looks_local(spec, local):
+            raise FileNotFoundError(f"model {spec!r}: no such local folder")
+        else:
+            if revision is None and spec == DEFAULT_MODEL:
+                revision = DEFAULT_REVISION
+            fs, root, resolved_revision = _hub_checkpoint(spec, revision, cache_dir)
+            label = f"{spec}@{revision or 'main'}"
+    else:
+        fs, root = fsspec_filesystem(spec.rstrip("/"), options)
+        label = spec.rstrip("/")
+    try:
+        info = inspect_checkpoint(fs, root, label, need_weights=need_weights)
+    except PermissionError as exc:
+        raise CheckpointError(f"model {label}: access denied ({exc}); run the job with credentials that may "
+                              f"read it") from exc
+    return {"source": spec, "revision": resolved_revision or revision, "layout": info.layout,
+            "weights_sha": info.weights_sha, "weights_bytes": info.weights_bytes, "fingerprint": FINGERPRINT_METHOD}
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_checkpoint(repo_id: str, revision: str | None, cache_dir: str | None):
+    """(filesystem, root, commit) of a hub checkpoint: its local cache snapshot offline, the hub itself
+    online (headers read with range requests: nothing is downloaded)."""
+    import httpx
+    from huggingface_hub import HfApi, HfFileSystem, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    label = f"{repo_id}@{revision or 'main'}"
+    if _hub_offline():
+        try:
+            folder = snapshot_download(repo_id=repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
+        except (LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
+            raise CheckpointError(f"model {label}: {OFFLINE_HINT.format(repo=repo_id, revision=revision or 'main')}"
+                                  ) from exc
+        return fsspec_filesystem(folder)[0], folder, os.path.basename(os.path.normpath(folder))
+    try:
+        commit = HfApi().model_info(repo_id, revision=revision).sha
+    except GatedRepoError as exc:
+        raise CheckpointError(f"model {label}: the hub says this model is gated and the job has no token that "
+                              f"may read it; {HUB_TOKEN_HINT}") from exc
+    except RevisionNotFoundError as exc:
+        raise CheckpointError(f"model {label}: no revision {revision!r} on the hub (the native layout is "
+                              f"revision {DEFAULT_REVISION}; the main branch is converted)") from exc
+    except RepositoryNotFoundError as exc:
+        raise CheckpointError(f"model {label}: no such model on the hub, or a private one the job's token may "
+                              f"not read; check the id, or {HUB_TOKEN_HINT}") from exc
+    except (OfflineModeIsEnabled, ConnectionError, TimeoutError, httpx.TransportError) as exc:
+        raise CheckpointError(f"model {label}: the hub cannot be reached ({type(exc).__name__}); set "
+                              f"HF_HUB_OFFLINE=1 to use the local cache, or pass a local folder or s3:// copy "
+                              f"to --model") from exc
+    return HfFileSystem(), f"{repo_id}@{quote(commit or revision or 'main', safe='')}", commit
+
+
+# -- converting ahead: `phi4mm convert-checkpoint SRC DST` ----------------------------------------------
+
+def convert_to_native(src: str, dst: str, *, revision: str | None = None, options: StorageOptions | None = None,
+                      cache_dir: str | None = None) -> dict:
+    """Convert the main-branch checkpoint at `src` (local folder, s3:// prefix or hub id) into the native
+    layout at `dst` (local folder or s3:// prefix, absent or empty). Returns what describe_model says of
+    the source, with the conversion's summary."""
+    import tempfile
+
+    info = describe_model(src, revision=revision, cache_dir=cache_dir, options=options)
+    if info["layout"] != "remote-code":
+        raise CheckpointError(f"{src} is already in the native layout: nothing to convert; pass it to --model as it is")
+    local_dst = is_local(dst)
+    if local_dst:
+        dst = _local_path(dst)
+        if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+            raise CheckpointError(f"{dst} exists and is not empty: give a new folder to convert into")
+    else:
+        fs_dst, prefix = fsspec_filesystem(dst.rstrip("/"), options)
+        if find_files(fs_dst, prefix):
+            raise CheckpointError(f"{dst} already holds objects: give a new prefix to convert into")
+    work = tempfile.mkdtemp(prefix="phi4mm-convert-",
+                            dir=os.path.dirname(dst.rstrip("/")) if local_dst else None)
+    try:
+        spec = src.strip()
+        if is_local(spec) and os.path.isdir(_local_path(spec)):
+            folder = _local_path(spec)
+        elif is_local(spec):
+            rev = revision if revision is not None or spec != DEFAULT_MODEL else DEFAULT_REVISION
+            folder = _from_hub(spec, rev, cache_dir)
+        else:
+            folder = os.path.join(work, "source")
+            _download(spec.rstrip("/"), folder, options)
+        out = os.path.join(work, "native")
+        summary = convert_checkpoint(folder, out)
+        if local_dst:
+            if os.path.isdir(dst):
+                os.rmdir(dst)
+            os.rename(out, dst)
+        else:
+            files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
+            remote = [f"{prefix}/{os.path.relpath(f, out).replace(os.sep, '/')}" for f in files]
+            fs_dst.put(files, remote)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {**info, "converted_to": dst, **summary}

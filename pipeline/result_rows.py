@@ -23,6 +23,9 @@ class ResultRows(Stage):
         super().__init__(context)
         self.model_name = self.config.model.source
         self.model_revision = self.config.model.resolved_revision()
+        provenance = context.model_provenance or {}
+        self.model_layout = provenance.get("layout")
+        self.model_weights_sha = provenance.get("weights_sha")
         self.schema = result_schema(context.passthrough_schema)
 
     @classmethod
@@ -38,6 +41,8 @@ class ResultRows(Stage):
             "model": pa.array([self.model_name] * n, pa.string()),
             "model_revision": pa.array([self.model_revision] * n, pa.string()),
             "run_id": pa.array([self.config.run_id] * n, pa.string()),
+            "model_layout": pa.array([self.model_layout] * n, pa.string()),
+            "model_weights_sha": pa.array([self.model_weights_sha] * n, pa.string()),
             "processed_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
         }
         arrays = []

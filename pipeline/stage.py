@@ -66,6 +66,9 @@ class StageContext:
     config_json: str
     passthrough_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
     counters_actor: str | None = None  # the run's RunCounters actor; None: counters stay local
+    # what the driver found the checkpoint to be (pipeline/model_source.py: describe_model): source,
+    # revision, layout, weights_sha; None outside a job (unit tests)
+    model_provenance: dict | None = None
 
     @property
     def config(self) -> JobConfig:

@@ -34,6 +34,12 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("model_revision", pa.string()),
     pa.field("run_id", pa.string()),
     pa.field("processed_at", pa.timestamp("us", tz="UTC")),
+    # which weights wrote the row (appended: the columns above keep their order). The layout the
+    # checkpoint came in ("native", or "remote-code": the hub's main branch, converted on load) and a
+    # fingerprint of its weight files (pipeline/checkpoint_layout.py: FINGERPRINT_METHOD), equal for
+    # every copy of the same weights, local, s3:// or hub
+    pa.field("model_layout", pa.string()),
+    pa.field("model_weights_sha", pa.string()),
     # summarize rows: how the summary was made (1 = in one call; n = from n sections of the transcript)
     pa.field("summary_sections", pa.int32()),
     pa.field("summary_from", pa.string()),  # "transcript" or "audio" (and why, when not as asked)
