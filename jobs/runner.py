@@ -33,20 +33,18 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def init_ray(settings: Settings) -> None:
     """Join the cluster in RAY_ADDRESS, else start a local one-machine Ray (the embedded default)."""
     import ray
-
-    if ray.is_initialized():
-        return
-    # worker logs stay in Ray's log folder unless asked for (PHI4MM_WORKER_LOGS=1)
-    if settings.ray_address:
-        ray.init(address=settings.ray_address, log_to_driver=settings.worker_logs)
-    else:
-        # a few logical CPUs more than cores, so the CPU stages and the model actors of a small machine
-        # can be scheduled side by side (they mostly wait on each other)
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=settings.worker_logs,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                     p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)}})
     from ray.data import DataContext
 
+    if not ray.is_initialized():
+        # worker logs stay in Ray's log folder unless asked for (PHI4MM_WORKER_LOGS=1)
+        if settings.ray_address:
+            ray.init(address=settings.ray_address, log_to_driver=settings.worker_logs)
+        else:
+            # a few logical CPUs more than cores, so the CPU stages and the model actors of a small
+            # machine can be scheduled side by side (they mostly wait on each other)
+            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                     log_to_driver=settings.worker_logs, runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                         p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)}})
     # Ray Data's bars on a terminal; in `ray job logs` the progress lines (jobs/progress.py) do that job
     DataContext.get_current().enable_progress_bars = settings.progress and sys.stderr.isatty()
 

@@ -26,6 +26,5 @@ def test_jobs_show_progress_by_default_and_not_with_quiet(run_job, samples_copy,
     n = sum(1 for _ in open(manifest)) - 1
     assert re.search(rf"inputs {n}/{n} prepared, {n}/{n} done, {n} rows written \(0 errors\), [0-9.]+ h of audio",
                      lines[-1]), lines[-1]
-    assert "Traceback" not in err
     assert run_job("transcribe", manifest, tmp_path / "b", "--max-new-tokens", MAX_NEW, "--quiet") == 0
     assert "phi4mm: progress" not in capsys.readouterr().err
