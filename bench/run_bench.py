@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from bench.pipeline_jobs import bench_calls_translate, bench_meetings
 from pipeline.prompts import task_instruction
 
 WORKLOADS = {
@@ -298,7 +299,10 @@ def table(rows: list[dict]) -> str:
                                                   "mean_identical_prefix", "first_step_logits_max_rel_diff",
                                                   "fraction_of_arithmetic_floor", "slots", "prefill_s",
                                                   "decode_s", "decode_ms_per_step", "gpu_pool_busy",
-                                                  "gpu_span_rtfx", "decode_workers_busy", "lora", "note")
+                                                  "gpu_span_rtfx", "decode_workers_busy", "lora", "audio_h",
+                                                  "all_ok", "fallback_fired", "peak_gpu_mib", "engine_prefill_s",
+                                                  "engine_decode_s", "engine_caches_built", "summary_sections",
+                                                  "stage_wall_s", "note")
                           if r.get(k) is not None)
         lines.append(f"| {r['workload']} | {r['engine']} | {r.get('gpus', 1)} | {r['metric']} | {r['value']} | "
                      f"{r['items']} | {r['wall_s']} | {r.get('vs_generate_b32', '')} | {r.get('vs_card_recipe', '')} "
@@ -324,6 +328,9 @@ def main(argv=None):
     ap.add_argument("--pipeline-gpus", default="1", help="comma list, e.g. 1,2")
     ap.add_argument("--pipeline-per-gpu", action="store_true",
                     help="--pipeline-clips are per GPU: N GPUs get N times the clips (scaling runs)")
+    ap.add_argument("--meetings", type=int, default=0, help="N one-hour recordings through `phi4mm meetings`")
+    ap.add_argument("--calls-translate", type=int, default=0,
+                    help="N 30 s calls through transcribe --translate-to fr --summarize")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="measured bf16 matmul rate of the card")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny checkpoint")
     args = ap.parse_args(argv)
@@ -380,6 +387,20 @@ def main(argv=None):
                              "wall_s": round(b["wall_s"] - a["wall_s"], 3),
                              "note": f"(audio of {sizes[-1]} - {sizes[0]} clips) / (wall difference)"})
                 print(json.dumps(rows[-1]), flush=True)
+            write_results(args.out, rows, partial=True)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, n, run in (("meetings", args.meetings, lambda n: bench_meetings(args, ckpt, rows, meta, n, repo)),
+                         ("calls_translate_summarize", args.calls_translate,
+                          lambda n: bench_calls_translate(args, ckpt, rows, meta, n))):
+        if n:
+            try:
+                run(n)
+            except Exception as exc:  # noqa: BLE001 - report it and keep the other rows
+                import traceback
+
+                traceback.print_exc()
+                rows.append({**meta, "workload": name, "engine": "failed", "metric": "-", "value": None,
+                             "items": n, "wall_s": 0, "note": f"{type(exc).__name__}: {exc}"[:300]})
             write_results(args.out, rows, partial=True)
     write_results(args.out, rows, partial=False)
     print(table(rows))

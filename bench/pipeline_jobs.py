@@ -1,0 +1,159 @@
+"""Whole jobs as users run them, on the GPU host: N one-hour meetings, and a night of calls translated
+and summarised. Manifest -> Ray Data -> every GPU pool -> Parquet, random real-shaped weights, fixed
+output lengths (min = max new tokens), everything in the wall time (Ray start, model loads, compile).
+
+    python3 -m bench.run_bench --workloads "" --meetings 8 --calls-translate 2000 --out DIR
+
+Each reports end-to-end RTFx (audio seconds / wall seconds), the time per stage, the run's counters
+(engine prefill/decode split, OOM fallbacks, caches built, summary sections) and the peak GPU memory
+(nvidia-smi, sampled every 0.5 s).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+
+import numpy as np
+
+HOUR_S = 3600.0
+
+
+class GpuMemoryPeak:
+    """Peak `memory.used` of GPU 0 over a `with` block, from nvidia-smi every 0.5 s (MiB; None without one)."""
+
+    def __enter__(self):
+        self.peak_mib, self._stop = None, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.5):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout.split()
+                used = max(int(v) for v in out) if out else None
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                return
+            if used is not None:
+                self.peak_mib = max(self.peak_mib or 0, used)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def meeting_files(folder: str, n: int, seconds: float, source: str) -> list[str]:
+    """`n` recordings of `seconds` each, tiled from the shipped meeting at different offsets (so no two
+    are the same file), FLAC at 16 kHz as a meeting recorder writes them."""
+    import soundfile as sf
+
+    base, rate = sf.read(source, dtype="float32")
+    if base.ndim > 1:
+        base = base.mean(axis=1)
+    assert rate == 16000, rate
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for k in range(n):
+        reps = int(np.ceil(seconds * rate / len(base))) + 1
+        audio = np.roll(np.tile(base, reps), -k * 7919)[: int(seconds * rate)]
+        path = os.path.join(folder, f"meeting-{k:02d}.flac")
+        sf.write(path, audio, rate, format="FLAC")
+        paths.append(path)
+    return paths
+
+
+def run_pipeline_job(config_data: dict, label: str, out_dir: str) -> tuple[dict, float | None]:
+    from jobs.runner import run_job
+    from schemas.config import JobConfig
+
+    config = JobConfig.model_validate(config_data)
+    with GpuMemoryPeak() as mem:
+        record = run_job(config)
+    with open(os.path.join(out_dir, f"pipeline-{label}.json"), "w") as f:
+        json.dump({"counters": record.get("counters"), "stages": record.get("stages"),
+                   "counts": record["counts"], "wall_s": record["wall_s"]}, f, indent=1)
+    return record, mem.peak_mib
+
+
+def summary_of(record: dict, peak_mib: float | None) -> dict:
+    counters = record.get("counters", {})
+    engine = {k: round(sum(c.get(k, 0) for c in counters.values()), 3)
+              for k in ("engine_prefill_s", "engine_decode_s", "engine_oom_fallbacks", "engine_caches_built")}
+    stages = {s["stage"].split("(")[-1].rstrip(")"): s["wall_s"] for s in record.get("stages", [])}
+    return {"counts": record["counts"], "peak_gpu_mib": peak_mib, **engine,
+            "summary_sections": counters.get("PrepareSummaries", {}).get("summary_sections"),
+            "stage_wall_s": stages}
+
+
+def bench_meetings(args, ckpt: str, rows: list[dict], meta: dict, n: int, repo: str) -> dict:
+    """`n` one-hour recordings through `phi4mm meetings`: transcript (100 tokens per 30 s chunk) + summary
+    (300 tokens) of each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    work = os.path.join(args.scratch, "meetings")
+    seconds = HOUR_S * (0.05 if args.tiny else 1.0)
+    paths = meeting_files(os.path.join(work, "audio"), n, seconds, os.path.join(repo, "samples", "long", "meeting.flac"))
+    manifest = os.path.join(work, f"manifest-{n}.parquet")
+    pq.write_table(pa.table({"id": [f"meeting-{k:02d}" for k in range(n)], "uri": paths}), manifest)
+    asr_new, summary_new = (4, 8) if args.tiny else (100, 300)
+    record, peak = run_pipeline_job({
+        "job": "meetings", "input": manifest, "output": os.path.join(work, f"out-{n}"), "model": {"source": ckpt},
+        "generation": {"max_new_tokens": {"asr": asr_new, "summarize": summary_new}},
+        "benchmark": {"random_weights": not args.tiny, "min_new_tokens": summary_new},
+        "batching": {"decoder": "generate" if args.tiny else "static"},
+        "audio": {"reject_no_speech": False},
+        # both pools share the one GPU, one replica each
+        "resources": {"gpus_per_replica": 0.0 if args.tiny else 0.5, "max_replicas": 1},
+    }, f"meetings-{n}", args.out)
+    summary = summary_of(record, peak)
+    ok = all(c.get("error", 0) == 0 for c in record["counts"].values())
+    row = {**meta, "workload": "meetings", "engine": "pipeline", "metric": "rtfx",
+           "value": round(record["audio_s"] / record["wall_s"], 1), "items": n, "wall_s": round(record["wall_s"], 1),
+           "audio_h": round(record["audio_s"] / 3600, 2), "all_ok": ok,
+           "fallback_fired": bool(summary["engine_oom_fallbacks"]), **summary,
+           "note": "end to end: Ray, both model loads, decode, VAD, features, asr + summary pools, Parquet"}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    return record
+
+
+def bench_calls_translate(args, ckpt: str, rows: list[dict], meta: dict, n: int) -> dict:
+    """`transcribe --translate-to fr --summarize` over `n` 30-second calls (16 distinct files)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile as sf
+
+    work = os.path.join(args.scratch, "calls")
+    os.makedirs(os.path.join(work, "audio"), exist_ok=True)
+    rng = np.random.default_rng(2)
+    seconds = 3.0 if args.tiny else 30.0
+    uris = []
+    for k in range(16):
+        path = os.path.join(work, "audio", f"call{k:02d}.wav")
+        sf.write(path, (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
+        uris.append(path)
+    manifest = os.path.join(work, f"manifest-{n}.parquet")
+    pq.write_table(pa.table({"id": [f"call-{i:06d}" for i in range(n)], "uri": [uris[i % 16] for i in range(n)]}),
+                   manifest)
+    new, summary_new = (4, 8) if args.tiny else (100, 300)
+    record, peak = run_pipeline_job({
+        "job": "transcribe", "input": manifest, "output": os.path.join(work, f"out-{n}"), "model": {"source": ckpt},
+        "translate_to": ["fr"], "summarize": True,
+        "generation": {"max_new_tokens": {"asr": new, "translate": new, "summarize": summary_new}},
+        "benchmark": {"random_weights": not args.tiny, "min_new_tokens": summary_new},
+        "batching": {"decoder": "generate" if args.tiny else "static"},
+        "audio": {"reject_no_speech": False},
+        "resources": {"gpus_per_replica": 0.0 if args.tiny else 0.5, "max_replicas": 1},
+    }, f"calls-translate-{n}", args.out)
+    summary = summary_of(record, peak)
+    row = {**meta, "workload": "calls_translate_summarize", "engine": "pipeline", "metric": "rtfx",
+           "value": round(record["audio_s"] / record["wall_s"], 1), "items": n, "wall_s": round(record["wall_s"], 1),
+           "audio_h": round(record["audio_s"] / 3600, 2), **summary,
+           "note": "end to end: asr + translate (fr) + summary per call"}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    return record
