@@ -8,7 +8,7 @@ from pipeline.model_source import local_model_dir
 from pipeline.prompts import task_instruction
 from pipeline.stage import Cluster, Stage, StageContext, StageResources, one_thread_per_worker
 from schemas.config import JobConfig
-from schemas.work_rows import WORK_COLUMNS, WorkChunk, encode_item, work_row, work_table
+from schemas.work_rows import WORK_COLUMNS, WorkChunk, carried_columns, encode_item, work_row, work_table
 
 
 def summary_from_audio(config: JobConfig, duration: float | None) -> bool:
@@ -59,6 +59,6 @@ class PrepareSummaries(Stage):
         self.counters["summaries"] += len(made)
         if not picks:
             return batch
-        extra = [c for c in batch.column_names if c not in made[0]]
-        summaries = work_table(made, batch.select(extra).take(picks) if extra else None)
+        extra = carried_columns(batch)
+        summaries = work_table(made, batch.select(extra).take(picks) if extra else None, carried=True)
         return pa.concat_tables([batch, summaries.select(batch.column_names)])
