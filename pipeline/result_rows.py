@@ -27,7 +27,11 @@ class ResultRows(Stage):
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
-        return StageResources(batch_size=1024)  # one actor; big batches make few, large files
+        # one actor; whole blocks as they come, never gathered: each block that reaches the writer is a
+        # file (per task) at once, so what a kill can throw away is only what is still upstream. A block
+        # here is what one GPU call finished (at most `rows_per_call` rows, written as soon as that call
+        # returns: the unit is bounded by count and by the time of one call)
+        return StageResources(batch_size=None)
 
     def process(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows

@@ -34,7 +34,9 @@ class PrepareSummaries(Stage):
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
-        return StageResources(batch_size=64)  # one actor: tokenising transcripts is quick
+        # one actor: tokenising transcripts is quick; whole blocks as they come, never gathered, so the
+        # rows of a GPU call stream on to the writer (a kill throws away only what is upstream)
+        return StageResources(batch_size=None)
 
     def process(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(list(self.reads)).to_pylist()
