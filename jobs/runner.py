@@ -10,6 +10,8 @@ import os
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
+from pyarrow.fs import LocalFileSystem
+
 from jobs.graph import build_dataset, plan_cluster
 from jobs.run_record import run_record
 from jobs.settings import Settings, from_environment
@@ -21,7 +23,8 @@ from pipeline.errors import OutputError
 from pipeline.stage import StageContext, start_run_counters
 from pipeline.storage import (StorageOptions, fsspec_filesystem, is_local, pyarrow_filesystem,
                               remove_directory_markers)
-from pipeline.write import io_cause, probe_output, read_results, write_results, write_run_record
+from pipeline.write import (io_cause, probe_output, read_results, slow_local_filesystem, write_results,
+                            write_run_record)
 from schemas.config import JobConfig
 from schemas.manifest import passthrough_columns, unknown_target_languages
 from schemas.results import RESULT_SCHEMA
@@ -95,8 +98,11 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
         context = StageContext(config.model_dump_json(), passthrough_schema, counters_actor=name)
         cluster = plan_cluster(config, cpus, gpus, manifest.num_rows, settings.autoscaling)
         try:
+            write_fs = out_fs
+            if config.benchmark.write_delay_s and isinstance(out_fs, LocalFileSystem):  # fault tests only
+                write_fs = slow_local_filesystem(config.benchmark.write_delay_s)
             stages = write_results(build_dataset(config, manifest, cluster, context), out_path, config.run_id,
-                                   filesystem=out_fs, uri=config.output)
+                                   filesystem=write_fs, uri=config.output)
             counters = ray.get(counters_actor.snapshot.remote())
         finally:
             ray.kill(counters_actor)

@@ -55,13 +55,60 @@ def probe_output(uri: str, filesystem: pafs.FileSystem, path: str, run_id: str) 
         raise OutputError(f"output {uri}: cannot {step} there ({_first_line(exc)})") from exc
 
 
+class _Slowly:
+    """A binary file whose every write sleeps first (and lands on disk at once)."""
+
+    def __init__(self, raw, delay_s: float):
+        self.raw, self.delay_s, self.closed = raw, delay_s, False
+
+    def write(self, data) -> int:
+        import time
+
+        time.sleep(self.delay_s)
+        n = self.raw.write(data)
+        self.raw.flush()
+        return n
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def close(self) -> None:
+        self.raw.close()
+        self.closed = True
+
+    def writable(self) -> bool:
+        return True
+
+
+class SlowWrites(pafs.FSSpecHandler):
+    """A local filesystem whose output streams write slowly: BenchmarkConfig.write_delay_s, for the
+    test that kills a run while a result file is half written (tests/test_resume.py)."""
+
+    def __init__(self, delay_s: float):
+        import fsspec.implementations.local
+
+        super().__init__(fsspec.implementations.local.LocalFileSystem())
+        self.delay_s = delay_s
+
+    def __reduce__(self):
+        return SlowWrites, (self.delay_s,)
+
+    def open_output_stream(self, path, metadata):
+        return pa.PythonFile(_Slowly(self.fs.open(path, "wb"), self.delay_s), mode="w")
+
+
+def slow_local_filesystem(delay_s: float) -> pafs.FileSystem:
+    return pafs.PyFileSystem(SlowWrites(delay_s))
+
+
 def write_results(ds, output: str, run_id: str, filesystem=None, uri: str | None = None) -> list[dict]:
     """Execute the graph into Parquet; returns where the time went, per stage (see `stage_times`).
 
     On object stores no directories are created (Ray and pyarrow would leave zero-byte `dir/` objects
     that s3fs-based readers trip over). A write that fails (the disk fills up, permissions change
     mid-run) raises OutputError naming the output and the cause."""
-    local = filesystem is None or isinstance(filesystem, pafs.LocalFileSystem)
+    local = filesystem is None or isinstance(filesystem, pafs.LocalFileSystem) or \
+        (isinstance(filesystem, pafs.PyFileSystem) and isinstance(filesystem.handler, SlowWrites))
     try:
         ds.write_parquet(output, partition_cols=["task"], filename_provider=RunFilenames(run_id),
                          filesystem=filesystem, try_create_dir=local)

@@ -101,6 +101,9 @@ class BenchmarkConfig(_Strict):
     # fault injection, for tests only: a GPU stage whose call includes a row with one of these ids
     # ends its own process (os._exit), as a segfaulting kernel or an OOM kill would
     exit_worker_on_ids: list[str] = Field(default_factory=list)
+    # fault injection, for tests only: every write call of a local result file sleeps this long first,
+    # so that a kill can land while a Parquet file is half written
+    write_delay_s: float = Field(0.0, ge=0.0)
 
 
 class JobConfig(_Strict):
