@@ -75,7 +75,7 @@ class ModelStage(Stage):
                         "one at a time", self.stage_name, len(died), len(rows))
         limit = self.config.resources.poison_after_deaths
         for group in groups:
-            deaths, alone = died.get(key[group[0]], (0, 0)) if len(group) == 1 else (0, 0)
+            _, alone = died.get(key[group[0]], (0, 0)) if len(group) == 1 else (0, 0)
             if alone >= limit:
                 i = group[0]
                 reason = (f"{cols['id'][i]}: killed its worker {alone} time{'s' if alone > 1 else ''} (the process "
@@ -86,8 +86,10 @@ class ModelStage(Stage):
                 log.error("%s", reason)
                 continue
             self.journal("begin", [key[i] for i in group])
-            self.generate_rows(group, cols)
-            self.journal("end", [key[i] for i in group])
+            try:
+                self.generate_rows(group, cols)
+            finally:  # not reached when the process dies: that is what the journal is for
+                self.journal("end", [key[i] for i in group])
         for i in rows:
             cols["chunk_inputs"][i] = [None] * len(cols["chunk_inputs"][i])
         for name in ("chunk_text", "chunk_output_tokens", "chunk_latency_s", "chunk_error", "chunk_inputs"):
