@@ -53,3 +53,29 @@ def test_result_column_in_the_manifest_fails_before_ray_with_one_line(run_job, s
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("phi4mm: ") and "'status'" in err[0]
     assert not out.exists()
+
+
+def test_prepare_makes_only_the_translation_of_a_bad_target_an_error_row(tiny_model):
+    from pipeline.prepare import PrepareWork
+    from pipeline.stage import StageContext
+    from schemas.config import JobConfig
+    from tests.conftest import SAMPLES
+
+    clip = (SAMPLES / "audio" / "call_0001.wav").read_bytes()
+    table = validate_manifest(pa.Table.from_pylist([
+        {"id": "odd", "data": clip, "target_language": "../../etc", "modality": 3},
+        {"id": "plain", "data": clip, "modality": 4},
+    ]))
+    config = JobConfig(job="transcribe", input="m.csv", output="out", translate_to=["fr"], summarize=True,
+                       model={"source": tiny_model})
+    out = PrepareWork(StageContext(config.model_dump_json()))(table).to_pylist()
+    rows = {(r["id"], r["task"], r["target_language"]): r for r in out}
+    # the summary is made later from the asr row, which is a normal speech row here
+    assert sorted(rows) == [("odd", "asr", None), ("odd", "translate", "../../etc"),
+                            ("plain", "asr", None), ("plain", "translate", "fr")]
+    bad = rows[("odd", "translate", "../../etc")]
+    assert bad["modality"] == "none" and "'../../etc'" in bad["error"] and bad["error"].startswith("id odd:")
+    for key in (("odd", "asr", None), ("plain", "asr", None), ("plain", "translate", "fr")):
+        assert rows[key]["error"] is None and rows[key]["modality"] == "speech" and rows[key]["chunk_inputs"]
+    # the manifest's own `modality` rides along under its prefix; the work row's is untouched
+    assert [r["manifest:modality"] for r in out] == [3, 3, 4, 4]
