@@ -8,6 +8,7 @@ chunk (and so its row) as failed, with the reason.
 from __future__ import annotations
 
 import logging
+import os
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,7 +30,8 @@ class ModelStage(Stage):
     rows, and empties their `chunk_inputs` (the features are spent: they are not carried on)."""
 
     modality: str = ""
-    reads = ("modality", "error", "task", "chunk_batch_key", "chunk_inputs", "chunk_text")
+    reads = ("id", "task", "target_language", "page", "modality", "error", "chunk_batch_key", "chunk_inputs",
+             "chunk_text")
     writes = ("chunk_text", "chunk_output_tokens", "chunk_latency_s", "chunk_error", "chunk_inputs")
 
     def __init__(self, context: StageContext):
@@ -63,37 +65,64 @@ class ModelStage(Stage):
         rows = [i for i, m in enumerate(mine) if m]
         if not rows:
             return batch
-        ids = batch["id"].to_pylist()
-        tasks = batch["task"].to_pylist()
-        inputs = batch["chunk_inputs"].to_pylist()
-        keys = batch["chunk_batch_key"].to_pylist()
-        text = batch["chunk_text"].to_pylist()
-        out_tokens = batch["chunk_output_tokens"].to_pylist()
-        latency = batch["chunk_latency_s"].to_pylist()
-        error = batch["chunk_error"].to_pylist()
+        cols = {name: batch[name].to_pylist() for name in (
+            "id", "task", "target_language", "page", "chunk_inputs", "chunk_batch_key", "chunk_text",
+            "chunk_output_tokens", "chunk_latency_s", "chunk_error")}
+        key = {i: (cols["id"][i], cols["task"][i], cols["target_language"][i], cols["page"][i]) for i in rows}
+        # rows that were in a call whose worker died (a retried batch): one at a time from here on, so
+        # the one that kills its worker is found and the others finish (pipeline/stage.py: RunCounters)
+        died = self.journal("deaths", [key[i] for i in rows]) or {}
+        groups = [[i] for i in rows] if died else [rows]
+        if died:
+            log.warning("%s: %d row(s) of this batch were in a call whose worker died; running its %d rows "
+                        "one at a time", self.stage_name, len(died), len(rows))
+        limit = self.config.resources.poison_after_deaths
+        for group in groups:
+            _, alone = died.get(key[group[0]], (0, 0)) if len(group) == 1 else (0, 0)
+            if alone >= limit:
+                i = group[0]
+                reason = (f"{cols['id'][i]}: killed its worker {alone} time{'s' if alone > 1 else ''} (the process "
+                          f"died while generating for it alone), not run again")
+                cols["chunk_error"][i] = [e or (reason if t is None else None)
+                                          for e, t in zip(cols["chunk_error"][i], cols["chunk_text"][i])]
+                self.counters["poison_rows"] += 1
+                log.error("%s", reason)
+                continue
+            self.journal("begin", [key[i] for i in group])
+            try:
+                self.generate_rows(group, cols)
+            finally:  # not reached when the process dies: that is what the journal is for
+                self.journal("end", [key[i] for i in group])
+        for i in rows:
+            cols["chunk_inputs"][i] = [None] * len(cols["chunk_inputs"][i])
+        for name in ("chunk_text", "chunk_output_tokens", "chunk_latency_s", "chunk_error", "chunk_inputs"):
+            batch = set_column(batch, name, cols[name])
+        return batch
+
+    def generate_rows(self, rows: list[int], cols: dict) -> None:
+        """Generate every chunk of `rows` still without text, in one engine call; fill `cols` in place."""
+        ids, tasks, inputs, text = cols["id"], cols["task"], cols["chunk_inputs"], cols["chunk_text"]
+        if self.config.benchmark.exit_worker_on_ids and \
+                {ids[i] for i in rows} & set(self.config.benchmark.exit_worker_on_ids):
+            os._exit(1)  # test-only fault injection (BenchmarkConfig.exit_worker_on_ids)
         limits = self.config.generation.max_new_tokens
         todo = [(i, j) for i in rows for j in range(len(inputs[i])) if text[i][j] is None]
         gens = self.engine.generate([decode_item(inputs[i][j]) for i, j in todo],
-                                    [BatchKey(**keys[i][j]) for i, j in todo],
+                                    [BatchKey(**cols["chunk_batch_key"][i][j]) for i, j in todo],
                                     [limits.get(tasks[i], 256) for i, _ in todo],
                                     self.config.benchmark.min_new_tokens)
         for (i, j), gen in zip(todo, gens):
             if isinstance(gen, Exception):
                 log.warning("generation failed for %s: %s", ids[i], gen)
-                error[i][j] = f"{ids[i]}: generation failed ({type(gen).__name__}: {gen})"
+                cols["chunk_error"][i][j] = f"{ids[i]}: generation failed ({type(gen).__name__}: {gen})"
                 self.counters["generation_errors"] += 1
             else:
-                text[i][j], out_tokens[i][j], latency[i][j] = gen.text, len(gen.token_ids), gen.latency_s
+                text[i][j] = gen.text
+                cols["chunk_output_tokens"][i][j], cols["chunk_latency_s"][i][j] = len(gen.token_ids), gen.latency_s
                 self.counters["output_tokens"] += len(gen.token_ids)
         self.counters["items"] += len(todo)
         for name, value in self.engine.stats.items():  # cumulative: pushed as differences
             self.counters[f"engine_{name}"] = value
-        for i in rows:
-            inputs[i] = [None] * len(inputs[i])
-        for name, values in (("chunk_text", text), ("chunk_output_tokens", out_tokens),
-                             ("chunk_latency_s", latency), ("chunk_error", error), ("chunk_inputs", inputs)):
-            batch = set_column(batch, name, values)
-        return batch
 
 
 class SpeechStage(ModelStage):

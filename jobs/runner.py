@@ -8,7 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timezone
+
+from pyarrow.fs import LocalFileSystem
 
 from jobs.graph import build_dataset, plan_cluster
 from jobs.progress import ProgressReporter
@@ -18,11 +21,14 @@ from pipeline.model_inputs import load_processor
 from pipeline.model_source import describe_model, resolve_model
 from pipeline.read import read_manifest
 from pipeline.resume import drop_superseded, rows_to_redo
+from pipeline.errors import OutputError
 from pipeline.stage import StageContext, start_run_counters
-from pipeline.storage import StorageOptions, fsspec_filesystem, is_local, pyarrow_filesystem
-from pipeline.write import read_results, write_results, write_run_record
+from pipeline.storage import (StorageOptions, fsspec_filesystem, is_local, pyarrow_filesystem,
+                              remove_directory_markers)
+from pipeline.write import (io_cause, probe_output, read_results, slow_local_filesystem, write_results,
+                            write_run_record)
 from schemas.config import JobConfig
-from schemas.manifest import passthrough_columns
+from schemas.manifest import passthrough_columns, unknown_target_languages
 from schemas.results import RESULT_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -81,6 +87,12 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
     model_dir = resolve_model(config.model.source, revision=config.model.resolved_revision(),
                               cache_dir=config.model.cache_dir, options=storage, processor_only=True)
     _check_processor(model_dir)
+    _report_bad_values(manifest, config)
+    # the output is probed before Ray starts: an unwritable one fails now, not after the GPU work
+    out_fs, out_path = pyarrow_filesystem(config.output, storage)
+    with _output_errors(config.output):
+        probe_output(config.output, out_fs, out_path, config.run_id)
+        remove_directory_markers(config.output, storage)
     passthrough_schema = manifest.select(passthrough_columns(manifest.schema)).schema
     if config.resume:
         manifest = rows_to_redo(manifest, config, storage)
@@ -89,7 +101,6 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
     init_ray(settings)
     import ray
 
-    out_fs, out_path = pyarrow_filesystem(config.output, storage)
     cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     gpus = float(ray.cluster_resources().get("GPU", 0))
     stages: list[dict] = []
@@ -102,21 +113,52 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
         progress = ProgressReporter(counters_actor, manifest.num_rows, settings.progress_every_s).start() \
             if settings.progress else None
         try:
+            write_fs = out_fs
+            if config.benchmark.write_delay_s and isinstance(out_fs, LocalFileSystem):  # fault tests only
+                write_fs = slow_local_filesystem(config.benchmark.write_delay_s)
             stages = write_results(build_dataset(config, manifest, cluster, context), out_path, config.run_id,
-                                   filesystem=out_fs)
+                                   filesystem=write_fs, uri=config.output)
             counters = ray.get(counters_actor.snapshot.remote())
         finally:
             if progress is not None:
                 progress.stop()
             ray.kill(counters_actor)
-    if config.resume:
-        drop_superseded(out_path, out_fs, config.run_id)
-    rows = read_results(out_path, out_fs, run_id=config.run_id) if manifest.num_rows else RESULT_SCHEMA.empty_table()
-    record = run_record(config.model_dump(mode="json"), rows, started, datetime.now(timezone.utc), gpus, counters,
-                        model=provenance)
-    record["stages"] = stages
-    write_run_record(config.output, record, fsspec_filesystem(config.output, storage)[0])
+    with _output_errors(config.output):
+        if config.resume:
+            drop_superseded(out_path, out_fs, config.run_id)
+        rows = read_results(out_path, out_fs, run_id=config.run_id) if manifest.num_rows \
+            else RESULT_SCHEMA.empty_table()
+        record = run_record(config.model_dump(mode="json"), rows, started, datetime.now(timezone.utc), gpus,
+                            counters, model=provenance)
+        record["stages"] = stages
+        write_run_record(config.output, record, fsspec_filesystem(config.output, storage)[0])
+        remove_directory_markers(config.output, storage)  # what deletes on S3 re-created (resume)
     return record
+
+
+def _report_bad_values(manifest, config: JobConfig) -> None:
+    """Bad values found on the driver that cost one output of their row each (an error row naming the
+    value, made by PrepareWork), not the run: said once, here, before Ray starts."""
+    if "translate" not in config.tasks:
+        return
+    for code, ids in unknown_target_languages(manifest).items():
+        shown = ", ".join(ids[:10]) + (f" ... and {len(ids) - 10} more" if len(ids) > 10 else "")
+        log.warning("target_language %r is not a known language code: the translation of %d row(s) "
+                    "(ids %s) will be an error row; their other outputs are made as usual", code, len(ids), shown)
+
+
+@contextmanager
+def _output_errors(uri: str):
+    """I/O failures on the output (after the write itself) as one OutputError naming it."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified: only I/O errors are turned into OutputError
+        cause = io_cause(exc)
+        if cause is None:
+            raise
+        raise OutputError(f"output {uri}: {type(cause).__name__}: {cause}") from exc
 
 
 def _check_processor(model_dir: str) -> None:

@@ -7,7 +7,7 @@ the pipeline can tell "this input is bad" (write status=error, move on) from "ou
 """
 from __future__ import annotations
 
-__all__ = ["InputError"]
+__all__ = ["InputError", "OutputError"]
 
 
 class InputError(ValueError):
@@ -30,3 +30,9 @@ class InputError(ValueError):
         """Build the standard message "<source>: <reason>" (source "<input>" when unknown)."""
         name = source if source else "<input>"
         return cls(f"{name}: {reason}", source=source, reason=reason)
+
+
+class OutputError(ValueError):
+    """The output cannot be written: `str(err)` names the output path and the cause. Raised on the
+    driver, before any actor starts (the probe) or when a write fails, and printed by the command line
+    as one `phi4mm:` line instead of a Ray traceback."""

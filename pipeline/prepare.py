@@ -22,6 +22,7 @@ from pipeline.storage import StorageOptions
 from pipeline.summaries import summary_from_audio
 from schemas.config import JobConfig
 from schemas.manifest import passthrough_columns
+from schemas.languages import is_known_language, unknown_language_message
 from schemas.tasks import DERIVED_FROM, output_keys
 from schemas.work_rows import WORK_COLUMNS, WorkChunk, encode_item, work_row, work_table
 
@@ -82,6 +83,7 @@ class PrepareWork(Stage):
                 made = self.error_rows(row, f"{self.name(row)}: could not be prepared "
                                              f"({type(exc).__name__}: {exc})")
                 self.counters["bad_inputs"] += 1
+            made += self.bad_value_rows(row)
             out_rows.extend(made)
             source_rows.extend([i] * len(made))
         keep = passthrough_columns(batch.schema)
@@ -92,11 +94,30 @@ class PrepareWork(Stage):
     def name(row: dict) -> str:
         return row.get("uri") or f"id {row['id']}"
 
-    def input_keys(self, row: dict) -> list:
-        """The output keys this stage makes for an input (schemas/tasks.py); those derived from another
-        task's result (the summary, from the transcript) are made after assembly."""
+    def all_keys(self, row: dict) -> list:
+        """The output keys this stage answers for (schemas/tasks.py); those derived from another task's
+        result (the summary, from the transcript) are made after assembly."""
         return [k for k in output_keys(self.config.tasks, self.config.translate_to, row.get("target_language"))
                 if k.task not in DERIVED_FROM]
+
+    @staticmethod
+    def key_problem(key) -> str | None:
+        """Why one output key of a row cannot be made whatever its input holds: a translation into a
+        language code the model's prompts do not know (a bad value in the manifest row)."""
+        if key.task == "translate" and not is_known_language(key.target_language):
+            return f"target_language: {unknown_language_message(key.target_language)}"
+        return None
+
+    def input_keys(self, row: dict) -> list:
+        """The output keys made from the input's media (the others: `bad_value_rows`)."""
+        return [k for k in self.all_keys(row) if self.key_problem(k) is None]
+
+    def bad_value_rows(self, row: dict) -> list[dict]:
+        """One error row per output key that a bad value in the row rules out; the row's other outputs
+        are made as usual, so a bad `target_language` costs only that translation."""
+        return [work_row(row["id"], key.task, target_language=key.target_language, language=row.get("language"),
+                         error=f"id {row['id']}: {problem}")
+                for key in self.all_keys(row) if (problem := self.key_problem(key)) is not None]
 
     def error_rows(self, row: dict, message: str) -> list[dict]:
         """One error row per output row the input would have produced."""

@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 from pipeline.stage import Cluster, Stage, StageContext, StageResources
 from schemas.config import JobConfig
 from schemas.results import RESULT_COLUMNS, STATUS_ERROR, STATUS_OK, result_schema
-from schemas.work_rows import WORK_COLUMNS
+from schemas.work_rows import WORK_COLUMNS, carried_name
 
 
 class ResultRows(Stage):
@@ -30,7 +30,11 @@ class ResultRows(Stage):
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
-        return StageResources(batch_size=1024)  # one actor; big batches make few, large files
+        # one actor; whole blocks as they come, never gathered: each block that reaches the writer is a
+        # file (per task) at once, so what a kill can throw away is only what is still upstream. A block
+        # here is what one GPU call finished (at most `rows_per_call` rows, written as soon as that call
+        # returns: the unit is bounded by count and by the time of one call)
+        return StageResources(batch_size=None)
 
     def process(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -47,10 +51,13 @@ class ResultRows(Stage):
         }
         arrays = []
         for field in self.schema:
+            # a result column from the work row's own column; a pass-through column from its carried
+            # copy (schemas/work_rows.py: PASSTHROUGH_PREFIX), never from a work column of the same name
+            source = field.name if field.name in RESULT_COLUMNS else carried_name(field.name)
             if field.name in columns:
                 arrays.append(columns[field.name])
-            elif field.name in batch.column_names:
-                arrays.append(batch[field.name].cast(field.type))
+            elif source in batch.column_names:
+                arrays.append(batch[source].cast(field.type))
             else:
                 arrays.append(pa.nulls(n, field.type))
         errors = pc.sum(pc.is_valid(batch["error"])).as_py() or 0

@@ -15,6 +15,7 @@ unit test calling a stage on a hand-made table) they stay on the stage object.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from typing import ClassVar
 import pyarrow as pa
 
 from schemas.config import JobConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,30 @@ class Stage:
         self.push_counters()
         return out
 
+    def journal(self, method: str, *args):
+        """Call the run's journal (RunCounters: `deaths`, `begin`, `end`) synchronously; None without
+        a counters actor (a unit test calling a stage on a hand-made table)."""
+        if self.context.counters_actor is None:
+            return None
+        return self._call_counters(method, *args)
+
+    def _call_counters(self, method: str, *args):
+        """One synchronous call to the run's counters actor. If it cannot be reached (its node was lost
+        and it is restarting), the call is skipped with a warning: counts and journal entries are
+        bookkeeping, and never worth failing a batch of rows over."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+        try:
+            if self._actor is None:
+                self._actor = ray.get_actor(self.context.counters_actor)
+            return ray.get(getattr(self._actor, method).remote(self.stage_name, *args), timeout=60)
+        except (RayActorError, ActorUnavailableError, GetTimeoutError, ValueError) as exc:
+            log.warning("%s: the run's counters actor is unreachable, %s skipped (%s)", self.stage_name, method,
+                        type(exc).__name__)
+            self._actor = None
+            return None
+
     def push_counters(self) -> None:
         """Send what changed since the last push to the run's counters actor (synchronously: a worker
         Ray kills right after its last call must not lose that call's counts)."""
@@ -120,10 +147,8 @@ class Stage:
                  if k not in self._pushed or v != self._pushed[k]}
         if not delta:
             return
-        if self._actor is None:
-            self._actor = ray.get_actor(self.context.counters_actor)
-        ray.get(self._actor.add.remote(self.stage_name, delta))
-        self._pushed = Counter(self.counters)
+        if self._call_counters("add", delta):  # else: sent again with the next push
+            self._pushed = Counter(self.counters)
 
 
 def one_thread_per_worker() -> None:
@@ -135,13 +160,55 @@ def one_thread_per_worker() -> None:
 
 
 class RunCounters:
-    """Sums of every stage worker's counters for one run (a Ray actor: see `start_run_counters`)."""
+    """Sums of every stage worker's counters for one run (a Ray actor: see `start_run_counters`), and
+    the run's journal of GPU calls in flight (`begin` / `end` / `deaths`).
+
+    The journal is how a poison input is found: Ray restarts a GPU actor whose process died mid-call
+    and retries that call without limit, so an input that kills its worker every time would be retried
+    forever. A GPU stage records the work-row keys of a call before it runs (`begin`) and clears them
+    after (`end`); keys still recorded when the same rows come back were in a call whose worker died.
+    The stage then runs that batch's rows one at a time, and a row whose worker died while it ran alone
+    `poison_after_deaths` times becomes an error row without running again (actors/stages.py).
+    """
 
     def __init__(self):
         self.totals: dict[str, Counter] = {}
+        self.in_flight: dict[tuple, int] = {}  # (stage, key) -> rows in the call it is in
+        self.died: Counter = Counter()  # (stage, key) -> worker deaths while it was in flight
+        self.died_alone: Counter = Counter()  # ... while it was in flight alone
 
-    def add(self, stage: str, delta: dict) -> None:
+    def deaths(self, stage: str, keys: list) -> dict:
+        """{key: (deaths, deaths alone)} of the keys whose worker died mid-call (now or before): a key
+        still in flight when it is looked up again was in a call that never ended."""
+        out, found = {}, 0
+        for key in keys:
+            sk = (stage, tuple(key))
+            size = self.in_flight.pop(sk, None)
+            if size is not None:
+                found += 1
+                self.died[sk] += 1
+                self.died_alone[sk] += size == 1
+            if self.died[sk]:
+                out[tuple(key)] = (self.died[sk], self.died_alone[sk])
+        if found:
+            self.totals.setdefault(stage, Counter()).update(rows_in_dead_calls=found)
+        return out
+
+    def begin(self, stage: str, keys: list) -> None:
+        for key in keys:
+            self.in_flight[(stage, tuple(key))] = len(keys)
+
+    def end(self, stage: str, keys: list) -> None:
+        for key in keys:
+            self.in_flight.pop((stage, tuple(key)), None)
+
+    def calls_in_flight(self, stage: str) -> int:
+        """How many work rows of `stage` are in a call now (for monitoring and fault tests)."""
+        return sum(1 for s, _ in self.in_flight if s == stage)
+
+    def add(self, stage: str, delta: dict) -> bool:
         self.totals.setdefault(stage, Counter()).update(delta)
+        return True
 
     def snapshot(self) -> dict[str, dict]:
         return {stage: {k: round(v, 3) if isinstance(v, float) else v for k, v in sorted(c.items())}
@@ -152,5 +219,10 @@ def start_run_counters(run_id: str):
     """The run's counters actor (its name goes into every StageContext); kill it after reading it."""
     import ray
 
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     name = f"phi4mm-counters-{run_id}"
-    return name, ray.remote(num_cpus=0)(RunCounters).options(name=name).remote()
+    # on the driver's node: losing a worker node must not lose the run's counters and journal
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return name, ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(RunCounters).options(
+        name=name, scheduling_strategy=here).remote()

@@ -31,7 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["StorageOptions", "fsspec_filesystem", "pyarrow_filesystem", "protocol_of", "is_local",
-           "local_path", "find_files", "is_file_entry", "ENDPOINT_ENV_VARS"]
+           "local_path", "find_files", "is_file_entry", "remove_directory_markers", "ENDPOINT_ENV_VARS"]
 
 # Read, in this order, when `endpoint_url` is not given (the AWS SDKs' own names for the setting).
 ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -158,6 +158,42 @@ def is_file_entry(path: str, info: dict) -> bool:
 def find_files(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict]:
     """{path: info} of every file below `path` (recursive), directory markers left out."""
     return {p: i for p, i in fs.find(path, detail=True).items() if is_file_entry(p, i)}
+
+
+def remove_directory_markers(uri: str, options: StorageOptions | None = None) -> list[str]:
+    """Delete the zero-byte "directory" objects (`out/`, `out/task=asr/`) under an S3 prefix; returns
+    their keys. No-op elsewhere.
+
+    pyarrow's S3 client leaves them behind (`create_dir`, and `delete_file` re-creates a folder that
+    its last file left), and readers that list through s3fs (pandas, pyarrow's dataset over s3fs,
+    Polars) then take `out/task=asr/` for a file and fail with FileNotFoundError. S3 has no folders:
+    the objects below a prefix are all a reader needs.
+    """
+    if protocol_of(uri) not in _S3_PROTOCOLS:
+        return []
+    fs, path = fsspec_filesystem(uri, options)
+    path = path.rstrip("/")
+    bucket, _, prefix = path.partition("/")
+    try:
+        entries = fs.find(path, detail=True, withdirs=True)
+    except FileNotFoundError:
+        return []
+    # the prefix's own marker is not always listed below it
+    entries = {**entries, **({f"{path}/": {"size": 0}} if prefix else {})}
+    removed = []
+    for name, info in entries.items():
+        if not name.endswith("/") or info.get("size") not in (0, None):
+            continue
+        key = name.split("/", 1)[1]
+        if not key:
+            continue
+        try:
+            fs.call_s3("head_object", Bucket=bucket, Key=key)
+        except (FileNotFoundError, OSError):
+            continue  # no such object: a prefix, not a marker
+        fs.call_s3("delete_object", Bucket=bucket, Key=key)
+        removed.append(key)
+    return removed
 
 
 def pyarrow_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:

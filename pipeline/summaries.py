@@ -8,7 +8,7 @@ from pipeline.model_source import local_model_dir
 from pipeline.prompts import section_instruction, task_instruction
 from pipeline.stage import Cluster, Stage, StageContext, StageResources, one_thread_per_worker
 from schemas.config import JobConfig
-from schemas.work_rows import WORK_COLUMNS, WorkChunk, encode_item, work_row, work_table
+from schemas.work_rows import WORK_COLUMNS, WorkChunk, carried_columns, encode_item, work_row, work_table
 
 
 def summary_from_audio(config: JobConfig, duration: float | None) -> bool:
@@ -36,7 +36,9 @@ class PrepareSummaries(Stage):
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
-        return StageResources(batch_size=64)  # one actor: tokenising transcripts is quick
+        # one actor: tokenising transcripts is quick; whole blocks as they come, never gathered, so the
+        # rows of a GPU call stream on to the writer (a kill throws away only what is upstream)
+        return StageResources(batch_size=None)
 
     def process(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(list(self.reads)).to_pylist()
@@ -59,8 +61,8 @@ class PrepareSummaries(Stage):
         self.counters["summaries"] += len(made)
         if not picks:
             return batch
-        extra = [c for c in batch.column_names if c not in made[0]]
-        summaries = work_table(made, batch.select(extra).take(picks) if extra else None)
+        extra = carried_columns(batch)
+        summaries = work_table(made, batch.select(extra).take(picks) if extra else None, carried=True)
         return pa.concat_tables([batch, summaries.select(batch.column_names)])
 
     def summary_row(self, row: dict, common: dict) -> dict:

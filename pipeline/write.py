@@ -7,12 +7,19 @@ task, so a retried write task replaces its own file instead of adding a duplicat
 from __future__ import annotations
 
 import json
+import logging
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 from ray.data.datasource import FilenameProvider
 
+from pipeline.errors import OutputError
+
+log = logging.getLogger(__name__)
+
 RUNS_DIR = "_runs"
+PROBE_PREFIX = "_phi4mm-probe-"  # hidden from readers ("_"), like _runs/
 
 
 class RunFilenames(FilenameProvider):
@@ -26,11 +33,111 @@ class RunFilenames(FilenameProvider):
         return f"part-{self.run_id}-{write_uuid}-{task_index:06d}.parquet"
 
 
-def write_results(ds, output: str, run_id: str, filesystem=None) -> list[dict]:
-    """Execute the graph into Parquet; returns where the time went, per stage (see `stage_times`)."""
-    ds.write_parquet(output, partition_cols=["task"], filename_provider=RunFilenames(run_id),
-                     filesystem=filesystem)
+def probe_output(uri: str, filesystem: pafs.FileSystem, path: str, run_id: str) -> None:
+    """Create, write, read back and delete a marker file under the output, through the filesystem the
+    write will use, so an unwritable output (no such bucket, no permission, a file in the way, a
+    read-only disk) fails before any actor starts, as OutputError naming the path and the cause."""
+    marker = f"{path.rstrip('/')}/{PROBE_PREFIX}{run_id}"
+    step = "create the output folder"
+    try:
+        if isinstance(filesystem, pafs.LocalFileSystem):  # object stores have no folders to create
+            filesystem.create_dir(path, recursive=True)
+        step = "write a file"
+        with filesystem.open_output_stream(marker) as f:
+            f.write(b"phi4mm output probe\n")
+        step = "read a file back"
+        with filesystem.open_input_stream(marker) as f:
+            if f.read() != b"phi4mm output probe\n":
+                raise OSError("the file read back differs from the one written")
+        step = "delete a file"
+        filesystem.delete_file(marker)
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputError(f"output {uri}: cannot {step} there ({_first_line(exc)})") from exc
+
+
+class _Slowly:
+    """A binary file whose every write sleeps first (and lands on disk at once)."""
+
+    def __init__(self, raw, delay_s: float):
+        self.raw, self.delay_s, self.closed = raw, delay_s, False
+
+    def write(self, data) -> int:
+        import time
+
+        time.sleep(self.delay_s)
+        n = self.raw.write(data)
+        self.raw.flush()
+        return n
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def close(self) -> None:
+        self.raw.close()
+        self.closed = True
+
+    def writable(self) -> bool:
+        return True
+
+
+class SlowWrites(pafs.FSSpecHandler):
+    """A local filesystem whose output streams write slowly: BenchmarkConfig.write_delay_s, for the
+    test that kills a run while a result file is half written (tests/test_resume.py)."""
+
+    def __init__(self, delay_s: float):
+        import fsspec.implementations.local
+
+        super().__init__(fsspec.implementations.local.LocalFileSystem())
+        self.delay_s = delay_s
+
+    def __reduce__(self):
+        return SlowWrites, (self.delay_s,)
+
+    def open_output_stream(self, path, metadata):
+        return pa.PythonFile(_Slowly(self.fs.open(path, "wb"), self.delay_s), mode="w")
+
+
+def slow_local_filesystem(delay_s: float) -> pafs.FileSystem:
+    return pafs.PyFileSystem(SlowWrites(delay_s))
+
+
+def write_results(ds, output: str, run_id: str, filesystem=None, uri: str | None = None) -> list[dict]:
+    """Execute the graph into Parquet; returns where the time went, per stage (see `stage_times`).
+
+    On object stores no directories are created (Ray and pyarrow would leave zero-byte `dir/` objects
+    that s3fs-based readers trip over). A write that fails (the disk fills up, permissions change
+    mid-run) raises OutputError naming the output and the cause."""
+    local = filesystem is None or isinstance(filesystem, pafs.LocalFileSystem) or \
+        (isinstance(filesystem, pafs.PyFileSystem) and isinstance(filesystem.handler, SlowWrites))
+    try:
+        ds.write_parquet(output, partition_cols=["task"], filename_provider=RunFilenames(run_id),
+                         filesystem=filesystem, try_create_dir=local)
+    except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised as it is
+        cause = io_cause(exc)
+        if cause is None:
+            raise
+        raise OutputError(f"output {uri or output}: writing the results failed ({_first_line(cause)})") from exc
     return stage_times(ds)
+
+
+def io_cause(exc: BaseException) -> BaseException | None:
+    """The deepest I/O error (OSError, pyarrow's I/O errors) in an exception's chain, through Ray's
+    wrappers (`cause`, `__cause__`, `__context__`); None when there is none."""
+    found, seen, todo = None, set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and not type(e).__module__.startswith("ray"):
+            found = e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return found
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def stage_times(ds) -> list[dict]:

@@ -158,6 +158,9 @@ class ResourcesConfig(_Strict):
     autoscale_max_replicas: int = Field(16, ge=1)  # joining a cluster: how far pools may grow
     accelerator_type: str | None = None  # e.g. "L40S", "H100": which GPU nodes the autoscaler adds
     cpus_per_prepare_task: float = Field(1.0, gt=0.0)
+    # a work row whose GPU worker process died while it was generating alone this many times becomes an
+    # error row without running again (a poison input); the rest of its batch is retried and finishes
+    poison_after_deaths: int = Field(2, ge=1)
 
 
 class BenchmarkConfig(_Strict):
@@ -166,6 +169,12 @@ class BenchmarkConfig(_Strict):
     random_weights: bool = False
     # decode at least this many tokens per item: with min == max every engine does the same work
     min_new_tokens: int = Field(0, ge=0)
+    # fault injection, for tests only: a GPU stage whose call includes a row with one of these ids
+    # ends its own process (os._exit), as a segfaulting kernel or an OOM kill would
+    exit_worker_on_ids: list[str] = Field(default_factory=list)
+    # fault injection, for tests only: every write call of a local result file sleeps this long first,
+    # so that a kill can land while a Parquet file is half written
+    write_delay_s: float = Field(0.0, ge=0.0)
 
 
 class JobConfig(_Strict):

@@ -19,5 +19,12 @@ def language_name(code: str) -> str:
     try:
         return LANGUAGE_NAMES[code.strip().lower()]
     except KeyError:
-        known = ", ".join(sorted(LANGUAGE_NAMES))
-        raise ValueError(f"unknown language code {code!r}; known: {known}") from None
+        raise ValueError(unknown_language_message(code)) from None
+
+
+def is_known_language(code: str | None) -> bool:
+    return code is not None and code.strip().lower() in LANGUAGE_NAMES
+
+
+def unknown_language_message(code: str | None) -> str:
+    return f"unknown language code {code!r}; known: {', '.join(sorted(LANGUAGE_NAMES))}"

@@ -14,18 +14,25 @@ pipeline may rely on every known column being present with its contract type:
 | `target_language` | string | translation target (or null)                                 |
 | `reference`       | string | reference text for scoring (or null)                         |
 
-Every other column is passed through, type untouched, to every result row.
+Every other column is passed through, type untouched, to every result row, except `data` (the
+payload) and the result schema's own names: a manifest column named like a result column the pipeline
+fills itself (`status`, `text`, `task`, `error`, `page`, `model`, ...) is refused, with a message naming
+it, rather than dropped or overwritten. Inside the pipeline the pass-through columns travel under their
+own prefix (schemas/work_rows.py: PASSTHROUGH_PREFIX), so they can never collide with a work-row column
+(`modality`, `chunk_text`, ...) either.
 """
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from schemas.languages import LANGUAGE_NAMES
 from schemas.results import RESULT_COLUMNS
 
 __all__ = [
     "ID", "URI", "DATA", "KIND", "LANGUAGE", "TARGET_LANGUAGE", "REFERENCE", "KINDS", "KNOWN_FIELDS",
-    "KNOWN_COLUMNS", "PASSTHROUGH_EXCLUDE", "ManifestError", "validate_manifest", "passthrough_columns",
+    "KNOWN_COLUMNS", "PASSTHROUGH_EXCLUDE", "RESERVED_COLUMNS", "ManifestError", "validate_manifest",
+    "passthrough_columns", "unknown_target_languages",
 ]
 
 ID = "id"
@@ -59,6 +66,11 @@ KNOWN_COLUMNS: tuple[str, ...] = tuple(KNOWN_FIELDS)
 # jobs/scoring.py reads the row's `reference` (or `reference_<task>`) from the results.
 PASSTHROUGH_EXCLUDE: frozenset[str] = frozenset({DATA, *RESULT_COLUMNS})
 
+# Result columns the pipeline fills itself: a manifest column of one of these names is refused (it can
+# neither travel next to the result's own column nor replace it). The manifest's own known columns that
+# are also result columns (`id`, `language`, `target_language`) are the values the run uses.
+RESERVED_COLUMNS: tuple[str, ...] = tuple(c for c in RESULT_COLUMNS if c not in KNOWN_FIELDS)
+
 # How many offending ids a message lists before it just counts.
 _MAX_LISTED = 10
 
@@ -75,7 +87,8 @@ def passthrough_columns(schema: pa.Schema) -> list[str]:
 def validate_manifest(table: pa.Table) -> pa.Table:
     """Refuse a manifest the pipeline cannot run; return it with the contract types.
 
-    Refused (ManifestError): no `id` column; neither `uri` nor `data`; zero rows; null or blank ids;
+    Refused (ManifestError): no `id` column; neither `uri` nor `data`; a column named like a result
+    column the pipeline fills (RESERVED_COLUMNS: `status`, `text`, `task`, ...); zero rows; null or blank ids;
     rows with neither a uri nor data; duplicate ids; a `kind` outside audio|image|document|meeting;
     a known column that cannot be cast to its type; repeated column names. Row-level problems are
     collected and reported together so one run of the check shows everything to fix.
@@ -93,6 +106,12 @@ def validate_manifest(table: pa.Table) -> pa.Table:
         raise ManifestError(f"manifest has no 'id' column (columns: {_list(names)})")
     if URI not in names and DATA not in names:
         raise ManifestError(f"manifest has neither a 'uri' nor a 'data' column (columns: {_list(names)})")
+    reserved = [n for n in names if n in RESERVED_COLUMNS]
+    if reserved:
+        listed = ", ".join(repr(n) for n in reserved)
+        raise ManifestError(f"manifest column(s) {listed} have the name of a result column that the pipeline "
+                            f"fills itself (reserved: {', '.join(RESERVED_COLUMNS)}); rename them, e.g. "
+                            f"{reserved[0]!r} -> 'source_{reserved[0]}'")
     if table.num_rows == 0:
         raise ManifestError("manifest has no rows")
 
@@ -117,6 +136,22 @@ def validate_manifest(table: pa.Table) -> pa.Table:
             arrays.append(table.column(field.name))
             fields.append(field)
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=table.schema.metadata))
+
+
+def unknown_target_languages(table: pa.Table) -> dict[str, list[str]]:
+    """{code: ids} of the rows of a validated manifest whose own `target_language` is not a language
+    code the jobs know (schemas/languages.py).
+
+    Not a reason to refuse the manifest: it is a bad value in one row, and it costs only that row's
+    translation (PrepareWork writes an error row naming the code for it, and the row's other outputs
+    are made as usual); the driver reports these rows before Ray starts."""
+    codes = table[TARGET_LANGUAGE]
+    known = pa.array(sorted(LANGUAGE_NAMES))
+    bad = pc.and_(pc.is_valid(codes), pc.invert(pc.is_in(pc.utf8_lower(codes), value_set=known)))
+    out: dict[str, list[str]] = {}
+    for code, rid in zip(pc.filter(codes, bad).to_pylist(), pc.filter(table[ID], bad).to_pylist()):
+        out.setdefault(code, []).append(rid)
+    return out
 
 
 def _row_problems(columns: dict[str, pa.ChunkedArray]) -> list[str]:

@@ -57,6 +57,23 @@ WORK_FIELDS: list[pa.Field] = [
 WORK_SCHEMA = pa.schema(WORK_FIELDS)
 WORK_COLUMNS = [f.name for f in WORK_FIELDS]
 
+# The manifest's pass-through columns ride along in a work table under this prefix (`agent_id` travels
+# as `manifest:agent_id`), a namespace of their own: a manifest column named `modality` or `chunk_text`
+# can neither overwrite nor be overwritten by the work row's column of that name. ResultRows
+# (pipeline/result_rows.py) restores the names.
+PASSTHROUGH_PREFIX = "manifest:"
+assert not any(c.startswith(PASSTHROUGH_PREFIX) for c in WORK_COLUMNS)
+
+
+def carried_name(name: str) -> str:
+    """A pass-through column's name inside a work table."""
+    return PASSTHROUGH_PREFIX + name
+
+
+def carried_columns(table: pa.Table) -> list[str]:
+    """The pass-through columns of a work table, by their names there (prefixed)."""
+    return [c for c in table.column_names if c.startswith(PASSTHROUGH_PREFIX)]
+
 
 def encode_item(inputs: dict[str, np.ndarray]) -> bytes:
     return pickle.dumps(inputs, protocol=5)
@@ -96,13 +113,18 @@ def work_row(row_id: str, task: str, *, chunks: list[WorkChunk] = (), target_lan
     }
 
 
-def work_table(rows: list[dict], passthrough: pa.Table | None) -> pa.Table:
-    """Rows as a table in WORK_SCHEMA, with the passed-through manifest columns appended row by row."""
+def work_table(rows: list[dict], passthrough: pa.Table | None, *, carried: bool = False) -> pa.Table:
+    """Rows as a table in WORK_SCHEMA, with the passed-through manifest columns appended row by row.
+
+    `passthrough` holds the manifest's columns by their own names (they are prefixed here), or with
+    `carried=True` columns already taken from a work table (prefixed, kept as they are)."""
     table = pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
     if passthrough is not None:
-        for name in passthrough.column_names:
-            if name not in WORK_COLUMNS:
-                table = table.append_column(passthrough.schema.field(name), passthrough.column(name))
+        for field in passthrough.schema:
+            name = field.name if carried else carried_name(field.name)
+            if not name.startswith(PASSTHROUGH_PREFIX):
+                raise ValueError(f"{field.name!r} is not a carried pass-through column")
+            table = table.append_column(field.with_name(name), passthrough.column(field.name))
     return table
 
 

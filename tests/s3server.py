@@ -147,9 +147,12 @@ class FaultProxy:
         return StorageOptions(endpoint_url=self.endpoint_url, region=REGION, retries=0)
 
     def fail_next(self, n: int, *, status: int = 503, code: str = "SlowDown",
-                  message: str = "Please reduce your request rate.", method: str | None = "GET") -> None:
+                  message: str = "Please reduce your request rate.", method: str | None = "GET",
+                  path_contains: str | None = None) -> None:
+        """`path_contains`: only requests whose path (bucket/key, url-quoted) holds this string."""
         with self._lock:
-            self._rules.append({"left": n, "status": status, "code": code, "message": message, "method": method})
+            self._rules.append({"left": n, "status": status, "code": code, "message": message, "method": method,
+                                "path": path_contains})
 
     def fail_always(self, **kwargs: Any) -> None:
         self.fail_next(10**9, **kwargs)
@@ -157,10 +160,11 @@ class FaultProxy:
     def count(self, method: str) -> int:
         return sum(1 for m, _ in self.requests if m == method)
 
-    def _failure_for(self, method: str) -> dict | None:
+    def _failure_for(self, method: str, path: str = "") -> dict | None:
         with self._lock:
             for rule in self._rules:
-                if rule["left"] > 0 and rule["method"] in (None, method):
+                if rule["left"] > 0 and rule["method"] in (None, method) and \
+                        (rule.get("path") is None or rule["path"] in path):
                     rule["left"] -= 1
                     return rule
         return None
@@ -182,10 +186,10 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             pass
 
         def _handle(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
+            chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
+            body = self._read_chunked() if chunked else self.rfile.read(int(self.headers.get("Content-Length") or 0))
             proxy.requests.append((self.command, self.path))
-            rule = proxy._failure_for(self.command)
+            rule = proxy._failure_for(self.command, self.path)
             if rule is not None:
                 payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{rule["code"]}</Code>'
                            f'<Message>{rule["message"]}</Message><RequestId>fault-proxy</RequestId></Error>'
@@ -199,7 +203,11 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 return
             conn = http.client.HTTPConnection(*proxy.upstream, timeout=30)
             try:
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                # a chunked upload (pyarrow's S3 client sends those) goes on with its length instead
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("connection", "transfer-encoding", "content-length")}
+                if body or chunked or self.headers.get("Content-Length"):
+                    headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body or None, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
@@ -215,6 +223,18 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                     self.wfile.write(data)
             finally:
                 conn.close()
+
+        def _read_chunked(self) -> bytes:
+            """An HTTP/1.1 chunked request body, de-chunked."""
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                        pass
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()  # the CRLF after each chunk
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

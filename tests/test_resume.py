@@ -146,9 +146,8 @@ def _plant_killed_write(out: Path, manifest: pd.DataFrame, done_ids: list[str], 
     """What a kill during the write phase leaves in the output: a file that landed whole, with ok rows
     of the killed run, and one cut off mid-write (pyarrow writes local files in place, not by rename).
 
-    The pipeline writes all its files at the very end of the run (after the assembly shuffle), in a
-    window of milliseconds before the run record, so a kill timed from outside cannot land in it
-    reliably; these two files stand in for it. Both are named as the killed run's write would name them.
+    Used when the kill landed before any file did; both are named as the killed run's write would name
+    them. A torn file from a real kill during the write: tests/test_torn_write.py.
     """
     valid = validate_manifest(pa.Table.from_pandas(manifest, preserve_index=False))
     passthrough = valid.select(passthrough_columns(valid.schema)).schema

@@ -68,7 +68,7 @@ def test_prepare_makes_one_work_row_per_output_key(prepared):
     good = [r for r in rows if r["id"] != "junk"]
     assert all(r["error"] is None and r["modality"] == "speech" and r["chunk_inputs"] for r in good)
     assert all(r["duration_s"] and r["duration_s"] > 1 for r in good)
-    assert out["agent"].to_pylist() == [{"own": "a1", "job": "a2", "junk": "a3"}[i] for i in out["id"].to_pylist()]
+    assert out["manifest:agent"].to_pylist() == [{"own": "a1", "job": "a2", "junk": "a3"}[i] for i in out["id"].to_pylist()]
     assert out.schema.names[:len(WORK_COLUMNS)] == WORK_COLUMNS
     assert stage.counters["bad_inputs"] == 1 and stage.counters["audio_inputs"] == 2
     assert stage.counters["rows_in"] == 3 and stage.counters["rows_out"] == out.num_rows == 8
@@ -123,7 +123,7 @@ def test_prepare_summaries_adds_a_summary_row_for_every_transcript(tiny_model):
     summaries = {r["id"]: r for r in out.slice(4).to_pylist()}
     assert set(summaries) == {"ok", "bad", "empty"} and all(r["task"] == "summarize" for r in summaries.values())
     assert summaries["ok"]["modality"] == "text" and summaries["ok"]["error"] is None
-    assert summaries["ok"]["chunk_input_tokens"][0] > 5 and summaries["ok"]["agent"] == "a"
+    assert summaries["ok"]["chunk_input_tokens"][0] > 5 and summaries["ok"]["manifest:agent"] == "a"
     assert summaries["bad"]["error"] == "no summary: the transcript failed (bad.wav: cannot decode audio)"
     assert "transcript is empty" in summaries["empty"]["error"]
     assert stage.counters["summaries"] == 3
