@@ -78,6 +78,20 @@ def run_pipeline_job(config_data: dict, label: str, out_dir: str) -> tuple[dict,
     return record, mem.peak_mib
 
 
+def job_config(args, job: str, ckpt: str, manifest: str, output: str) -> dict:
+    """Fixed output lengths (100 tokens per 30 s of speech, 300 per summary; min = max, so every run
+    does the same work), random weights, both GPU pools on the one GPU, one replica each."""
+    speech_new, summary_new = (4, 8) if args.tiny else (100, 300)
+    return {
+        "job": job, "input": manifest, "output": output, "model": {"source": ckpt},
+        "generation": {"max_new_tokens": {"asr": speech_new, "translate": speech_new, "summarize": summary_new}},
+        "benchmark": {"random_weights": not args.tiny, "min_new_tokens": summary_new},
+        "batching": {"decoder": "generate" if args.tiny else "static"},
+        "audio": {"reject_no_speech": False},
+        "resources": {"gpus_per_replica": 0.0 if args.tiny else 0.5, "max_replicas": 1},
+    }
+
+
 def summary_of(record: dict, peak_mib: float | None) -> dict:
     counters = record.get("counters", {})
     engine = {k: round(sum(c.get(k, 0) for c in counters.values()), 3)
@@ -99,16 +113,8 @@ def bench_meetings(args, ckpt: str, rows: list[dict], meta: dict, n: int, repo: 
     paths = meeting_files(os.path.join(work, "audio"), n, seconds, os.path.join(repo, "samples", "long", "meeting.flac"))
     manifest = os.path.join(work, f"manifest-{n}.parquet")
     pq.write_table(pa.table({"id": [f"meeting-{k:02d}" for k in range(n)], "uri": paths}), manifest)
-    asr_new, summary_new = (4, 8) if args.tiny else (100, 300)
-    record, peak = run_pipeline_job({
-        "job": "meetings", "input": manifest, "output": os.path.join(work, f"out-{n}"), "model": {"source": ckpt},
-        "generation": {"max_new_tokens": {"asr": asr_new, "summarize": summary_new}},
-        "benchmark": {"random_weights": not args.tiny, "min_new_tokens": summary_new},
-        "batching": {"decoder": "generate" if args.tiny else "static"},
-        "audio": {"reject_no_speech": False},
-        # both pools share the one GPU, one replica each
-        "resources": {"gpus_per_replica": 0.0 if args.tiny else 0.5, "max_replicas": 1},
-    }, f"meetings-{n}", args.out)
+    record, peak = run_pipeline_job(job_config(args, "meetings", ckpt, manifest, os.path.join(work, f"out-{n}")),
+                                    f"meetings-{n}", args.out)
     summary = summary_of(record, peak)
     ok = all(c.get("error", 0) == 0 for c in record["counts"].values())
     row = {**meta, "workload": "meetings", "engine": "pipeline", "metric": "rtfx",
@@ -139,16 +145,9 @@ def bench_calls_translate(args, ckpt: str, rows: list[dict], meta: dict, n: int)
     manifest = os.path.join(work, f"manifest-{n}.parquet")
     pq.write_table(pa.table({"id": [f"call-{i:06d}" for i in range(n)], "uri": [uris[i % 16] for i in range(n)]}),
                    manifest)
-    new, summary_new = (4, 8) if args.tiny else (100, 300)
-    record, peak = run_pipeline_job({
-        "job": "transcribe", "input": manifest, "output": os.path.join(work, f"out-{n}"), "model": {"source": ckpt},
-        "translate_to": ["fr"], "summarize": True,
-        "generation": {"max_new_tokens": {"asr": new, "translate": new, "summarize": summary_new}},
-        "benchmark": {"random_weights": not args.tiny, "min_new_tokens": summary_new},
-        "batching": {"decoder": "generate" if args.tiny else "static"},
-        "audio": {"reject_no_speech": False},
-        "resources": {"gpus_per_replica": 0.0 if args.tiny else 0.5, "max_replicas": 1},
-    }, f"calls-translate-{n}", args.out)
+    config = job_config(args, "transcribe", ckpt, manifest, os.path.join(work, f"out-{n}"))
+    record, peak = run_pipeline_job({**config, "translate_to": ["fr"], "summarize": True},
+                                    f"calls-translate-{n}", args.out)
     summary = summary_of(record, peak)
     row = {**meta, "workload": "calls_translate_summarize", "engine": "pipeline", "metric": "rtfx",
            "value": round(record["audio_s"] / record["wall_s"], 1), "items": n, "wall_s": round(record["wall_s"], 1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -61,14 +62,9 @@ def run_job(ray_session, tiny_model):
     return run
 
 
-def session_processes(sid: int) -> list[int]:
-    """Live (not zombie) processes of the session `sid`.
-
-    A command started with `start_new_session=True` leads a session of its own, and everything a Ray it
-    starts runs (gcs, raylet, dashboard, agents, workers) stays in that session. Process groups are not
-    enough: Ray puts every worker in a process group of its own, so `killpg` leaves the workers behind.
-    """
-    pids = []
+def proc_stats():
+    """(pid, the fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, ...) of
+    every process still readable."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -77,10 +73,47 @@ def session_processes(sid: int) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, session, ...
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
+        yield int(entry), stat[stat.rfind(")") + 2:].split()
+
+
+def job_subprocess_env(prefix: str) -> tuple[dict, str]:
+    """(environment, Ray temp folder) for a job run as a subprocess with a Ray of its own: the project on
+    PYTHONPATH, offline, no RAY_ADDRESS, and a short temp folder (Ray's socket paths must stay short).
+    The caller removes the folder."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ray_tmp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", RAY_TMPDIR=ray_tmp)
+    return env, ray_tmp
+
+
+def run_concurrently(fn, n: int = 2) -> tuple[list, list[BaseException]]:
+    """Call `fn()` from `n` threads at once: (its results, the exceptions raised)."""
+    import threading
+
+    results, errors = [], []
+
+    def call():
+        try:
+            results.append(fn())
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+def session_processes(sid: int) -> list[int]:
+    """Live (not zombie) processes of the session `sid`.
+
+    A command started with `start_new_session=True` leads a session of its own, and everything a Ray it
+    starts runs (gcs, raylet, dashboard, agents, workers) stays in that session. Process groups are not
+    enough: Ray puts every worker in a process group of its own, so `killpg` leaves the workers behind.
+    """
+    return [pid for pid, fields in proc_stats() if int(fields[3]) == sid and fields[0] != "Z"]
 
 
 def kill_session(sid: int, *, term_first_s: float = 0.0, timeout_s: float = 20.0) -> list[int]:

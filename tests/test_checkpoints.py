@@ -215,10 +215,10 @@ def test_converted_main_branch_generates_as_native(remote_model, tiny_model, nat
 
 
 def test_conversion_runs_once_per_node_under_the_lock(remote_model, tmp_path, monkeypatch):
-    import threading
     import time
 
     import pipeline.model_source as model_source
+    from tests.conftest import run_concurrently
 
     calls = []
     real = model_source.convert_checkpoint
@@ -233,19 +233,7 @@ def test_conversion_runs_once_per_node_under_the_lock(remote_model, tmp_path, mo
     cache.mkdir()
     (cache / (model_source._native_name(f"local:{remote_model}:{model_source._listing_key(remote_model)}", False)
               + ".tmp-999-dead")).mkdir()  # a conversion that died: cleared, not used
-    results, errors = [], []
-
-    def resolve():
-        try:
-            results.append(model_source.resolve_model(remote_model, cache_dir=str(cache)))
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=resolve) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = run_concurrently(lambda: model_source.resolve_model(remote_model, cache_dir=str(cache)))
     assert not errors and len(calls) == 1 and len(set(results)) == 1
     assert not [e for e in os.listdir(cache) if ".tmp-" in e]
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import SAMPLES, read_output
+from tests.conftest import SAMPLES, proc_stats, read_output
 
 HOURS = 3.0
 RATE = 16000
@@ -35,27 +35,19 @@ def tree_pss_bytes(root_pid: int) -> int:
     """Proportional memory (PSS) of `root_pid` and all its descendants (Ray's raylet, object store and
     workers included): shared pages, such as the object store's, are split among the processes that map
     them instead of being counted once per process as RSS would."""
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/smaps_rollup") as f:
-                resident = next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
-        except (OSError, StopIteration):
-            continue
-        parents[int(entry)] = int(stat[stat.rfind(")") + 2:].split()[1])
-        rss[int(entry)] = resident
+    parents = {pid: int(fields[1]) for pid, fields in proc_stats()}
     total = 0
-    for pid in rss:
+    for pid in parents:
         p = pid
         while p and p != root_pid:
             p = parents.get(p, 0)
-        if p == root_pid:
-            total += rss[pid]
+        if p != root_pid:
+            continue
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            continue
     return total
 
 

@@ -9,12 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, SAMPLES, kill_session, read_output
+from tests.conftest import SAMPLES, job_subprocess_env, kill_session, read_output
 
 N_INPUTS = 8
 
@@ -27,10 +26,7 @@ def test_losing_a_worker_node_mid_run_keeps_every_row_once(tiny_model, tmp_path)
                   "uri": [str(clips[i % len(clips)]) for i in range(N_INPUTS)], "language": "en"}
                  ).to_csv(manifest, index=False)
     out, report = tmp_path / "out", tmp_path / "report.json"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    ray_tmp = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # Ray's socket paths must stay short
-    env["RAY_TMPDIR"] = ray_tmp
+    env, ray_tmp = job_subprocess_env("rn")
     log = tmp_path / "driver.log"
     try:
         with open(log, "w") as f:

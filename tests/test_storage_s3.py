@@ -5,7 +5,6 @@ import io
 import json
 import os
 import pickle
-import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -21,6 +20,7 @@ from pipeline.fetch import fetch_bytes
 from pipeline.read import read_manifest
 from pipeline.storage import StorageOptions, fsspec_filesystem, pyarrow_filesystem
 from schemas.manifest import ManifestError
+from tests.conftest import run_concurrently
 from tests.s3server import FaultProxy, free_port
 
 BUCKET = "calls-bkt"
@@ -218,20 +218,8 @@ def test_resolve_model_copies_s3_prefix_once(s3, tmp_path, monkeypatch):
     monkeypatch.setattr(model_source, "_download", counting_download)
     cache = tmp_path / "cache"
     cache.mkdir()
-    results: list[str] = []
-    errors: list[BaseException] = []
-
-    def resolve() -> None:
-        try:
-            results.append(resolve_model(f"s3://{BUCKET}/models/tiny/", cache_dir=str(cache), options=s3.options))
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=resolve) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = run_concurrently(
+        lambda: resolve_model(f"s3://{BUCKET}/models/tiny/", cache_dir=str(cache), options=s3.options))
     assert not errors and len(calls) == 1 and len(set(results)) == 1
     folder = results[0]
     assert sorted(os.listdir(folder)) == sorted([COMPLETE_MARKER, "config.json", "weights"])

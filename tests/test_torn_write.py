@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, SAMPLES, kill_session, read_output
+from tests.conftest import SAMPLES, job_subprocess_env, kill_session, read_output
 
 N_INPUTS = 6
 
@@ -45,10 +44,7 @@ def test_kill_during_the_write_leaves_a_torn_file_that_resume_replaces(tiny_mode
     out = tmp_path / "out"
     slow = tmp_path / "slow.yaml"
     slow.write_text("batching:\n  rows_per_call: 2\nbenchmark:\n  write_delay_s: 0.5\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
-    env["RAY_TMPDIR"] = ray_tmp
+    env, ray_tmp = job_subprocess_env("rt")
 
     log = tmp_path / "first.log"
     try:
