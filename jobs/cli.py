@@ -152,8 +152,7 @@ def execute(make_config, quiet: bool = False) -> int:
     settings = from_environment()
     if quiet:
         settings = dataclasses.replace(settings, progress=False)
-    # force: a process that runs several jobs (a notebook, the tests) logs to the stderr of now
-    logging.basicConfig(level=settings.log_level, force=True,
+    logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = make_config()
@@ -187,7 +186,7 @@ def convert_checkpoint_main(argv: list[str]) -> int:
     parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (MinIO, Ceph, R2)")
     args = parser.parse_args(argv)
     settings = from_environment()
-    logging.basicConfig(level=settings.log_level, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         summary = convert_to_native(args.src, args.dst, revision=args.revision,
                                     options=StorageOptions(endpoint_url=args.s3_endpoint))

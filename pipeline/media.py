@@ -13,6 +13,7 @@ file becomes an error row and never a failed job. Nothing here touches the netwo
 from __future__ import annotations
 
 import io
+import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -537,6 +538,9 @@ def _high_depth_grey_to_rgb(im: Image.Image) -> Image.Image:
     return Image.fromarray(grey).convert("RGB")
 
 
+_EMPTY_PAGE_TREE = re.compile(rb"/Type\s*/Pages\b[^>]*/Count\s+0\b")
+
+
 def _open_pdf(data: bytes, source: str):  # -> pypdfium2.PdfDocument
     import pypdfium2 as pdfium  # imported here: only documents pay for it
 
@@ -546,8 +550,9 @@ def _open_pdf(data: bytes, source: str):  # -> pypdfium2.PdfDocument
         reason = str(err).strip().rstrip(".")
         if "password" in reason.lower():
             raise InputError.about(source, f"PDF is password-protected ({reason})") from err
-        if reason.endswith("(PDFium: Success)"):
-            # PDFium refuses a document whose page tree is empty without setting an error code
+        if reason.endswith("(PDFium: Success)") or _EMPTY_PAGE_TREE.search(bytes(data)):
+            # PDFium refuses a document whose page tree is empty without setting an error code of its
+            # own (the message then carries "Success", or whatever error a previous document left)
             raise InputError.about(source, "cannot open PDF: it has no pages (an empty page tree)") from err
         raise InputError.about(source, f"cannot open PDF ({reason})") from err
 

@@ -141,8 +141,6 @@ class Stage:
         Ray kills right after its last call must not lose that call's counts)."""
         if self.context.counters_actor is None:
             return
-        import ray
-
         delta = {k: v - self._pushed.get(k, 0) for k, v in self.counters.items()
                  if k not in self._pushed or v != self._pushed[k]}
         if not delta:
@@ -218,7 +216,6 @@ class RunCounters:
 def start_run_counters(run_id: str):
     """The run's counters actor (its name goes into every StageContext); kill it after reading it."""
     import ray
-
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     name = f"phi4mm-counters-{run_id}"
