@@ -54,11 +54,12 @@ def reserved_cpus(config: JobConfig, cluster: Cluster) -> float:
     """
     reserved = 1.0  # the driver and Ray
     per_replica = config.resources.gpus_per_replica
+    gpu_stages = gpu_stages_of(config)
     for stage in stages_of(config):
         if stage is PrepareWork:
             continue
         res = stage.resources(config, cluster)
-        if stage in gpu_stages_of(config):
+        if stage in gpu_stages:
             fit = int(cluster.gpus / per_replica) if cluster.gpus > 0 and per_replica > 0 else res.pool_size[1]
             reserved += min(res.pool_size[1], fit)
         else:

@@ -361,6 +361,7 @@ _MULTI_PAGE_FORMATS = {"TIFF"}  # GIF/WebP/MPO frames are animation or previews:
 _PIL_LOCK = threading.RLock()  # Image.MAX_IMAGE_PIXELS is process-global: set it under a lock
 _PDFIUM_LOCK = threading.RLock()  # pdfium is not thread-safe
 
+
 def decode_pages(
     data: bytes,
     source: str,

@@ -290,7 +290,7 @@ def _fake_hub_cache(cache: Path, repo: str, source: str, commit: str = "01234567
 def test_main_branch_from_hub_cache_offline(remote_model, native_generations, tmp_path, monkeypatch):
     from pipeline.model_source import describe_model, resolve_model
 
-    hub_cache, cache = tmp_path / "hub", tmp_path / "cache"
+    hub_cache = tmp_path / "hub"
     _fake_hub_cache(hub_cache, "someone/phi4mm-mirror", remote_model)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     info = describe_model("someone/phi4mm-mirror", cache_dir=str(hub_cache))

@@ -5,7 +5,6 @@ while its calls are in flight (tests/node_loss_driver.py, a head and two worker 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -7,7 +7,6 @@ run removes it and ends with every row exactly once, readable by pyarrow and Duc
 """
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
