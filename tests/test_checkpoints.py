@@ -404,8 +404,11 @@ def test_refuses_a_gated_hub_id_without_a_token(monkeypatch):
         describe_model("someone/gated-phi4mm")
 
 
-def test_a_refused_model_stops_the_job_before_ray(tiny_model, tmp_path, capsys):
-    import ray
+def test_a_refused_model_stops_the_job_before_ray(tiny_model, tmp_path, capsys, monkeypatch):
+    import jobs.runner
+
+    started = []  # the test session may already run a Ray: what counts is that this job asks for none
+    monkeypatch.setattr(jobs.runner, "init_ray", lambda settings: started.append(settings))
 
     from jobs.cli import main
     from tests.conftest import SAMPLES
@@ -417,7 +420,7 @@ def test_a_refused_model_stops_the_job_before_ray(tiny_model, tmp_path, capsys):
            if line.startswith("phi4mm") and " rows read" not in line]  # the manifest count comes first
     assert rc == 2 and len(err) == 1
     assert err[0].startswith(f"phi4mm: {folder}: no vision-lora/adapter_config.json")
-    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+    assert not started and not (tmp_path / "out").exists()
 
 
 def test_layout_of_weights_and_config_must_agree(remote_model, tiny_model, tmp_path):
