@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from actors.tiny_model import build_tiny_model
 from jobs import report, runner
+from jobs.console import native_lines_filtered, quiet_libraries
 from jobs.settings import from_environment
 from pipeline.errors import InputError
 from pipeline.model_source import convert_to_native
@@ -154,6 +155,7 @@ def execute(make_config, quiet: bool = False) -> int:
         settings = dataclasses.replace(settings, progress=False)
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries(settings.log_level)
     try:
         config = make_config()
     except ValidationError as exc:
@@ -163,7 +165,8 @@ def execute(make_config, quiet: bool = False) -> int:
         print(f"phi4mm: {exc}", file=sys.stderr)
         return 2
     try:
-        record = runner.run_job(config, settings)
+        with native_lines_filtered(str(settings.log_level).upper() != "DEBUG"):
+            record = runner.run_job(config, settings)
     except (ManifestError, InputError, ValueError, FileNotFoundError) as exc:
         print(f"phi4mm: {exc}", file=sys.stderr)
         return 2

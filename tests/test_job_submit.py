@@ -87,6 +87,13 @@ def test_job_submit_to_a_local_head(tiny_model, tmp_path):
         assert "Job 'nightly-test' succeeded" in job.stdout, job.stdout[-3000:]
         # the driver ran on the cluster (RAY_ADDRESS set by the job server), from the uploaded working dir
         assert '"run_id": "submitted"' in job.stdout
+        # the job's console (`ray job logs`) carries none of the library lines a user cannot act on
+        # (jobs/console.py): Ray Data's actor-argument C++ line, transformers' LongRoPE warning, plan lines
+        noise = [line for line in job.stdout.splitlines() if any(
+            mark in line for mark in ("core_worker.cc", "rope_parameters", "Execution plan", "Traceback",
+                                      "Progress bars disabled", "Token authentication"))]
+        assert not noise, noise
+        assert "phi4mm: progress" in job.stdout
     finally:
         left = kill_session(head.pid, term_first_s=3.0)
         shutil.rmtree(ray_tmp, ignore_errors=True)
