@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from actors.engine import Phi4MMEngine
 from pipeline.model_inputs import InputBuilder
 from pipeline.model_source import local_model_dir
-from pipeline.prompts import combine_instruction
+from pipeline.prompts import combine_pieces
 from pipeline.stage import Cluster, Stage, StageContext, StageResources
 from pipeline.summaries import fitted, split_in_sections
 from schemas.config import JobConfig
@@ -26,13 +26,14 @@ log = logging.getLogger(__name__)
 
 
 class ModelStage(Stage):
-    """Fills `chunk_text`, `chunk_output_tokens`, `chunk_latency_s` (or `chunk_error`) of its modality's
-    rows, and empties their `chunk_inputs` (the features are spent: they are not carried on)."""
+    """Fills `chunk_text`, `chunk_output_tokens`, `chunk_output_ids`, `chunk_latency_s` (or `chunk_error`)
+    of its modality's rows, and empties their `chunk_inputs` (the features are spent: they are not carried on)."""
 
     modality: str = ""
     reads = ("id", "task", "target_language", "page", "modality", "error", "chunk_batch_key", "chunk_inputs",
              "chunk_text")
-    writes = ("chunk_text", "chunk_output_tokens", "chunk_latency_s", "chunk_error", "chunk_inputs")
+    writes = ("chunk_text", "chunk_output_tokens", "chunk_output_ids", "chunk_latency_s", "chunk_error",
+              "chunk_inputs")
 
     def __init__(self, context: StageContext):
         super().__init__(context)
@@ -67,7 +68,7 @@ class ModelStage(Stage):
             return batch
         cols = {name: batch[name].to_pylist() for name in (
             "id", "task", "target_language", "page", "chunk_inputs", "chunk_batch_key", "chunk_text",
-            "chunk_output_tokens", "chunk_latency_s", "chunk_error")}
+            "chunk_output_tokens", "chunk_output_ids", "chunk_latency_s", "chunk_error")}
         key = {i: (cols["id"][i], cols["task"][i], cols["target_language"][i], cols["page"][i]) for i in rows}
         # rows that were in a call whose worker died (a retried batch): one at a time from here on, so
         # the one that kills its worker is found and the others finish (pipeline/stage.py: RunCounters)
@@ -95,7 +96,7 @@ class ModelStage(Stage):
                 self.journal("end", [key[i] for i in group])
         for i in rows:
             cols["chunk_inputs"][i] = [None] * len(cols["chunk_inputs"][i])
-        for name in ("chunk_text", "chunk_output_tokens", "chunk_latency_s", "chunk_error", "chunk_inputs"):
+        for name in ModelStage.writes:
             batch = set_column(batch, name, cols[name])
         return batch
 
@@ -119,6 +120,7 @@ class ModelStage(Stage):
             else:
                 text[i][j] = gen.text
                 cols["chunk_output_tokens"][i][j], cols["chunk_latency_s"][i][j] = len(gen.token_ids), gen.latency_s
+                cols["chunk_output_ids"][i][j] = gen.token_ids
                 self.counters["output_tokens"] += len(gen.token_ids)
         self.counters["items"] += len(todo)
         for name, value in self.engine.stats.items():  # cumulative: pushed as differences
@@ -146,62 +148,66 @@ class TextStage(ModelStage):
         super().__init__(context)
         self.builder = InputBuilder(local_model_dir(self.config, processor_only=True), self.config.system_prompt)
         self.max_new = self.config.generation.max_new_tokens.get("summarize", 512)
+        self._label_tokens: int | None = None
 
     def process(self, batch: pa.Table) -> pa.Table:
         return self.combine_sections(super().process(batch))
 
     def combine_sections(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(["modality", "error", "chunk_text", "chunk_error", "chunk_input_tokens",
-                             "chunk_output_tokens", "chunk_latency_s"]).to_pylist()
+                             "chunk_output_tokens", "chunk_output_ids", "chunk_latency_s"]).to_pylist()
         todo = {i: r for i, r in enumerate(rows) if r["modality"] == "text" and r["error"] is None
                 and len(r["chunk_text"]) > 1 and not any(r["chunk_error"]) and None not in r["chunk_text"]}
         if not todo:
             return batch
-        summaries = {i: list(r["chunk_text"]) for i, r in todo.items()}
+        # each summary as the ids generated for it (pipeline/model_inputs.py: text_pieces), so a round's
+        # prompt length is known without tokenising anything, and its text for the last one
+        summaries = {i: [self.builder.prompt_ids(ids) for ids in r["chunk_output_ids"]] for i, r in todo.items()}
+        texts = {i: list(r["chunk_text"]) for i, r in todo.items()}
         totals = {i: [sum(r["chunk_input_tokens"]), sum(r["chunk_output_tokens"]), sum(r["chunk_latency_s"])]
                   for i, r in todo.items()}
         failed: dict[int, str] = {}
         ids = batch["id"].to_pylist()
-        overhead = self.builder.text(combine_instruction([])).input_tokens
+        overhead = self.builder.text_pieces(combine_pieces([])).input_tokens
         limit = self.config.summary.window_tokens - self.max_new  # prompt tokens one call may hold
         budget = limit - overhead
         while pending := [i for i in summaries if len(summaries[i]) > 1 and i not in failed]:
             work = []  # (row, items of this round)
             for i in pending:
-                texts = summaries[i]
-                counts = [len(self.builder.processor.tokenizer(t, add_special_tokens=False)["input_ids"]) + 4
-                          for t in texts]
+                parts = summaries[i]
+                counts = [len(p) + self.part_label_tokens for p in parts]
                 stuck = (f"{ids[i]}: the section summaries cannot be combined within the summary window of "
                          f"{self.config.summary.window_tokens} tokens: raise --summary-window")
                 try:
-                    groups = fitted(split_in_sections(texts, counts, budget, lambda text, n: [text]),
-                                    lambda g: self.builder.text(combine_instruction(g)), limit)
+                    groups = fitted(split_in_sections(parts, counts, budget, lambda p, n: [p]),
+                                    lambda g: self.builder.text_pieces(combine_pieces(g)), limit)
                 except ValueError:
                     groups = []
-                if not groups or len(groups) == len(texts):  # combining would not converge
+                if not groups or len(groups) == len(parts):  # combining would not converge
                     failed[i] = stuck
                     continue
                 work += [(i, built) for _, built in groups]
             gens = self.engine.generate([b.inputs for _, b in work], [b.batch_key for _, b in work],
                                         [self.max_new] * len(work), self.config.benchmark.min_new_tokens)
             self.counters["combine_items"] += len(work)
-            fresh: dict[int, list[str]] = {}
+            fresh: dict[int, list[tuple[list[int], str]]] = {}
             for (i, built), gen in zip(work, gens):
                 if isinstance(gen, Exception):
                     failed.setdefault(i, f"{ids[i]}: combining the section summaries failed "
                                          f"({type(gen).__name__}: {gen})")
                     continue
-                fresh.setdefault(i, []).append(gen.text)
+                fresh.setdefault(i, []).append((self.builder.prompt_ids(gen.token_ids), gen.text))
                 totals[i][0] += built.input_tokens
                 totals[i][1] += len(gen.token_ids)
                 totals[i][2] += gen.latency_s
-            for i, texts in fresh.items():
+            for i, made in fresh.items():
                 if i not in failed:
-                    summaries[i] = texts
+                    summaries[i], texts[i] = [p for p, _ in made], [t for _, t in made]
         columns = {name: batch[name].to_pylist() for name in self.writes}
         for i in todo:
-            final = summaries[i][0] if i not in failed else None
+            final = texts[i][0] if i not in failed else None
             one = {"chunk_text": final, "chunk_input_tokens": totals[i][0], "chunk_output_tokens": totals[i][1],
+                   "chunk_output_ids": summaries[i][0] if i not in failed else None,
                    "chunk_latency_s": totals[i][2], "chunk_error": failed.get(i), "chunk_inputs": None,
                    "chunk_start_s": None, "chunk_end_s": None, "chunk_speaker": None,
                    "chunk_batch_key": BatchKey("text", 0)._asdict()}
@@ -210,6 +216,14 @@ class TextStage(ModelStage):
         for name, values in columns.items():
             batch = set_column(batch, name, values)
         return batch
+
+    @property
+    def part_label_tokens(self) -> int:
+        """Tokens of the widest "\n\nPart k: " label between summaries (pipeline/prompts.py), an estimate
+        for grouping only: the prompt as built is what is checked against the window."""
+        if self._label_tokens is None:
+            self._label_tokens = len(self.builder.token_ids("\n\nPart 999: "))
+        return self._label_tokens
 
 
 STAGE_FOR_MODALITY = {"speech": SpeechStage, "vision": VisionStage, "text": TextStage}

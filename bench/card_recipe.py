@@ -94,3 +94,9 @@ class CardRecipe:
         self._use_adapter(None)
         inputs = self.processor(text=self._prompt(instruction, None), return_tensors="pt")
         return self._generate(inputs, max_new_tokens, min_new_tokens, want_logits)
+
+    def text_ids(self, input_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0,
+                 want_logits: bool = False) -> CardOutput:
+        """A text prompt given as its token ids (a summary prompt holding a transcript's generated ids)."""
+        self._use_adapter(None)
+        return self._generate({"input_ids": torch.tensor([input_ids])}, max_new_tokens, min_new_tokens, want_logits)

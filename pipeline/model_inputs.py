@@ -25,6 +25,9 @@ def load_processor(model_dir: str):
     return processor
 
 
+_HOLE = "\u2063PHI4MM-INSTRUCTION\u2063"  # where the instruction goes in the chat prompt (never in a real one)
+
+
 @dataclass(frozen=True)
 class BuiltItem:
     inputs: dict[str, np.ndarray]  # per-item arrays, no batch dimension
@@ -39,6 +42,7 @@ class InputBuilder:
         self.processor = load_processor(model_dir)
         self.system_prompt = system_prompt
         self.dynamic_hd = dynamic_hd
+        self._added_ids: frozenset[int] | None = None
 
     def prompt(self, instruction: str, media: str | None) -> str:
         return self.processor.apply_chat_template(
@@ -68,3 +72,27 @@ class InputBuilder:
         inputs = self._run(self.prompt(instruction, None))
         inputs.pop("attention_mask", None)
         return BuiltItem(inputs, BatchKey("text", 0), int(inputs["input_ids"].shape[0]))
+
+    def text_pieces(self, pieces: list[str | list[int]]) -> BuiltItem:
+        """A text prompt whose instruction is `pieces` in order: strings are tokenised, lists of token
+        ids (text the model generated, `prompt_ids`) go in as they are, never decoded and tokenised
+        again. Summaries of transcripts use it: a transcript is the ids the speech pool generated, so
+        its length in the prompt is what was generated, and the long texts are never re-tokenised."""
+        prompt = self.prompt(_HOLE, None)
+        before, after = prompt.split(_HOLE)
+        ids = self.token_ids(before)
+        for piece in pieces:
+            ids += self.token_ids(piece) if isinstance(piece, str) else list(piece)
+        ids += self.token_ids(after)
+        return BuiltItem({"input_ids": np.asarray(ids, dtype=np.int64)}, BatchKey("text", 0), len(ids))
+
+    def token_ids(self, text: str) -> list[int]:
+        """`text`'s token ids as the processor gives them for a prompt (no special tokens added)."""
+        return list(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, generated: list[int]) -> list[int]:
+        """Generated ids fit to go back into a prompt: the tokenizer's added tokens (end markers, media
+        placeholders, tool tags) dropped, as decoding with skip_special_tokens drops them from the text."""
+        if self._added_ids is None:
+            self._added_ids = frozenset(self.processor.tokenizer.added_tokens_decoder)
+        return [t for t in generated if t not in self._added_ids]

@@ -22,13 +22,33 @@ COMBINE_SUMMARIES_PROMPT = ("These are summaries of consecutive parts of one rec
                             "action items.\n\n{summaries}")
 
 
-def section_instruction(transcript: str, part: int, parts: int) -> str:
-    return SUMMARIZE_SECTION_PROMPT.format(part=part, parts=parts, transcript=transcript)
+# Summary prompts as pieces (pipeline/model_inputs.py: InputBuilder.text_pieces): the wording's text around
+# the transcript or the summaries, which go in as the token ids the model generated
+Pieces = list  # of str | list[int]
 
 
-def combine_instruction(summaries: list[str]) -> str:
-    return COMBINE_SUMMARIES_PROMPT.format(
-        summaries="\n\n".join(f"Part {k}: {text}" for k, text in enumerate(summaries, start=1)))
+def _around(template: str, hole: str, **fields) -> tuple[str, str]:
+    before, after = template.split("{" + hole + "}")
+    return before.format(**fields), after.format(**fields)
+
+
+def summary_pieces(transcript: Pieces) -> Pieces:
+    before, after = _around(SUMMARIZE_TRANSCRIPT_PROMPT, "transcript")
+    return [before, *transcript, after]
+
+
+def section_pieces(transcript: Pieces, part: int, parts: int) -> Pieces:
+    before, after = _around(SUMMARIZE_SECTION_PROMPT, "transcript", part=part, parts=parts)
+    return [before, *transcript, after]
+
+
+def combine_pieces(summaries: list[list[int]]) -> Pieces:
+    """The combining prompt: "Part 1: <ids>\\n\\nPart 2: <ids>..." inside COMBINE_SUMMARIES_PROMPT."""
+    before, after = _around(COMBINE_SUMMARIES_PROMPT, "summaries")
+    pieces: Pieces = [before]
+    for k, ids in enumerate(summaries, start=1):
+        pieces += [("\n\n" if k > 1 else "") + f"Part {k}: ", ids]
+    return pieces + [after]
 
 
 def task_instruction(task: str, target_language: str | None = None, transcript: str | None = None,

@@ -5,7 +5,7 @@ import pyarrow as pa
 
 from pipeline.model_inputs import InputBuilder
 from pipeline.model_source import local_model_dir
-from pipeline.prompts import section_instruction, task_instruction
+from pipeline.prompts import section_pieces, summary_pieces
 from pipeline.stage import Cluster, Stage, StageContext, StageResources, one_thread_per_worker
 from schemas.config import JobConfig
 from schemas.work_rows import WORK_COLUMNS, WorkChunk, carried_columns, encode_item, work_row, work_table
@@ -24,7 +24,8 @@ class PrepareSummaries(Stage):
     partition has a row for every input too.
     """
 
-    reads = ("id", "task", "text", "segments", "error", "duration_s", "language")
+    reads = ("id", "task", "text", "segments", "error", "duration_s", "language", "chunk_text", "chunk_speaker",
+             "chunk_output_ids")
     writes = tuple(WORK_COLUMNS)  # the new rows
 
     def __init__(self, context: StageContext):
@@ -72,42 +73,61 @@ class PrepareSummaries(Stage):
         if self.config.audio.summarize_from_audio:
             how = (f"transcript: the recording is longer than the {self.config.audio.max_summary_audio_s:.0f} s "
                    "limit for summaries from audio")
-        built = self.builder.text(task_instruction("summarize", transcript=row["text"]))
+        segments = self.transcript_segments(row)
+        built = self.builder.text_pieces(summary_pieces([p for segment in segments for p in segment]))
         if built.input_tokens + self.max_new <= self.window:
             chunks = [WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens)]
         else:
-            chunks = self.section_chunks(row)
+            chunks = self.section_chunks(segments)
             self.counters["sectioned_summaries"] += 1
         self.counters["summary_sections"] += len(chunks)
+        self.counters["transcript_tokens"] += sum(len(ids) for _, ids, _ in segments)
         return work_row(row["id"], "summarize", chunks=chunks, modality="text", summary_sections=len(chunks),
                         summary_from=how, **common)
 
-    def section_chunks(self, row: dict) -> list[WorkChunk]:
-        texts = [s["text"] for s in row["segments"] or [] if s["text"]] or [row["text"]]
-        overhead = self.builder.text(section_instruction("", 99, 99)).input_tokens
+    def transcript_segments(self, row: dict) -> list[tuple[str, list[int], str]]:
+        """The transcript as (speaker label, token ids, line end) per segment, in order: the ids the speech
+        pool generated for each chunk (added tokens dropped); a row without them (a transcript from
+        elsewhere) has its segments' texts tokenised."""
+        texts, speakers, generated = row["chunk_text"] or [], row["chunk_speaker"] or [], row["chunk_output_ids"] or []
+        segments = []
+        if generated and all(ids is not None for ids, t in zip(generated, texts) if t and t.strip()):
+            for text, speaker, ids in zip(texts, speakers, generated):
+                if text and text.strip():
+                    segments.append((f"[{speaker}] " if speaker else "", self.builder.prompt_ids(ids), "\n"))
+            return segments
+        for text in [s["text"] for s in row["segments"] or [] if s["text"]] or [row["text"]]:
+            segments.append(("", self.builder.token_ids(text), "\n"))
+        return segments
+
+    def section_chunks(self, segments: list[tuple[str, list[int], str]]) -> list[WorkChunk]:
+        overhead = self.builder.text_pieces(section_pieces([], 99, 99)).input_tokens
         budget = self.window - self.max_new - overhead
-        sections = split_in_sections(texts, [self.token_count(t) + 1 for t in texts], budget, self.cut)
-        sections = [g for g, _ in fitted(sections, lambda g: self.builder.text(section_instruction(" ".join(g), 99, 99)),
+        marks = {m: len(self.builder.token_ids(m)) for seg in segments for m in (seg[0], seg[2])}
+        sizes = [marks[label] + len(ids) + marks[end] for label, ids, end in segments]
+
+        def cut(segment, n):  # a segment longer than a section on its own: its ids in slices
+            label, ids, end = segment
+            step = max(1, n - marks[label] - marks[end])
+            return [(label, ids[k:k + step], end) for k in range(0, len(ids), step)]
+
+        def pieces(group):
+            return [p for segment in group for p in segment]
+
+        sections = split_in_sections(segments, sizes, budget, cut)
+        sections = [g for g, _ in fitted(sections, lambda g: self.builder.text_pieces(section_pieces(pieces(g), 99, 99)),
                                          self.window - self.max_new)]
         chunks = []
         for k, section in enumerate(sections, start=1):
-            built = self.builder.text(section_instruction(" ".join(section), k, len(sections)))
+            built = self.builder.text_pieces(section_pieces(pieces(section), k, len(sections)))
             chunks.append(WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens))
         return chunks
 
-    def token_count(self, text: str) -> int:
-        return len(self.builder.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def cut(self, text: str, budget: int) -> list[str]:
-        """A text longer than `budget` tokens, in pieces of at most `budget` tokens."""
-        tokenizer = self.builder.processor.tokenizer
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return [tokenizer.decode(ids[k:k + budget]) for k in range(0, len(ids), budget)]
-
-
-def split_in_sections(texts: list[str], tokens: list[int], budget: int, cut) -> list[list[str]]:
-    """Consecutive texts grouped so that each group's tokens stay within `budget`; a text longer than the
-    budget on its own is cut (`cut(text, budget)`) and its pieces stand alone. Order is kept."""
+def split_in_sections(texts: list, tokens: list[int], budget: int, cut) -> list[list]:
+    """Consecutive texts (or any items) grouped so that each group's tokens stay within `budget`; a text
+    longer than the budget on its own is cut (`cut(text, budget)`) and its pieces stand alone. Order is
+    kept."""
     if budget < 1:
         raise ValueError(f"the summary window leaves {budget} tokens for the transcript: raise it")
     sections: list[list[str]] = []
@@ -130,7 +150,7 @@ def split_in_sections(texts: list[str], tokens: list[int], budget: int, cut) -> 
     return sections
 
 
-def fitted(groups: list[list[str]], build, limit: int) -> list[tuple[list[str], object]]:
+def fitted(groups: list[list], build, limit: int) -> list[tuple[list, object]]:
     """Each group with its built prompt (`build(group)`), halving any group whose prompt is over `limit`
     tokens (token estimates are only estimates: the prompt as built is what counts). A single text whose
     prompt is still over the limit raises ValueError."""

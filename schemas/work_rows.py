@@ -49,6 +49,8 @@ WORK_FIELDS: list[pa.Field] = [
     pa.field("chunk_input_tokens", pa.list_(pa.int64())),
     pa.field("chunk_text", pa.list_(pa.string())),
     pa.field("chunk_output_tokens", pa.list_(pa.int64())),
+    # the generated token ids: a transcript goes into its summary's prompt as these, never re-tokenised
+    pa.field("chunk_output_ids", pa.list_(pa.list_(pa.int32()))),
     pa.field("chunk_latency_s", pa.list_(pa.float64())),
     pa.field("chunk_error", pa.list_(pa.string())),
     # filled by assembly (pipeline/assemble.py)
@@ -107,7 +109,8 @@ def work_row(row_id: str, task: str, *, chunks: list[WorkChunk] = (), target_lan
         "chunk_speaker": [c.speaker for c in chunks],
         "chunk_batch_key": [c.batch_key._asdict() for c in chunks],
         "chunk_inputs": [c.inputs for c in chunks], "chunk_input_tokens": [c.input_tokens for c in chunks],
-        "chunk_text": [None] * n, "chunk_output_tokens": [None] * n, "chunk_latency_s": [None] * n,
+        "chunk_text": [None] * n, "chunk_output_tokens": [None] * n, "chunk_output_ids": [None] * n,
+        "chunk_latency_s": [None] * n,
         "chunk_error": [None] * n,
         "text": None, "segments": None, "input_tokens": None, "output_tokens": None, "latency_s": None,
     }

@@ -84,18 +84,29 @@ def test_speech_tasks_match_card_recipe(transcribe_run, meetings_run, card, engi
 
 
 def test_summaries_match_card_recipe(transcribe_run, card, engines, tiny_model):
+    """The card's chain, one item at a time: its transcript of each chunk, those ids into the summary
+    prompt (as the pipeline builds it: pipeline/summaries.py), its summary of that prompt."""
     from pipeline.model_inputs import InputBuilder
+    from pipeline.prompts import summary_pieces
 
     builder = InputBuilder(tiny_model)
-    _, good, _, out = transcribe_run
+    samples, good, _, out = transcribe_run
     rows = read_output(out).to_pandas()
     rows = rows[rows.id.isin(good.id)].set_index(["id", "task"])
+    uris = good.set_index("id").uri
     stats = {"equal": 0, "ties": 0}
     for rid in good.id:
-        instruction = task_instruction("summarize", transcript=rows.loc[(rid, "asr"), "text"])
-        ref = card.text(instruction, MAX, want_logits=True)
-        assert_same_or_tie(rows.loc[(rid, "summarize"), "text"], ref, engines["text"],
-                           builder.text(instruction).inputs, f"{rid}/summarize", stats)
+        audio = decode_audio((samples / uris[rid]).read_bytes(), uris[rid])
+        pieces = []
+        for seg in rows.loc[(rid, "asr"), "segments"]:
+            clip = audio[int(round(seg["start_s"] * 16000)):int(round(seg["end_s"] * 16000))]
+            spoken = card.audio(clip, task_instruction("asr"), MAX)
+            if spoken.text:
+                pieces += ["", builder.prompt_ids(spoken.token_ids), "\n"]
+        prompt = builder.text_pieces(summary_pieces(pieces)).inputs
+        ref = card.text_ids(prompt["input_ids"].tolist(), MAX, want_logits=True)
+        assert_same_or_tie(rows.loc[(rid, "summarize"), "text"], ref, engines["text"], prompt,
+                           f"{rid}/summarize", stats)
     assert stats["equal"] >= len(good) - 1
 
 

@@ -90,3 +90,37 @@ def pd_isna(value) -> bool:
     import pandas as pd
 
     return bool(pd.isna(value))
+
+
+def test_a_transcript_goes_into_its_summary_prompt_as_the_ids_generated_for_it(tiny_model):
+    """Random weights generate ids that decode to odd text, which re-tokenises several times longer; the
+    summary prompt holds the generated ids themselves (less the tokenizer's added tokens), so its length
+    is the transcript's generated length plus the wording, and nothing long is tokenised again."""
+    import random
+
+    from pipeline.model_inputs import InputBuilder
+    from pipeline.prompts import summary_pieces
+    from schemas.work_rows import decode_item
+
+    builder = InputBuilder(tiny_model)
+    tokenizer = builder.processor.tokenizer
+    added = sorted(tokenizer.added_tokens_decoder)
+    rng = random.Random(7)
+    generated = [[rng.randrange(3, added[0]) for _ in range(12)] + [added[0]] for _ in range(6)]
+    row = work_row("call", "asr", duration_s=180.0, language="en")
+    row.update(chunk_text=[tokenizer.decode(ids, skip_special_tokens=True) for ids in generated],
+               chunk_speaker=[None] * 6, chunk_output_ids=generated, text="x",
+               segments=[{"start_s": 30.0 * k, "end_s": 30.0 * (k + 1), "text": "x"} for k in range(6)])
+    prepared = PrepareSummaries(context(tiny_model, window=4096))(work_table([row], None))
+    summary = [r for r in prepared.to_pylist() if r["task"] == "summarize"][0]
+    assert summary["summary_sections"] == 1
+    prompt = decode_item(summary["chunk_inputs"][0])["input_ids"].tolist()
+    newline = len(builder.token_ids("\n"))
+    wording = builder.text_pieces(summary_pieces([])).input_tokens
+    assert summary["chunk_input_tokens"] == [len(prompt)] == [wording + 6 * (12 + newline)]
+    kept = [ids[:12] for ids in generated]
+    at = [next(k for k in range(len(prompt)) if prompt[k:k + 12] == ids) for ids in kept]
+    assert at == sorted(at)  # every chunk's ids, whole and in order
+    assert added[0] not in prompt[at[0]:at[-1] + 12]  # the end marker each chunk generated is not in the prompt
+    retokenised = sum(len(builder.token_ids(t)) for t in row["chunk_text"])
+    assert retokenised != 6 * 12  # the odd text would not have had the generated length
