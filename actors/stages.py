@@ -30,8 +30,8 @@ class ModelStage(Stage):
     of its modality's rows, and empties their `chunk_inputs` (the features are spent: they are not carried on)."""
 
     modality: str = ""
-    reads = ("id", "task", "target_language", "page", "modality", "error", "chunk_batch_key", "chunk_inputs",
-             "chunk_text")
+    reads = ("id", "task", "target_language", "page", "part", "modality", "error", "chunk_batch_key",
+             "chunk_inputs", "chunk_text")
     writes = ("chunk_text", "chunk_output_tokens", "chunk_output_ids", "chunk_latency_s", "chunk_error",
               "chunk_inputs")
 
@@ -67,9 +67,10 @@ class ModelStage(Stage):
         if not rows:
             return batch
         cols = {name: batch[name].to_pylist() for name in (
-            "id", "task", "target_language", "page", "chunk_inputs", "chunk_batch_key", "chunk_text",
+            "id", "task", "target_language", "page", "part", "chunk_inputs", "chunk_batch_key", "chunk_text",
             "chunk_output_tokens", "chunk_output_ids", "chunk_latency_s", "chunk_error")}
-        key = {i: (cols["id"][i], cols["task"][i], cols["target_language"][i], cols["page"][i]) for i in rows}
+        key = {i: (cols["id"][i], cols["task"][i], cols["target_language"][i], cols["page"][i], cols["part"][i])
+               for i in rows}
         # rows that were in a call whose worker died (a retried batch): one at a time from here on, so
         # the one that kills its worker is found and the others finish (pipeline/stage.py: RunCounters)
         died = self.journal("deaths", [key[i] for i in rows]) or {}

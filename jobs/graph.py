@@ -1,15 +1,16 @@
 """The Ray Data graph of a job: a flat list of declared stages (pipeline/stage.py), run in order.
 
-    PrepareWork (CPU) -> SpeechStage / VisionStage (GPU pools) -> AssembleChunks
+    PrepareWork (CPU) -> SpeechStage / VisionStage (GPU pools) [-> RegroupParts] -> AssembleChunks
         [-> PrepareSummaries (CPU) -> TextStage (GPU pool) -> AssembleChunks] -> ResultRows -> Parquet
 
 The graph lives here, above both sides, because it is the one place that joins the CPU stages
 (`pipeline/`) and the GPU stages (`actors/`); neither side imports the other's stages. Each stage
 declares its resources and the work-row columns it reads and writes; only the actor stages touch a
 GPU; every stage passes rows it does not own through, so the row count only changes where a stage says
-so (one row per output key and page, +1 summary per recording). A work row carries all of its chunks,
-so there is no shuffle: rows stream to Parquet as they finish, and a run that dies half way has
-written what it finished (which --resume then skips).
+so (one row per output key and page, +1 summary per recording). A work row carries its chunks (a long
+recording's row travels in parts that RegroupParts joins after the GPU: pipeline/parts.py), so there is
+no shuffle: rows stream to Parquet as they finish, and a run that dies half way has written what it
+finished (which --resume then skips).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 
 from actors.stages import STAGE_FOR_MODALITY, ModelStage, TextStage
 from pipeline.assemble import AssembleChunks
+from pipeline.parts import RegroupParts
 from pipeline.prepare import PrepareWork
 from pipeline.result_rows import ResultRows
 from pipeline.stage import Cluster, Stage, StageContext
@@ -37,7 +39,10 @@ def gpu_stages_of(config: JobConfig) -> list[type[ModelStage]]:
 
 def stages_of(config: JobConfig) -> list[type[Stage]]:
     """The job's graph, in order."""
-    stages: list[type[Stage]] = [PrepareWork, *media_stages_of(config), AssembleChunks]
+    media = media_stages_of(config)
+    # a long recording's row comes out of the speech pool in parts (pipeline/parts.py)
+    regroup = [RegroupParts] if any(stage.modality == "speech" for stage in media) else []
+    stages: list[type[Stage]] = [PrepareWork, *media, *regroup, AssembleChunks]
     if "summarize" in config.tasks:
         stages += [PrepareSummaries, TextStage, AssembleChunks]
     return stages + [ResultRows]

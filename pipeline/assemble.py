@@ -1,7 +1,7 @@
 """Chunks back into records: a work row's chunk results stitched into its text and time-stamped segments.
 
-A plain map over work rows: a row already holds all of its chunks, so nothing is regrouped and rows
-stream on to Parquet.
+A plain map over work rows: a row holds all of its chunks by now (a long recording's parts were joined
+by pipeline/parts.py: RegroupParts), so rows stream on to Parquet.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from pipeline.fetch import PendingFetch, start_fetch
 from pipeline.media import SAMPLE_RATE, decode_audio, decode_audio_channels, decode_pages, sniff_kind
 from pipeline.model_inputs import InputBuilder
 from pipeline.model_source import local_model_dir
+from pipeline.parts import split_in_parts
 from pipeline.prompts import task_instruction
 from pipeline.segment import SpeechSegmenter
 from pipeline.stage import Cluster, Stage, StageContext, StageResources, one_thread_per_worker
@@ -170,8 +171,13 @@ class PrepareWork(Stage):
                 built = self.builder.audio(piece.audio, instruction)
                 chunks.append(WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens,
                                         piece.start_s, piece.end_s, speaker))
-            rows.append(work_row(row["id"], key.task, chunks=chunks, target_language=key.target_language,
-                                 language=row.get("language"), duration_s=duration, modality="speech"))
+            # a long recording in parts (pipeline/parts.py): no row holds more than part_chunks chunks
+            parts = split_in_parts(chunks, cfg.part_chunks)
+            for k, part in enumerate(parts, start=1):
+                rows.append(work_row(row["id"], key.task, chunks=part, target_language=key.target_language,
+                                     language=row.get("language"), duration_s=duration, modality="speech",
+                                     part=k if len(parts) > 1 else None,
+                                     parts=len(parts) if len(parts) > 1 else None))
         self.counters.update(audio_inputs=1, audio_chunks=len(pieces))
         self.counters["audio_s"] += duration
         return rows

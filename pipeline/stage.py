@@ -158,8 +158,9 @@ def one_thread_per_worker() -> None:
 
 
 class RunCounters:
-    """Sums of every stage worker's counters for one run (a Ray actor: see `start_run_counters`), and
-    the run's journal of GPU calls in flight (`begin` / `end` / `deaths`).
+    """Sums of every stage worker's counters for one run (a Ray actor: see `start_run_counters`), the
+    run's journal of GPU calls in flight (`begin` / `end` / `deaths`), and the parts of long recordings'
+    work rows waiting for their last part (`hold_part`, pipeline/parts.py).
 
     The journal is how a poison input is found: Ray restarts a GPU actor whose process died mid-call
     and retries that call without limit, so an input that kills its worker every time would be retried
@@ -174,6 +175,9 @@ class RunCounters:
         self.in_flight: dict[tuple, int] = {}  # (stage, key) -> rows in the call it is in
         self.died: Counter = Counter()  # (stage, key) -> worker deaths while it was in flight
         self.died_alone: Counter = Counter()  # ... while it was in flight alone
+        from pipeline.parts import PartsStore
+
+        self.parts = PartsStore()  # parts of long recordings' rows until the last comes (pipeline/parts.py)
 
     def deaths(self, stage: str, keys: list) -> dict:
         """{key: (deaths, deaths alone)} of the keys whose worker died mid-call (now or before): a key
@@ -199,6 +203,10 @@ class RunCounters:
     def end(self, stage: str, keys: list) -> None:
         for key in keys:
             self.in_flight.pop((stage, tuple(key)), None)
+
+    def hold_part(self, stage: str, key: tuple, part: int, parts: int, row: bytes) -> list[bytes] | None:
+        """A part row kept until its row's last part comes; then all of them (pipeline/parts.py)."""
+        return self.parts.add(key, part, parts, row)
 
     def calls_in_flight(self, stage: str) -> int:
         """How many work rows of `stage` are in a call now (for monitoring and fault tests)."""

@@ -74,6 +74,9 @@ class AudioConfig(_Strict):
     # before it is decoded where the header says its length (an 8 h FLAC of silence is 0.7 MB to send
     # and ~1.8 GB of 16 kHz samples to hold), and when the decoded samples pass it otherwise
     max_audio_s: float = Field(4 * 3600.0, gt=0.0)
+    # chunks per work row: a longer recording's row travels in parts of this many chunks (~1 MB of
+    # features each), regrouped after the GPU (pipeline/parts.py), so no Ray object holds an hour
+    part_chunks: int = Field(16, ge=1)
 
 
 class SummaryConfig(_Strict):

@@ -39,6 +39,10 @@ WORK_FIELDS: list[pa.Field] = [
     *(_RESULT[n] for n in ("id", "task", "target_language", "language", "page", "pages", "duration_s",
                            "summary_sections", "summary_from")),
     pa.field("modality", pa.string()),  # speech | vision | text | none (nothing to generate)
+    # a long recording's row travels in parts of at most audio.part_chunks chunks (pipeline/parts.py):
+    # part k of parts, regrouped before assembly; null for a row in one piece
+    pa.field("part", pa.int32()),
+    pa.field("parts", pa.int32()),
     _RESULT["error"],  # the row failed before generation (fetch, decode, ...)
     # per chunk (audio chunk, page, or text prompt), in time order
     pa.field("chunk_start_s", pa.list_(pa.float64())),
@@ -99,12 +103,14 @@ class WorkChunk:
 def work_row(row_id: str, task: str, *, chunks: list[WorkChunk] = (), target_language: str | None = None,
              language: str | None = None, page: int = 1, pages: int | None = None,
              duration_s: float | None = None, modality: str = "none", error: str | None = None,
-             summary_sections: int | None = None, summary_from: str | None = None) -> dict:
+             summary_sections: int | None = None, summary_from: str | None = None, part: int | None = None,
+             parts: int | None = None) -> dict:
     n = len(chunks)
     return {
         "id": row_id, "task": task, "target_language": target_language, "language": language, "page": page,
         "pages": pages, "duration_s": duration_s, "summary_sections": summary_sections,
         "summary_from": summary_from, "modality": modality if n else "none", "error": error,
+        "part": part, "parts": parts,
         "chunk_start_s": [c.start_s for c in chunks], "chunk_end_s": [c.end_s for c in chunks],
         "chunk_speaker": [c.speaker for c in chunks],
         "chunk_batch_key": [c.batch_key._asdict() for c in chunks],

@@ -3,6 +3,7 @@ a summary, and the memory of the whole job (driver, Ray, every worker; PSS) meas
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -85,6 +86,9 @@ def test_three_hour_meeting_is_transcribed_in_order_with_bounded_memory(run_job,
     assert all(a["end_s"] == b["start_s"] for a, b in zip(segments, segments[1:]))  # in order, no gap
     assert all(s["end_s"] - s["start_s"] <= 30.0 + 1e-6 for s in segments) and len(segments) >= HOURS * 120
     assert asr.duration_s == pytest.approx(duration, abs=0.01)
+    # it travelled in parts of at most audio.part_chunks (16) chunks, regrouped once (pipeline/parts.py)
+    regrouped = json.loads((out / "_runs" / "three-hours.json").read_text())["counters"]["RegroupParts"]
+    assert regrouped["rows_regrouped"] == 1 and regrouped["parts_in"] == math.ceil(len(segments) / 16)
     # the bound: 3 h of 16 kHz float32 is 0.69 GB decoded, its features ~0.35 GB; Ray, the driver and
     # the model replicas of the tiny checkpoint take ~2 GB. Measured here: see the printed line.
     print(f"3-hour meeting: wall {wall:.0f} s, peak memory (PSS) of the whole job {memory.peak / 1e9:.2f} GB")
