@@ -1,6 +1,7 @@
 """The Ray Data graph of a job: a flat list of declared stages (pipeline/stage.py), run in order.
 
-    PrepareWork (CPU) -> SpeechStage / VisionStage (GPU pools) [-> RegroupParts] -> AssembleChunks
+    PrepareWork (CPU) [-> BuildChunkInputs (CPU)] -> SpeechStage / VisionStage (GPU pools)
+        [-> RegroupParts] -> AssembleChunks
         [-> PrepareSummaries (CPU) -> TextStage (GPU pool) -> AssembleChunks] -> ResultRows -> Parquet
 
 The graph lives here, above both sides, because it is the one place that joins the CPU stages
@@ -18,6 +19,7 @@ import pyarrow as pa
 
 from actors.stages import STAGE_FOR_MODALITY, ModelStage, TextStage
 from pipeline.assemble import AssembleChunks
+from pipeline.chunk_inputs import BuildChunkInputs
 from pipeline.parts import RegroupParts
 from pipeline.prepare import PrepareWork
 from pipeline.result_rows import ResultRows
@@ -40,9 +42,11 @@ def gpu_stages_of(config: JobConfig) -> list[type[ModelStage]]:
 def stages_of(config: JobConfig) -> list[type[Stage]]:
     """The job's graph, in order."""
     media = media_stages_of(config)
-    # a long recording's row comes out of the speech pool in parts (pipeline/parts.py)
-    regroup = [RegroupParts] if any(stage.modality == "speech" for stage in media) else []
-    stages: list[type[Stage]] = [PrepareWork, *media, *regroup, AssembleChunks]
+    # a long recording is cut by PrepareWork, its parts' features built by a pool, and its parts joined
+    # after the speech pool (pipeline/chunk_inputs.py, pipeline/parts.py)
+    speech = any(stage.modality == "speech" for stage in media)
+    stages: list[type[Stage]] = [PrepareWork, *([BuildChunkInputs] if speech else []), *media,
+                                 *([RegroupParts] if speech else []), AssembleChunks]
     if "summarize" in config.tasks:
         stages += [PrepareSummaries, TextStage, AssembleChunks]
     return stages + [ResultRows]
@@ -62,6 +66,9 @@ def reserved_cpus(config: JobConfig, cluster: Cluster) -> float:
     gpu_stages = gpu_stages_of(config)
     for stage in stages_of(config):
         if stage is PrepareWork:
+            continue
+        if stage is BuildChunkInputs:  # its first worker; it grows into what the decoding pool leaves
+            reserved += 1
             continue
         res = stage.resources(config, cluster)
         if stage in gpu_stages:

@@ -10,6 +10,7 @@ import math
 
 import pyarrow as pa
 
+from pipeline.chunk_inputs import samples_item
 from pipeline.errors import InputError
 from pipeline.fetch import PendingFetch, start_fetch
 from pipeline.media import SAMPLE_RATE, decode_audio, decode_audio_channels, decode_pages, sniff_kind
@@ -164,10 +165,17 @@ class PrepareWork(Stage):
         pieces = sorted(((chunk, speaker) for audio, speaker in zip(channels, speakers)
                          for chunk in self.segmenter.split(audio)), key=lambda p: (p[0].start_s, p[1] or ""))
         rows = self.audio_summary_rows(row, channels, duration)
+        # a recording of several parts is only cut here: its chunks carry their samples, and the
+        # BuildChunkInputs pool builds their features part by part on every CPU (pipeline/chunk_inputs.py)
+        deferred = len(pieces) > cfg.part_chunks
         for key in self.input_keys(row):
             instruction = task_instruction(key.task, key.target_language)
             chunks = []
             for piece, speaker in pieces:
+                if deferred:
+                    batch_key, item = samples_item(piece.audio)
+                    chunks.append(WorkChunk(batch_key, item, 0, piece.start_s, piece.end_s, speaker))
+                    continue
                 built = self.builder.audio(piece.audio, instruction)
                 chunks.append(WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens,
                                         piece.start_s, piece.end_s, speaker))

@@ -1,8 +1,9 @@
 """Work rows: the CPU<->GPU contract, what flows from the CPU stages through the GPU actors to the results.
 
 One work row is one future output row: (id, task, target language, page). It carries its chunks as
-lists (one entry per audio chunk; one entry for a page or a text prompt), so a long recording never has
-to be regrouped after the GPU: no shuffle barrier, and results stream to Parquet as rows finish. A bad
+lists (one entry per audio chunk; one entry for a page or a text prompt); a long recording's row travels
+in parts of a bounded number of chunks, joined again after the GPU by one actor that holds them
+(pipeline/parts.py), so there is no shuffle barrier and results stream to Parquet as rows finish. A bad
 input becomes one error row per output key instead, so every input still yields a row for every task.
 
 A chunk's model inputs travel as one pickled dict of numpy arrays (`encode_item` / `decode_item`), which
@@ -26,8 +27,8 @@ class BatchKey(NamedTuple):
     neighbours' lengths), so audio batches hold one feature length only; image batches hold one crop
     count. Text prompts are left-padded and masked, so they all share one key.
     """
-    kind: str  # "audio" | "image" | "text"
-    size: int  # audio: feature frames; image: crops; text: 0
+    kind: str  # "audio" | "image" | "text"; "samples": audio whose model inputs are not built yet
+    size: int  # audio: feature frames; image: crops; text: 0; samples: their count
 
 
 BATCH_KEY_TYPE = pa.struct([("kind", pa.string()), ("size", pa.int64())])
