@@ -4,7 +4,7 @@ Feature extraction is ~80 % of preparing audio (on this project's 2-core machine
 took 0.6 s to decode, 2 s of VAD and 7.9 s of features). A call is one chunk and is prepared whole by
 one PrepareWork worker; a long recording is one input but hundreds of chunks, so PrepareWork only
 decodes and cuts it, its parts (pipeline/parts.py) carry the chunks' samples, and this pool builds the
-features one part per call on as many workers as the CPUs allow: an hour is prepared by all of them.
+features block by block (a part each) on as many workers as the CPUs allow: an hour is prepared by all of them.
 """
 from __future__ import annotations
 
@@ -40,13 +40,15 @@ class BuildChunkInputs(Stage):
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
-        """An autoscaling pool, one part per call: from one worker (a job of calls never needs more) up
-        to the CPUs the decoding pool leaves (jobs/graph.py counts its first worker as reserved)."""
+        """An autoscaling pool of whole blocks: from one worker (a job of calls passes through it) up to
+        the CPUs the decoding pool leaves (jobs/graph.py counts its first worker as reserved). Whole
+        blocks, because PrepareWork yields each part of a long recording as a block of its own: the
+        parts spread over the workers, and a block of calls costs one call, not one per row."""
         from pipeline.prepare import PrepareWork
 
         decoders = PrepareWork.resources(config, cluster).pool_size[1]
         high = max(1, int(cluster.cpus - cluster.reserved_cpus - decoders) + 1)
-        return StageResources(batch_size=1, pool_size=(1, high), num_cpus=1.0)
+        return StageResources(batch_size=None, pool_size=(1, high), num_cpus=1.0)
 
     def process(self, batch: pa.Table) -> pa.Table:
         keys = batch["chunk_batch_key"].to_pylist()
