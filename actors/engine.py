@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from actors.audio_padding import mask_audio_padding
 from actors.collate import collate
 from actors.fast_prefill import FastPrefill
 from actors.kv_plan import KvPlan, plan_kv
@@ -112,6 +113,7 @@ class Phi4MMEngine:
         self.processor = load_processor(model_dir)
         self.model = model if model is not None else load_model(model_dir, modality, model_cfg, self.device,
                                                                       random_weights)
+        mask_audio_padding(self.model)  # mixed-length audio batches give unbatched outputs
         self.dtype = next(self.model.parameters()).dtype
         tok = self.processor.tokenizer
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -46,7 +46,8 @@ class PrepareWork(Stage):
         inputs = self.config.inputs
         self.storage = StorageOptions(endpoint_url=self.config.s3_endpoint, connect_timeout_s=inputs.connect_timeout_s,
                                       read_timeout_s=inputs.read_timeout_s)
-        self.builder = InputBuilder(processor_dir, self.config.system_prompt, self.config.image.dynamic_hd)
+        self.builder = InputBuilder(processor_dir, self.config.system_prompt, self.config.image.dynamic_hd,
+                                    audio_bucket_s=self.config.audio.batch_bucket_s)
         self._segmenter = None
 
     @classmethod

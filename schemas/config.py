@@ -65,7 +65,10 @@ class BatchingConfig(_Strict):
 
 class AudioConfig(_Strict):
     max_chunk_s: float = Field(30.0, gt=1.0, le=40.0)  # the model is trained on clips up to ~40 s
-    grid_s: float = Field(0.5, gt=0.0)  # chunk lengths snap to this grid so equal-length batches form
+    grid_s: float = Field(0.5, gt=0.0)  # long audio's cuts prefer points on this grid (fewer distinct lengths)
+    # clips and chunks batch on the GPU by length bucket of this width (pipeline/model_inputs.py:
+    # audio_bucket): wider buckets form fuller batches, narrower ones pad less
+    batch_bucket_s: float = Field(2.0, gt=0.0, le=40.0)
     split_channels: bool = False  # stereo call recordings: one transcript per channel (agent/customer)
     reject_no_speech: bool = True  # a clip where the VAD finds no speech becomes an error row
     summarize_from_audio: bool = False  # summaries of recordings up to 30 min from the audio itself
