@@ -172,6 +172,9 @@ class BenchmarkConfig(_Strict):
     random_weights: bool = False
     # decode at least this many tokens per item: with min == max every engine does the same work
     min_new_tokens: int = Field(0, ge=0)
+    # audio: decode exactly this many tokens per 30 s of a chunk's length bucket instead (a 7.3 s call
+    # on the 2 s grid: 8 s -> 27 of 100), so calls of every length cost what their audio would
+    new_tokens_per_30s: int | None = Field(None, ge=1)
     # fault injection, for tests only: a GPU stage whose call includes a row with one of these ids
     # ends its own process (os._exit), as a segfaulting kernel or an OOM kill would
     exit_worker_on_ids: list[str] = Field(default_factory=list)
