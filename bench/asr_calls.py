@@ -1,6 +1,6 @@
 """`asr_calls`: a night of calls of every length through the whole pipeline, against equal 30 s clips.
 
-    python3 -m bench.run_bench --workloads "" --calls 400 --calls-reference 768 --out DIR
+    python3 -m bench.run_bench --workloads "" --calls 400 --calls-reference 512 --out DIR
 
 N calls (`--calls`) with lengths drawn log-uniformly between 3 s and 10 min (mean ~113 s; the long ones
 cut on silences into <= 30 s chunks, as in production), cut from the shipped meeting recording (speech

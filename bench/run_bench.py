@@ -341,7 +341,7 @@ def main(argv=None):
                     help="N 30 s calls through transcribe --translate-to fr --summarize")
     ap.add_argument("--calls", type=int, default=0,
                     help="asr_calls: N calls of 3 s-10 min (and N/4) through transcribe (bench/asr_calls.py)")
-    ap.add_argument("--calls-reference", type=int, default=768,
+    ap.add_argument("--calls-reference", type=int, default=512,
                     help="asr_calls: equal 30 s clips (and a quarter) through the same job, in the same run")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="measured bf16 matmul rate of the card")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny checkpoint")
