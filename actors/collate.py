@@ -1,9 +1,9 @@
 """Stack per-item model inputs into one batch, exactly as the processor would have batched them.
 
 Text is left-padded (batched logits then equal single ones). Audio features and image crops are padded
-the processor's way (zeros; masks), but the scheduler only batches equal audio lengths and equal crop
-counts, because the audio encoder does not mask its padding (../shared/design/NOTES-phi4mm.md): equal shapes make
-batched output equal unbatched output by construction.
+the processor's way (zeros; masks). Audio of mixed lengths is exact only because the engine masks the
+audio encoder's padding (actors/audio_padding.py; upstream it does not, shared/design/NOTES-phi4mm.md);
+image batches hold one crop count (the scheduler's batch key).
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from actors.audio_padding import mask_audio_padding
 from actors.collate import collate
 from actors.fast_prefill import FastPrefill
 from actors.kv_plan import KvPlan, plan_kv
@@ -112,6 +113,7 @@ class Phi4MMEngine:
         self.processor = load_processor(model_dir)
         self.model = model if model is not None else load_model(model_dir, modality, model_cfg, self.device,
                                                                       random_weights)
+        mask_audio_padding(self.model)  # mixed-length audio batches give unbatched outputs
         self.dtype = next(self.model.parameters()).dtype
         tok = self.processor.tokenizer
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -124,11 +126,19 @@ class Phi4MMEngine:
         self.use_static = mode == "static" or (mode == "auto" and self.device.type == "cuda")
         self._decoder = None
         self._prefill_runner = None  # actors/fast_prefill.FastPrefill, made with the first static decoder
-        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "oom_fallbacks": 0, "caches_built": 0}  # where the static path's time goes
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "oom_fallbacks": 0, "caches_built": 0,  # where the static path's time goes
+                      "batches": 0, "batch_items": 0, "batches_full": 0}  # batches planned: their mean size
 
     # -- scheduling ------------------------------------------------------------------------------
     def plan_batches(self, batch_keys: list[BatchKey], input_tokens: list[int], max_new: list[int]) -> list[list[int]]:
         """Group item indices: same batch key and token budget, similar prompt lengths, capped sizes."""
+        batches = self._plan_batches(batch_keys, input_tokens, max_new)
+        self.stats["batches"] += len(batches)
+        self.stats["batch_items"] += sum(map(len, batches))
+        self.stats["batches_full"] += sum(len(b) >= self.batching.max_batch_size for b in batches)
+        return batches
+
+    def _plan_batches(self, batch_keys: list[BatchKey], input_tokens: list[int], max_new: list[int]) -> list[list[int]]:
         order = sorted(range(len(batch_keys)), key=lambda i: (batch_keys[i], max_new[i], input_tokens[i]))
         batches: list[list[int]] = []
         current: list[int] = []

@@ -109,10 +109,14 @@ class ModelStage(Stage):
             os._exit(1)  # test-only fault injection (BenchmarkConfig.exit_worker_on_ids)
         limits = self.config.generation.max_new_tokens
         todo = [(i, j) for i in rows for j in range(len(inputs[i])) if text[i][j] is None]
-        gens = self.engine.generate([decode_item(inputs[i][j]) for i, j in todo],
-                                    [BatchKey(**cols["chunk_batch_key"][i][j]) for i, j in todo],
-                                    [limits.get(tasks[i], 256) for i, _ in todo],
-                                    self.config.benchmark.min_new_tokens)
+        keys = [BatchKey(**cols["chunk_batch_key"][i][j]) for i, j in todo]
+        max_new = [limits.get(tasks[i], 256) for i, _ in todo]
+        min_new = self.config.benchmark.min_new_tokens
+        per_30s = self.config.benchmark.new_tokens_per_30s
+        if per_30s:  # benchmarks: tokens in proportion to the audio (its bucket: one budget per batch key)
+            max_new = [max(1, -(-per_30s * k.size // 3000)) if k.kind == "audio" else m for k, m in zip(keys, max_new)]
+            min_new = max(max_new, default=0)
+        gens = self.engine.generate([decode_item(inputs[i][j]) for i, j in todo], keys, max_new, min_new)
         for (i, j), gen in zip(todo, gens):
             if isinstance(gen, Exception):
                 log.warning("generation failed for %s: %s", ids[i], gen)

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from bench.asr_calls import bench_asr_calls
 from bench.pipeline_jobs import bench_calls_translate, bench_meetings
 from pipeline.prompts import task_instruction
 
@@ -248,19 +249,8 @@ def bench_pipeline(args, ckpt: str, rows: list[dict], meta: dict, gpus: int, n: 
     manifest = os.path.join(work, f"manifest-{n}.parquet")
     pq.write_table(pa.table({"id": [f"call-{i:06d}" for i in range(n)], "uri": [uris[i % len(uris)] for i in range(n)]}),
                    manifest)
-    new = max(2, int(100 * args.scale))
-    config = JobConfig.model_validate({
-        "job": "transcribe", "input": manifest, "output": os.path.join(work, f"out-{gpus}gpu-{n}"),
-        "model": {"source": ckpt},
-        "generation": {"max_new_tokens": {"asr": new}},
-        "benchmark": {"random_weights": not args.tiny, "min_new_tokens": new},
-        "batching": {"decoder": "static" if not args.tiny else "generate", "decode_slots": args.slots,
-                     "max_batch_size": args.prefill_batch, "rows_per_call": args.slots,
-                     "check_every": args.check_every},
-        "audio": {"reject_no_speech": False},
-        "resources": {"gpus_per_replica": 1.0 if not args.tiny else 0.0, "max_replicas": max(1, gpus),
-                      "min_replicas": max(1, gpus)},
-    })
+    config = JobConfig.model_validate(asr_job_config(args, ckpt, manifest, os.path.join(work, f"out-{gpus}gpu-{n}"),
+                                                     gpus))
     record = run_job(config)
     ok = record["counts"].get("asr", {}).get("ok", 0)
     assert ok == n, record["counts"]
@@ -274,6 +264,22 @@ def bench_pipeline(args, ckpt: str, rows: list[dict], meta: dict, gpus: int, n: 
     rows.append(row)
     print(json.dumps(row), flush=True)
     return record
+
+
+def asr_job_config(args, ckpt: str, manifest: str, output: str, gpus: int = 1) -> dict:
+    """The asr pipeline bench's job: 100 new tokens per 30 s clip (min = max), the engine's batching."""
+    new = max(2, int(100 * args.scale))
+    return {
+        "job": "transcribe", "input": manifest, "output": output, "model": {"source": ckpt},
+        "generation": {"max_new_tokens": {"asr": new}},
+        "benchmark": {"random_weights": not args.tiny, "min_new_tokens": new},
+        "batching": {"decoder": "static" if not args.tiny else "generate", "decode_slots": args.slots,
+                     "max_batch_size": args.prefill_batch, "rows_per_call": args.slots,
+                     "check_every": args.check_every},
+        "audio": {"reject_no_speech": False},
+        "resources": {"gpus_per_replica": 1.0 if not args.tiny else 0.0, "max_replicas": max(1, gpus),
+                      "min_replicas": max(1, gpus)},
+    }
 
 
 def where_the_time_went(record: dict, gpus: int) -> dict:
@@ -302,6 +308,8 @@ def table(rows: list[dict]) -> str:
                                                   "gpu_span_rtfx", "decode_workers_busy", "lora", "audio_h",
                                                   "all_ok", "fallback_fired", "peak_gpu_mib", "engine_prefill_s",
                                                   "engine_decode_s", "engine_caches_built", "summary_sections",
+                                                  "mean_batch", "batches", "batches_full", "chunks",
+                                                  "equal_30s_marginal_rtfx", "vs_equal_30s", "vs_equal_30s_end_to_end",
                                                   "stage_wall_s", "note")
                           if r.get(k) is not None)
         lines.append(f"| {r['workload']} | {r['engine']} | {r.get('gpus', 1)} | {r['metric']} | {r['value']} | "
@@ -331,6 +339,10 @@ def main(argv=None):
     ap.add_argument("--meetings", type=int, default=0, help="N one-hour recordings through `phi4mm meetings`")
     ap.add_argument("--calls-translate", type=int, default=0,
                     help="N 30 s calls through transcribe --translate-to fr --summarize")
+    ap.add_argument("--calls", type=int, default=0,
+                    help="asr_calls: N calls of 3 s-10 min (and N/4) through transcribe (bench/asr_calls.py)")
+    ap.add_argument("--calls-reference", type=int, default=512,
+                    help="asr_calls: equal 30 s clips (and a quarter) through the same job, in the same run")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="measured bf16 matmul rate of the card")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny checkpoint")
     args = ap.parse_args(argv)
@@ -391,7 +403,13 @@ def main(argv=None):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name, n, run in (("meetings", args.meetings, lambda n: bench_meetings(args, ckpt, rows, meta, n, repo)),
                          ("calls_translate_summarize", args.calls_translate,
-                          lambda n: bench_calls_translate(args, ckpt, rows, meta, n))):
+                          lambda n: bench_calls_translate(args, ckpt, rows, meta, n)),
+                         ("asr_calls", args.calls, lambda n: bench_asr_calls(
+                             args, ckpt, rows, meta, n, args.calls_reference, repo,
+                             lambda rows_, meta_, gpus, m: bench_pipeline(args, ckpt, rows_, {**meta_, "gpus": gpus},
+                                                                          gpus, m),
+                             lambda manifest, output: asr_job_config(args, ckpt, manifest, output),
+                             where_the_time_went))):
         if n:
             try:
                 run(n)

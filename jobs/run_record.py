@@ -19,7 +19,8 @@ def run_record(config_json: dict, rows: pa.Table, started_at: datetime, finished
     wall = (finished_at - started_at).total_seconds()
     audio_s = pages = input_tokens = output_tokens = 0.0
     if table is not None:
-        asr = table[table["task"] == "asr"]
+        asr = table[(table["task"] == "asr") & (table["status"] == "ok")]  # audio transcribed (error rows
+        # carry the duration they decoded too, issue 10)
         audio_s = float(asr["duration_s"].fillna(0).sum())
         pages = int((table["task"] == "ocr").sum())
         input_tokens = int(table["input_tokens"].fillna(0).sum())

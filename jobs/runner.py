@@ -97,15 +97,19 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
     if config.resume:
         manifest = rows_to_redo(manifest, config, storage)
         log.info("resume: %d input rows left to process", manifest.num_rows)
+        if not manifest.num_rows:  # said on the console: the run record follows, Ray is not started
+            print(f"phi4mm: resume: every row of {config.input} is already done in {config.output}; "
+                  "nothing to run", file=sys.stderr, flush=True)
 
-    init_ray(settings)
-    import ray
-
-    cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-    gpus = float(ray.cluster_resources().get("GPU", 0))
     stages: list[dict] = []
     counters: dict = {}
-    if manifest.num_rows:
+    gpus = 0.0
+    if manifest.num_rows:  # a resume with nothing left to do starts no Ray (seconds saved, no GPU asked)
+        init_ray(settings)
+        import ray
+
+        cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        gpus = float(ray.cluster_resources().get("GPU", 0))
         name, counters_actor = start_run_counters(config.run_id)
         context = StageContext(config.model_dump_json(), passthrough_schema, counters_actor=name,
                                model_provenance=provenance)

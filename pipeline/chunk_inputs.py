@@ -36,7 +36,8 @@ class BuildChunkInputs(Stage):
     def __init__(self, context: StageContext):
         super().__init__(context)
         one_thread_per_worker()
-        self.builder = InputBuilder(local_model_dir(self.config, processor_only=True), self.config.system_prompt)
+        self.builder = InputBuilder(local_model_dir(self.config, processor_only=True), self.config.system_prompt,
+                                    audio_bucket_s=self.config.audio.batch_bucket_s)
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:

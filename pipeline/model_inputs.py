@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.media import SAMPLE_RATE
+
+FEATURE_FRAMES_PER_S = 100  # the feature extractor's hop: 160 samples at 16 kHz
+DEFAULT_AUDIO_BUCKET_S = 2.0  # schemas/config.py AudioConfig.batch_bucket_s
 from pipeline.prompts import chat_messages
 from schemas.work_rows import BatchKey
 
@@ -31,18 +34,20 @@ _HOLE = "\u2063PHI4MM-INSTRUCTION\u2063"  # where the instruction goes in the ch
 @dataclass(frozen=True)
 class BuiltItem:
     inputs: dict[str, np.ndarray]  # per-item arrays, no batch dimension
-    batch_key: BatchKey  # items batch together only under one key (equal audio length / crop count)
+    batch_key: BatchKey  # items batch together only under one key (audio length bucket / crop count)
     input_tokens: int
 
 
 class InputBuilder:
     """Turns (media, instruction) into the processor's per-item arrays."""
 
-    def __init__(self, model_dir: str, system_prompt: str | None = None, dynamic_hd: int | None = None):
+    def __init__(self, model_dir: str, system_prompt: str | None = None, dynamic_hd: int | None = None,
+                 audio_bucket_s: float = DEFAULT_AUDIO_BUCKET_S):
         self.processor = load_processor(model_dir)
         self.system_prompt = system_prompt
         self.dynamic_hd = dynamic_hd
         self._added_ids: frozenset[int] | None = None
+        self.audio_bucket_frames = max(1, int(round(audio_bucket_s * FEATURE_FRAMES_PER_S)))
 
     def prompt(self, instruction: str, media: str | None) -> str:
         return self.processor.apply_chat_template(
@@ -56,8 +61,9 @@ class InputBuilder:
         inputs = self._run(self.prompt(instruction, "audio"), audio=[audio], sampling_rate=SAMPLE_RATE)
         inputs.pop("attention_mask", None)  # rebuilt when batching
         inputs.pop("audio_attention_mask", None)
-        frames = inputs["audio_input_features"].shape[0]
-        return BuiltItem(inputs, BatchKey("audio", int(frames)), int(inputs["input_ids"].shape[0]))
+        frames = int(inputs["audio_input_features"].shape[0])
+        return BuiltItem(inputs, BatchKey("audio", audio_bucket(frames, self.audio_bucket_frames)),
+                         int(inputs["input_ids"].shape[0]))
 
     def image(self, image, instruction: str) -> BuiltItem:
         kwargs = {"images": [image]}
@@ -96,3 +102,12 @@ class InputBuilder:
         if self._added_ids is None:
             self._added_ids = frozenset(self.processor.tokenizer.added_tokens_decoder)
         return [t for t in generated if t not in self._added_ids]
+
+
+def audio_bucket(frames: int, bucket_frames: int) -> int:
+    """The batch key's size for a clip of `frames` feature frames: the end of its bucket on a grid of
+    `bucket_frames` (a 12.34 s clip -> 1400 on the 2 s grid). The clip keeps its own features and its own
+    placeholder count; the key only says which clips may share a batch. Mixed lengths inside one batch
+    are exact because the GPU side masks the audio encoder's padding (actors/audio_padding.py); the
+    grid bounds the padding a batch carries (at most one bucket's width per clip)."""
+    return -(-frames // bucket_frames) * bucket_frames

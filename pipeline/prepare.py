@@ -48,17 +48,30 @@ class PrepareWork(Stage):
         inputs = self.config.inputs
         self.storage = StorageOptions(endpoint_url=self.config.s3_endpoint, connect_timeout_s=inputs.connect_timeout_s,
                                       read_timeout_s=inputs.read_timeout_s)
-        self.builder = InputBuilder(processor_dir, self.config.system_prompt, self.config.image.dynamic_hd)
+        self.builder = InputBuilder(processor_dir, self.config.system_prompt, self.config.image.dynamic_hd,
+                                    audio_bucket_s=self.config.audio.batch_bucket_s)
         self._segmenter = None
+        # what was measured of the current input before it failed (its decoded duration): error rows keep it
+        self.measured: dict = {}
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
         """A fixed pool of the CPUs the other actors leave (an autoscaling pool would start with one
         worker and ramp up while the GPUs wait), at most one worker per two inputs; small batches, so
-        that decoding spreads over every worker from the start."""
-        workers = max(1, min(int(cluster.cpus - cluster.reserved_cpus), math.ceil(cluster.input_rows / 2)))
+        that decoding spreads over every worker from the start.
+
+        A small machine gets at least one worker per two of its CPUs: the reservation (a CPU for each
+        model actor, the light single actors, one for the driver) would leave a 2-core machine (4
+        logical CPUs in the local Ray, jobs/runner.py) one worker while those others mostly wait on it.
+        The workers then share what is left of the logical CPUs (a fraction each), so every other actor
+        keeps its reservation and still schedules; each worker runs one thread."""
+        per_task = config.resources.cpus_per_prepare_task
+        room = cluster.cpus - cluster.reserved_cpus
+        workers = max(int(room // per_task), int(cluster.cpus // 2), 1)
+        workers = max(1, min(workers, math.ceil(cluster.input_rows / 2)))
+        num_cpus = per_task if workers * per_task <= room else max(room, 0.05 * workers) / workers
         return StageResources(batch_size=rows_per_block(cluster.input_rows, workers), pool_size=(workers, workers),
-                              num_cpus=config.resources.cpus_per_prepare_task)
+                              num_cpus=num_cpus)
 
     @property
     def segmenter(self) -> SpeechSegmenter:
@@ -75,6 +88,7 @@ class PrepareWork(Stage):
         # and the rows beside it are neither blocked by it nor waiting their turn behind it
         fetches = [self.start_load(row) for row in rows]
         for i, row in enumerate(rows):
+            self.measured = {}
             try:
                 made = self.prepare_row(row, fetches[i])
             except InputError as exc:
@@ -118,13 +132,13 @@ class PrepareWork(Stage):
         """One error row per output key that a bad value in the row rules out; the row's other outputs
         are made as usual, so a bad `target_language` costs only that translation."""
         return [work_row(row["id"], key.task, target_language=key.target_language, language=row.get("language"),
-                         error=f"id {row['id']}: {problem}")
+                         error=f"id {row['id']}: {problem}", **self.measured)
                 for key in self.all_keys(row) if (problem := self.key_problem(key)) is not None]
 
     def error_rows(self, row: dict, message: str) -> list[dict]:
         """One error row per output row the input would have produced."""
         return [work_row(row["id"], key.task, target_language=key.target_language, language=row.get("language"),
-                         error=message) for key in self.input_keys(row)]
+                         error=message, **self.measured) for key in self.input_keys(row)]
 
     def start_load(self, row: dict) -> PendingFetch | None:
         """The row's fetch, started (None for a row that carries its bytes in `data`)."""
@@ -160,6 +174,7 @@ class PrepareWork(Stage):
         else:
             channels, speakers = [decode_audio(data, name, max_s=cfg.max_audio_s)], [None]
         duration = len(channels[0]) / SAMPLE_RATE
+        self.measured["duration_s"] = duration  # kept by the row's error rows from here on
         if cfg.reject_no_speech and not any(self.segmenter.has_speech(a) for a in channels):
             raise InputError(f"{name}: no speech detected in {duration:.1f} s of audio")
         pieces = sorted(((chunk, speaker) for audio, speaker in zip(channels, speakers)

@@ -1,12 +1,12 @@
-"""Long audio -> spans (chunks) the speech encoder can take, cut in silences, on a fixed length grid.
+"""Long audio -> spans (chunks) the speech encoder can take, cut in silences, preferring a length grid.
 
 Why this shape:
 - The model takes at most ~30-40 s of audio per prompt, so long recordings are cut; cutting inside a
   word costs words, so cuts go in silences found by silero-vad.
-- The GPU side batches only chunks of exactly equal sample count (Phi-4-multimodal's audio encoder does
-  not mask padding, so padded batches would change the output). Cuts therefore land on multiples of
-  `grid_s` from the chunk start whenever the chosen silence holds such a point: chunk lengths then
-  take few distinct values and batch well.
+- Cuts land on multiples of `grid_s` from the chunk start whenever the chosen silence holds such a
+  point, so chunk lengths take few distinct values. The GPU side batches clips of any length exactly
+  (actors/audio_padding.py masks the audio encoder's padding) by length bucket
+  (pipeline/model_inputs.py: audio_bucket); the grid only keeps the lengths tidy.
 - Chunks tile the audio exactly (no sample lost or duplicated) and are views into it, so timestamps
   stitch back without arithmetic and an hour of audio is never copied per chunk.
 - The VAD runs once over the whole signal, in a batch of rows (each row a stretch of the recording

@@ -65,7 +65,10 @@ class BatchingConfig(_Strict):
 
 class AudioConfig(_Strict):
     max_chunk_s: float = Field(30.0, gt=1.0, le=40.0)  # the model is trained on clips up to ~40 s
-    grid_s: float = Field(0.5, gt=0.0)  # chunk lengths snap to this grid so equal-length batches form
+    grid_s: float = Field(0.5, gt=0.0)  # long audio's cuts prefer points on this grid (fewer distinct lengths)
+    # clips and chunks batch on the GPU by length bucket of this width (pipeline/model_inputs.py:
+    # audio_bucket): wider buckets form fuller batches, narrower ones pad less
+    batch_bucket_s: float = Field(2.0, gt=0.0, le=40.0)
     split_channels: bool = False  # stereo call recordings: one transcript per channel (agent/customer)
     reject_no_speech: bool = True  # a clip where the VAD finds no speech becomes an error row
     summarize_from_audio: bool = False  # summaries of recordings up to 30 min from the audio itself
@@ -172,6 +175,9 @@ class BenchmarkConfig(_Strict):
     random_weights: bool = False
     # decode at least this many tokens per item: with min == max every engine does the same work
     min_new_tokens: int = Field(0, ge=0)
+    # audio: decode exactly this many tokens per 30 s of a chunk's length bucket instead (a 7.3 s call
+    # on the 2 s grid: 8 s -> 27 of 100), so calls of every length cost what their audio would
+    new_tokens_per_30s: int | None = Field(None, ge=1)
     # fault injection, for tests only: a GPU stage whose call includes a row with one of these ids
     # ends its own process (os._exit), as a segfaulting kernel or an OOM kill would
     exit_worker_on_ids: list[str] = Field(default_factory=list)

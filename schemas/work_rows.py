@@ -23,12 +23,14 @@ from schemas.results import RESULT_FIELDS
 class BatchKey(NamedTuple):
     """Chunks batch together on a GPU only under equal keys.
 
-    The model's audio encoder does not mask padding (a batched clip's output would change with its
-    neighbours' lengths), so audio batches hold one feature length only; image batches hold one crop
-    count. Text prompts are left-padded and masked, so they all share one key.
+    Audio: clips of any length may share a batch (the GPU side masks the audio encoder's padding,
+    actors/audio_padding.py, so each clip's output is its unbatched one); the key is the clip's length
+    bucket (pipeline/model_inputs.py: audio_bucket), so a batch pads each clip by less than one bucket.
+    Images: one crop count per batch. Text prompts are left-padded and masked, so they share one key.
     """
     kind: str  # "audio" | "image" | "text"; "samples": audio whose model inputs are not built yet
-    size: int  # audio: feature frames; image: crops; text: 0; samples: their count
+    size: int  # audio: end of the length bucket, in feature frames (100 per s); image: crops; text: 0;
+    # samples: their count
 
 
 BATCH_KEY_TYPE = pa.struct([("kind", pa.string()), ("size", pa.int64())])

@@ -144,8 +144,8 @@ def test_batched_equals_unbatched_for_equal_length_audio(engines, tiny_model):
     assert len({tuple(s.token_ids) for s in single}) > 1  # the inputs matter: not a constant output
 
 
-def test_scheduler_never_mixes_audio_lengths_or_token_budgets(engines):
-    """The audio encoder does not mask padding (../shared/design/NOTES-phi4mm.md), so batches hold one audio length only."""
+def test_scheduler_never_mixes_batch_keys_or_token_budgets(engines):
+    """Batches hold one batch key (an audio length bucket, a crop count) and one token budget."""
     engine = engines["speech"]
     plan = engine.plan_batches(["audio:298", "audio:398", "audio:298", "audio:298"], [50, 50, 50, 50],
                                [12, 12, 12, 30])

@@ -37,7 +37,7 @@ def speech_items(builder, n=7):
     tasks = [("asr", None), ("translate", "fr"), ("translate", "de")]
     items, buckets = [], []
     for k in range(n):
-        seconds = 3 if k % 3 else 4  # two lengths: two buckets
+        seconds = 3 if k % 3 else 4  # two lengths, one 2 s bucket: batched together (masked padding)
         clip = (0.1 * rng.standard_normal(16000 * seconds)).astype(np.float32)
         built = builder.audio(clip, task_instruction(*tasks[k % 3]))
         items.append(built.inputs)

@@ -195,3 +195,20 @@ def test_written_files_are_named_by_run_and_read_back_per_run(tmp_path, tiny_mod
     assert read_results(str(tmp_path), run_id="other").num_rows == 0
     path = write_run_record(str(tmp_path), {"run_id": "run-7", "counts": {}})
     assert path.endswith("_runs/run-7.json")
+
+
+def test_benchmark_tokens_per_30s_follow_each_chunks_length_bucket(prepared, tiny_model):
+    """`benchmark.new_tokens_per_30s` (bench/asr_calls.py): each audio chunk decodes exactly that many
+    tokens per 30 s of its 2 s length bucket, and the engine counts the batches it formed."""
+    _, work = prepared
+    stage = SpeechStage(context_for(tiny_model, translate_to=["fr", "de"],
+                                    benchmark={"new_tokens_per_30s": 60}))
+    out = stage(work).to_pylist()
+    seen = 0
+    for row in out:
+        for key, tokens in zip(row["chunk_batch_key"], row["chunk_output_tokens"]):
+            want = -(-60 * key["size"] // 3000)  # a 5.2 s call: the 6 s bucket -> 12 tokens
+            assert tokens == want, (key, tokens)
+            seen += 1
+    assert seen == stage.counters["items"] == 5
+    assert stage.counters["engine_batch_items"] == 5 and 1 <= stage.counters["engine_batches"] <= 5
