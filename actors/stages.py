@@ -55,7 +55,8 @@ class ModelStage(Stage):
         else:
             high = res.max_replicas or 1
         low = min(res.min_replicas, high)
-        return StageResources(batch_size=rows_per_call(config, cls.modality), pool_size=(low, high), num_gpus=gpus,
+        return StageResources(batch_size=rows_per_call(config, cls.modality, on_gpu=gpus > 0), pool_size=(low, high),
+                              num_gpus=gpus,
                               accelerator_type=res.accelerator_type if gpus > 0 else None)
 
     def process(self, batch: pa.Table) -> pa.Table:
@@ -224,27 +225,30 @@ class TextStage(ModelStage):
         return batch
 
 
-def rows_per_call(config: JobConfig, modality: str) -> int:
+def rows_per_call(config: JobConfig, modality: str, on_gpu: bool = True) -> int:
     """Work rows per GPU call of a modality's pool, sized by what the rows carry.
 
     Speech: `rows_per_call` (512 rows of 30 s chunks, ~1 MB of features each) or, for the meetings job
     whose rows hold whole recordings, `meeting_rows_per_call`. Vision: as many pages as the call's
     features budget `vision_call_bytes` holds at the largest a page can be (schemas/config.py), so a call
-    of full-page scans stays within it whatever the pages. Text prompts carry token ids only.
+    of full-page scans stays within it whatever the pages; on a CPU replica at most
+    `cpu_vision_rows_per_call`. Text prompts carry token ids only.
     """
     batching = config.batching
     if modality == "vision":
         fit = batching.vision_call_bytes // max_page_feature_bytes(config.image.dynamic_hd)
+        if not on_gpu:
+            fit = min(fit, batching.cpu_vision_rows_per_call)
         return max(1, min(batching.rows_per_call, fit))
     if config.job == "meetings":
         return batching.meeting_rows_per_call
     return batching.rows_per_call
 
 
-def call_bytes_bound(config: JobConfig, modality: str) -> int | None:
-    """The most prepared features one call of the modality's pool carries (None: not bounded here)."""
+def call_bytes_bound(config: JobConfig, modality: str, rows: int) -> int | None:
+    """The most prepared features a call of `rows` rows of the modality carries (None: not bounded here)."""
     if modality == "vision":
-        return rows_per_call(config, "vision") * max_page_feature_bytes(config.image.dynamic_hd)
+        return rows * max_page_feature_bytes(config.image.dynamic_hd)
     return None
 
 

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from bench.pipeline_jobs import bench_calls_translate, bench_meetings
+from bench.pipeline_jobs import bench_calls_translate, bench_meetings, bench_ocr_docs
 from pipeline.prompts import task_instruction
 
 WORKLOADS = {
@@ -302,7 +302,9 @@ def table(rows: list[dict]) -> str:
                                                   "gpu_span_rtfx", "decode_workers_busy", "lora", "audio_h",
                                                   "all_ok", "fallback_fired", "peak_gpu_mib", "engine_prefill_s",
                                                   "engine_decode_s", "engine_caches_built", "summary_sections",
-                                                  "stage_wall_s", "note")
+                                                  "stage_wall_s", "gpu_span_pages_per_s", "vs_engine",
+                                                  "gpu_span_vs_engine", "rows_per_vision_call", "peak_host_gb",
+                                                  "note")
                           if r.get(k) is not None)
         lines.append(f"| {r['workload']} | {r['engine']} | {r.get('gpus', 1)} | {r['metric']} | {r['value']} | "
                      f"{r['items']} | {r['wall_s']} | {r.get('vs_generate_b32', '')} | {r.get('vs_card_recipe', '')} "
@@ -331,6 +333,8 @@ def main(argv=None):
     ap.add_argument("--meetings", type=int, default=0, help="N one-hour recordings through `phi4mm meetings`")
     ap.add_argument("--calls-translate", type=int, default=0,
                     help="N 30 s calls through transcribe --translate-to fr --summarize")
+    ap.add_argument("--ocr-docs", type=int, default=0,
+                    help="N pages of real-size documents (PDFs of 5-120 pages, scans) through `phi4mm ocr`")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="measured bf16 matmul rate of the card")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny checkpoint")
     args = ap.parse_args(argv)
@@ -391,7 +395,8 @@ def main(argv=None):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name, n, run in (("meetings", args.meetings, lambda n: bench_meetings(args, ckpt, rows, meta, n, repo)),
                          ("calls_translate_summarize", args.calls_translate,
-                          lambda n: bench_calls_translate(args, ckpt, rows, meta, n))):
+                          lambda n: bench_calls_translate(args, ckpt, rows, meta, n)),
+                         ("ocr_docs", args.ocr_docs, lambda n: bench_ocr_docs(args, ckpt, rows, meta, n))):
         if n:
             try:
                 run(n)

@@ -102,11 +102,11 @@ def queued_features_limit(config: JobConfig, cluster: Cluster) -> int | None:
     instead of letting them prepare pages that no GPU will read for a long time. None: Ray's default."""
     total = 0
     for stage in media_stages_of(config):
-        bound = call_bytes_bound(config, stage.modality)
+        res = stage.resources(config, cluster)
+        bound = call_bytes_bound(config, stage.modality, res.batch_size)
         if bound is None:
             return None
-        replicas = stage.resources(config, cluster).pool_size[1]
-        total += bound * replicas * config.batching.queued_calls_per_replica
+        total += bound * res.pool_size[1] * config.batching.queued_calls_per_replica
     return total or None
 
 

@@ -5,7 +5,6 @@ import io
 import os
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,8 @@ from PIL import Image
 
 import pyarrow.dataset as pads
 import pytest
+
+from bench.host_memory import PeakMemory, tree_pss_bytes  # noqa: F401 - the tests' memory probes
 
 pytest_plugins = ["tests.s3server"]
 
@@ -75,42 +76,6 @@ def proc_stats():
         except OSError:
             continue
         yield int(entry), stat[stat.rfind(")") + 2:].split()
-
-
-def tree_pss_bytes(root_pid: int) -> int:
-    """Proportional memory (PSS) of `root_pid` and all its descendants (Ray's raylet, object store and
-    workers included): shared pages, such as the object store's, are split among the processes that map
-    them instead of being counted once per process as RSS would."""
-    parents = {pid: int(fields[1]) for pid, fields in proc_stats()}
-    total = 0
-    for pid in parents:
-        p = pid
-        while p and p != root_pid:
-            p = parents.get(p, 0)
-        if p != root_pid:
-            continue
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
-        except (OSError, StopIteration):
-            continue
-    return total
-
-
-class PeakMemory:
-    def __enter__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.wait(0.5):
-            self.peak = max(self.peak, tree_pss_bytes(os.getpid()))
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def job_subprocess_env(prefix: str) -> tuple[dict, str]:

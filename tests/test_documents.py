@@ -15,7 +15,7 @@ from pipeline.prepare import DOCUMENT_BLOCK_BYTES, PrepareWork
 from pipeline.stage import Stage, StageContext
 from schemas.config import JobConfig
 from schemas.manifest import validate_manifest
-from tests.documents import LETTER_150_DPI, encoded, scan, text_pdf
+from bench.documents import LETTER_150_DPI, encoded, scan, text_pdf
 
 
 def ocr_stage(tiny_model, **image) -> PrepareWork:
@@ -172,6 +172,10 @@ def test_vision_calls_are_sized_by_features_bytes_and_speech_keeps_its_rows():
     assert rows_per_call(fewer_crops, "vision") == 136  # smaller pages: more of them per call
     # the object store holds at most 3 such calls per replica of prepared pages
     assert queued_features_limit(ocr, cluster) == 3 * rows * max_page_feature_bytes(36)
+    # a replica on CPU (the tiny model): a few pages a call, and so a few in the object store
+    on_cpu = Cluster(cpus=16, gpus=0)
+    assert VisionStage.resources(ocr, on_cpu).batch_size == 4
+    assert queued_features_limit(ocr, on_cpu) == 3 * 4 * max_page_feature_bytes(36)
     # speech and meetings: as before (30 s chunks, ~1 MB each)
     assert SpeechStage.resources(JobConfig(job="transcribe", input="m", output="o"), cluster).batch_size == 512
     assert SpeechStage.resources(JobConfig(job="meetings", input="m", output="o"), cluster).batch_size == 16

@@ -1,4 +1,4 @@
-"""Real-size documents made in the tests: text PDFs of any page count (Letter or A4), and scans.
+"""Real-size documents for tests and benchmarks: text PDFs of any page count (Letter or A4), and scans.
 
 The PDFs are what office software writes for a typed report: every page a real page size with a few
 lines of Helvetica, so pypdfium2 renders each at its true pixel size (1275x1650 at 150 dpi for Letter)
