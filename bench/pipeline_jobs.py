@@ -203,7 +203,14 @@ def bench_ocr_docs(args, ckpt: str, rows: list[dict], meta: dict, pages: int) ->
     work = os.path.join(args.scratch, "ocr_docs")
     paths = ocr_documents(os.path.join(work, "docs"), pages)
     manifest = os.path.join(work, f"manifest-{pages}.parquet")
-    pq.write_table(pa.table({"id": [os.path.basename(p) for p in paths], "uri": paths}), manifest)
+    # a PDF every 11 rows, the largest first: PrepareWork takes a few manifest rows per call and prepares
+    # them one after another, so two long PDFs in one call would be read by one worker in turn
+    pdfs, scans = [p for p in paths if p.endswith(".pdf")], [p for p in paths if not p.endswith(".pdf")]
+    ordered = []
+    for k, pdf in enumerate(pdfs):
+        ordered += [pdf] + scans[k * 10:(k + 1) * 10]
+    ordered += scans[len(pdfs) * 10:]
+    pq.write_table(pa.table({"id": [os.path.basename(p) for p in ordered], "uri": ordered}), manifest)
     new = 2 if args.tiny else 400  # bench/run_bench.py WORKLOADS["ocr"]["new"]
     config = {"job": "ocr", "input": manifest, "output": os.path.join(work, f"out-{pages}"),
               "model": {"source": ckpt}, "generation": {"max_new_tokens": {"ocr": new}},

@@ -95,11 +95,18 @@ def build_dataset(config: JobConfig, manifest: pa.Table, cluster: Cluster, conte
     return ds
 
 
+# the least object store a dataset is limited to: Ray Data splits a limit among the graph's 5-7 operators,
+# and under a few GiB the writer's share falls below what one of its tasks needs while PrepareWork's
+# pages hold the rest, and the job stalls (seen with 1 GiB: Write "backpressured", budget 0)
+MIN_QUEUED_FEATURES_BYTES = 4 << 30
+
+
 def queued_features_limit(config: JobConfig, cluster: Cluster) -> int | None:
     """Object-store bytes a job's dataset may hold, for jobs whose GPU calls are sized in bytes (vision):
-    `queued_calls_per_replica` calls of the largest size per replica of each media pool. Ray Data
-    (below its own default share of the object store, whichever is less) then holds the CPU stages back
-    instead of letting them prepare pages that no GPU will read for a long time. None: Ray's default."""
+    `queued_calls_per_replica` calls of the largest size per replica of each media pool, at least
+    MIN_QUEUED_FEATURES_BYTES. Ray Data (below its own default share of the object store, whichever is
+    less) then holds the CPU stages back instead of letting them prepare pages that no GPU will read for
+    a long time. None: Ray's default."""
     total = 0
     for stage in media_stages_of(config):
         res = stage.resources(config, cluster)
@@ -107,7 +114,7 @@ def queued_features_limit(config: JobConfig, cluster: Cluster) -> int | None:
         if bound is None:
             return None
         total += bound * res.pool_size[1] * config.batching.queued_calls_per_replica
-    return total or None
+    return max(total, MIN_QUEUED_FEATURES_BYTES) if total else None
 
 
 def manifest_blocks(manifest: pa.Table, rows_per_block: int) -> list[pa.Table]:
