@@ -211,7 +211,7 @@ def bench_ocr_docs(args, ckpt: str, rows: list[dict], meta: dict, pages: int) ->
         ordered += [pdf] + scans[k * 10:(k + 1) * 10]
     ordered += scans[len(pdfs) * 10:]
     pq.write_table(pa.table({"id": [os.path.basename(p) for p in ordered], "uri": ordered}), manifest)
-    new = 2 if args.tiny else 400  # bench/run_bench.py WORKLOADS["ocr"]["new"]
+    new = max(2, int(400 * args.scale))  # as bench/run_bench.py WORKLOADS["ocr"]["new"], the bare engine's
     config = {"job": "ocr", "input": manifest, "output": os.path.join(work, f"out-{pages}"),
               "model": {"source": ckpt}, "generation": {"max_new_tokens": {"ocr": new}},
               "benchmark": {"random_weights": not args.tiny, "min_new_tokens": new},
