@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.engine import Phi4MMEngine
-from pipeline.model_inputs import InputBuilder
+from pipeline.model_inputs import InputBuilder, max_page_feature_bytes
 from pipeline.model_source import local_model_dir
 from pipeline.prompts import combine_pieces
 from pipeline.stage import Cluster, Stage, StageContext, StageResources
@@ -56,9 +56,8 @@ class ModelStage(Stage):
         else:
             high = res.max_replicas or 1
         low = min(res.min_replicas, high)
-        batching = config.batching
-        rows = batching.meeting_rows_per_call if config.job == "meetings" else batching.rows_per_call
-        return StageResources(batch_size=rows, pool_size=(low, high), num_gpus=gpus,
+        return StageResources(batch_size=rows_per_call(config, cls.modality, on_gpu=gpus > 0), pool_size=(low, high),
+                              num_gpus=gpus,
                               accelerator_type=res.accelerator_type if gpus > 0 else None)
 
     def process(self, batch: pa.Table) -> pa.Table:
@@ -67,8 +66,9 @@ class ModelStage(Stage):
         if not rows:
             return batch
         cols = {name: batch[name].to_pylist() for name in (
-            "id", "task", "target_language", "page", "part", "chunk_inputs", "chunk_batch_key", "chunk_text",
+            "id", "task", "target_language", "page", "part", "chunk_batch_key", "chunk_text",
             "chunk_output_tokens", "chunk_output_ids", "chunk_latency_s", "chunk_error")}
+        cols["chunk_inputs"] = chunk_inputs_of(batch, set(rows))
         key = {i: (cols["id"][i], cols["task"][i], cols["target_language"][i], cols["page"][i], cols["part"][i])
                for i in rows}
         # rows that were in a call whose worker died (a retried batch): one at a time from here on, so
@@ -130,6 +130,19 @@ class ModelStage(Stage):
         self.counters["items"] += len(todo)
         for name, value in self.engine.stats.items():  # cumulative: pushed as differences
             self.counters[f"engine_{name}"] = value
+
+
+def chunk_inputs_of(batch: pa.Table, mine: set[int]) -> list[list]:
+    """Each row's chunk inputs: for the rows in `mine` (this stage generates for them), views into the
+    block's own buffers, decoded only when the call runs, so a call's features are not copied into
+    Python bytes first (a vision call of 48 Letter pages carries 1.5 GB of them); for the other rows,
+    which pass through, their bytes."""
+    out: list[list] = []
+    for chunk in batch["chunk_inputs"].chunks:
+        for k in range(len(chunk)):
+            row = chunk[k]
+            out.append([v.as_buffer() for v in row.values] if len(out) in mine and row.is_valid else row.as_py())
+    return out
 
 
 class SpeechStage(ModelStage):
@@ -229,6 +242,33 @@ class TextStage(ModelStage):
         if self._label_tokens is None:
             self._label_tokens = len(self.builder.token_ids("\n\nPart 999: "))
         return self._label_tokens
+
+
+def rows_per_call(config: JobConfig, modality: str, on_gpu: bool = True) -> int:
+    """Work rows per GPU call of a modality's pool, sized by what the rows carry.
+
+    Speech: `rows_per_call` (512 rows of 30 s chunks, ~1 MB of features each) or, for the meetings job
+    whose rows hold whole recordings, `meeting_rows_per_call`. Vision: as many pages as the call's
+    features budget `vision_call_bytes` holds at the largest a page can be (schemas/config.py), so a call
+    of full-page scans stays within it whatever the pages; on a CPU replica at most
+    `cpu_vision_rows_per_call`. Text prompts carry token ids only.
+    """
+    batching = config.batching
+    if modality == "vision":
+        fit = batching.vision_call_bytes // max_page_feature_bytes(config.image.dynamic_hd)
+        if not on_gpu:
+            fit = min(fit, batching.cpu_vision_rows_per_call)
+        return max(1, min(batching.rows_per_call, fit))
+    if config.job == "meetings":
+        return batching.meeting_rows_per_call
+    return batching.rows_per_call
+
+
+def call_bytes_bound(config: JobConfig, modality: str, rows: int) -> int | None:
+    """The most prepared features a call of `rows` rows of the modality carries (None: not bounded here)."""
+    if modality == "vision":
+        return rows * max_page_feature_bytes(config.image.dynamic_hd)
+    return None
 
 
 STAGE_FOR_MODALITY = {"speech": SpeechStage, "vision": VisionStage, "text": TextStage}

@@ -156,3 +156,87 @@ def bench_calls_translate(args, ckpt: str, rows: list[dict], meta: dict, n: int)
     rows.append(row)
     print(json.dumps(row), flush=True)
     return record
+
+
+# documents of a bulk-OCR night: multi-page PDFs of 5-120 pages (Letter and A4, typed reports) and
+# single scans (PNG, JPEG, TIFF, WebP at 150-200 dpi); the largest PDF first, so its pages (prepared
+# one after another by one worker) start while the rest spread over the other workers
+OCR_PDF_PAGES = (120, 60, 30, 15, 8, 5)
+
+
+def ocr_documents(folder: str, pages: int) -> list[str]:
+    """Files holding `pages` pages in all: the PDFs of OCR_PDF_PAGES that fit, then single scans."""
+    from bench.documents import A4_PT, LETTER_PT, encoded, scan, text_pdf
+
+    os.makedirs(folder, exist_ok=True)
+    paths, left = [], pages
+    for k, n in enumerate(OCR_PDF_PAGES):
+        if n > left:
+            continue
+        path = os.path.join(folder, f"report-{k:02d}-{n}p.pdf")
+        with open(path, "wb") as f:
+            f.write(text_pdf(n, LETTER_PT if k % 2 == 0 else A4_PT, title=f"Report {k}"))
+        paths.append(path)
+        left -= n
+    sizes = [(1275, 1650), (1240, 1754), (1700, 2200), (1654, 2339)]  # Letter/A4 at 150 and 200 dpi
+    formats = [("png", "PNG", {}), ("jpg", "JPEG", {"quality": 85}), ("tiff", "TIFF", {"compression": "tiff_lzw"}),
+               ("webp", "WEBP", {"quality": 80})]
+    for k in range(left):
+        ext, fmt, kwargs = formats[k % len(formats)]
+        path = os.path.join(folder, f"scan-{k:03d}.{ext}")
+        with open(path, "wb") as f:
+            f.write(encoded(scan(sizes[k % len(sizes)], seed=k), fmt, **kwargs))
+        paths.append(path)
+    return paths
+
+
+def bench_ocr_docs(args, ckpt: str, rows: list[dict], meta: dict, pages: int) -> dict:
+    """`phi4mm ocr` over `pages` pages of real-size documents with the default config (fixed output per
+    page: min = max new tokens, the same as the bare engine's `ocr` workload): pages/s end to end and over
+    the vision pool's span, the peak host memory of the whole job, and the fraction of the bare engine's
+    pages/s when the `ocr` workload ran in the same run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.host_memory import PeakMemory
+
+    work = os.path.join(args.scratch, "ocr_docs")
+    paths = ocr_documents(os.path.join(work, "docs"), pages)
+    manifest = os.path.join(work, f"manifest-{pages}.parquet")
+    # a PDF every 11 rows, the largest first: PrepareWork takes a few manifest rows per call and prepares
+    # them one after another, so two long PDFs in one call would be read by one worker in turn
+    pdfs, scans = [p for p in paths if p.endswith(".pdf")], [p for p in paths if not p.endswith(".pdf")]
+    ordered = []
+    for k, pdf in enumerate(pdfs):
+        ordered += [pdf] + scans[k * 10:(k + 1) * 10]
+    ordered += scans[len(pdfs) * 10:]
+    pq.write_table(pa.table({"id": [os.path.basename(p) for p in ordered], "uri": ordered}), manifest)
+    new = max(2, int(400 * args.scale))  # as bench/run_bench.py WORKLOADS["ocr"]["new"], the bare engine's
+    config = {"job": "ocr", "input": manifest, "output": os.path.join(work, f"out-{pages}"),
+              "model": {"source": ckpt}, "generation": {"max_new_tokens": {"ocr": new}},
+              "benchmark": {"random_weights": not args.tiny, "min_new_tokens": new},
+              "resources": {"gpus_per_replica": 0.0 if args.tiny else 1.0, "max_replicas": 1}}
+    with PeakMemory() as host:
+        record, peak_gpu = run_pipeline_job(config, f"ocr-docs-{pages}", args.out)
+    counts = record["counts"].get("ocr", {})
+    assert counts.get("ok", 0) == pages, record["counts"]
+    stages = {s["stage"].split("(")[-1].rstrip(")").split("->")[0]: s for s in record.get("stages", [])}
+    vision = stages.get("VisionStage", {})
+    span = vision.get("wall_s") or None
+    value = record["pages"] / record["wall_s"]
+    engine = [r["value"] for r in rows if r.get("workload") == "ocr" and r.get("engine") == "engine"]
+    counters = record.get("counters", {})
+    row = {**meta, "workload": "ocr_docs", "engine": "pipeline", "metric": "pages_per_s", "value": round(value, 3),
+           "items": pages, "files": len(paths), "wall_s": round(record["wall_s"], 1), "new_tokens": new,
+           "gpu_span_pages_per_s": round(record["pages"] / span, 3) if span else None,
+           "gpu_pool_busy": round(vision["busy_s"] / span, 3) if span and vision.get("busy_s") else None,
+           "vs_engine": round(value / engine[-1], 3) if engine else None,
+           "gpu_span_vs_engine": round(record["pages"] / span / engine[-1], 3) if engine and span else None,
+           "rows_per_vision_call": counters.get("VisionStage", {}).get("rows_in", 0)
+           / max(1, counters.get("VisionStage", {}).get("calls", 1)),
+           "peak_host_gb": round(host.peak / 1e9, 2), "peak_gpu_mib": peak_gpu, **summary_of(record, peak_gpu),
+           "note": "end to end: Ray, model load, render (150 dpi), crops, vision pool, Parquet; PDFs of "
+                   f"{', '.join(str(n) for n in OCR_PDF_PAGES)} pages and single scans"}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    return record

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bench.asr_calls import bench_asr_calls
-from bench.pipeline_jobs import bench_calls_translate, bench_meetings
+from bench.pipeline_jobs import bench_calls_translate, bench_meetings, bench_ocr_docs
 from pipeline.prompts import task_instruction
 
 WORKLOADS = {
@@ -310,7 +310,9 @@ def table(rows: list[dict]) -> str:
                                                   "engine_decode_s", "engine_caches_built", "summary_sections",
                                                   "mean_batch", "batches", "batches_full", "chunks",
                                                   "equal_30s_marginal_rtfx", "vs_equal_30s", "vs_equal_30s_end_to_end",
-                                                  "stage_wall_s", "note")
+                                                  "stage_wall_s", "gpu_span_pages_per_s", "vs_engine",
+                                                  "gpu_span_vs_engine", "rows_per_vision_call", "peak_host_gb",
+                                                  "note")
                           if r.get(k) is not None)
         lines.append(f"| {r['workload']} | {r['engine']} | {r.get('gpus', 1)} | {r['metric']} | {r['value']} | "
                      f"{r['items']} | {r['wall_s']} | {r.get('vs_generate_b32', '')} | {r.get('vs_card_recipe', '')} "
@@ -343,6 +345,8 @@ def main(argv=None):
                     help="asr_calls: N calls of 3 s-10 min (and N/4) through transcribe (bench/asr_calls.py)")
     ap.add_argument("--calls-reference", type=int, default=512,
                     help="asr_calls: equal 30 s clips (and a quarter) through the same job, in the same run")
+    ap.add_argument("--ocr-docs", type=int, default=0,
+                    help="N pages of real-size documents (PDFs of 5-120 pages, scans) through `phi4mm ocr`")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="measured bf16 matmul rate of the card")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny checkpoint")
     args = ap.parse_args(argv)
@@ -409,7 +413,8 @@ def main(argv=None):
                              lambda rows_, meta_, gpus, m: bench_pipeline(args, ckpt, rows_, {**meta_, "gpus": gpus},
                                                                           gpus, m),
                              lambda manifest, output: asr_job_config(args, ckpt, manifest, output),
-                             where_the_time_went))):
+                             where_the_time_went)),
+                         ("ocr_docs", args.ocr_docs, lambda n: bench_ocr_docs(args, ckpt, rows, meta, n))):
         if n:
             try:
                 run(n)

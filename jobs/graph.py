@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from actors.stages import STAGE_FOR_MODALITY, ModelStage, TextStage
+from actors.stages import STAGE_FOR_MODALITY, ModelStage, TextStage, call_bytes_bound
 from pipeline.assemble import AssembleChunks
 from pipeline.chunk_inputs import BuildChunkInputs
 from pipeline.parts import RegroupParts
@@ -100,7 +100,33 @@ def build_dataset(config: JobConfig, manifest: pa.Table, cluster: Cluster, conte
     for stage in stages_of(config):
         ds = ds.map_batches(stage, fn_constructor_args=(context,), batch_format="pyarrow",
                             **stage.resources(config, cluster).map_batches_args())
+    limit = queued_features_limit(config, cluster)
+    if limit is not None:  # this dataset's own context (a copy made with it), not the process's default
+        options = ds.context.execution_options
+        options.resource_limits = options.resource_limits.copy(object_store_memory=limit)
     return ds
+
+
+# the least object store a dataset is limited to: Ray Data splits a limit among the graph's 5-7 operators,
+# and under a few GiB the writer's share falls below what one of its tasks needs while PrepareWork's
+# pages hold the rest, and the job stalls (seen with 1 GiB: Write "backpressured", budget 0)
+MIN_QUEUED_FEATURES_BYTES = 4 << 30
+
+
+def queued_features_limit(config: JobConfig, cluster: Cluster) -> int | None:
+    """Object-store bytes a job's dataset may hold, for jobs whose GPU calls are sized in bytes (vision):
+    `queued_calls_per_replica` calls of the largest size per replica of each media pool, at least
+    MIN_QUEUED_FEATURES_BYTES. Ray Data (below its own default share of the object store, whichever is
+    less) then holds the CPU stages back instead of letting them prepare pages that no GPU will read for
+    a long time. None: Ray's default."""
+    total = 0
+    for stage in media_stages_of(config):
+        res = stage.resources(config, cluster)
+        bound = call_bytes_bound(config, stage.modality, res.batch_size)
+        if bound is None:
+            return None
+        total += bound * res.pool_size[1] * config.batching.queued_calls_per_replica
+    return max(total, MIN_QUEUED_FEATURES_BYTES) if total else None
 
 
 def manifest_blocks(manifest: pa.Table, rows_per_block: int) -> list[pa.Table]:

@@ -234,6 +234,8 @@ def _run_sizes_from_rows(rows: pd.DataFrame, run_id: str) -> tuple[float | None,
     audio = mine[mine["task"].isin(AUDIO_TASKS)]
     audio_s = float(audio.groupby("id")["duration_s"].max().sum()) if "duration_s" in audio.columns and len(audio) else None
     ocr = mine[mine["task"] == "ocr"]
+    if "status" in ocr.columns:  # pages read, as the run record counts them: error rows are not pages
+        ocr = ocr[ocr["status"] == "ok"]
     pages = float(len(ocr.drop_duplicates(["id", "page"]))) if len(ocr) else None
     return audio_s, pages
 

@@ -22,7 +22,8 @@ def run_record(config_json: dict, rows: pa.Table, started_at: datetime, finished
         asr = table[(table["task"] == "asr") & (table["status"] == "ok")]  # audio transcribed (error rows
         # carry the duration they decoded too, issue 10)
         audio_s = float(asr["duration_s"].fillna(0).sum())
-        pages = int((table["task"] == "ocr").sum())
+        # pages read: an error row (a page that failed, or one past image.max_pages) is not a page read
+        pages = int(((table["task"] == "ocr") & (table["status"] == "ok")).sum())
         input_tokens = int(table["input_tokens"].fillna(0).sum())
         output_tokens = int(table["output_tokens"].fillna(0).sum())
     scores = {}

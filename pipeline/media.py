@@ -7,8 +7,10 @@ file becomes an error row and never a failed job. Nothing here touches the netwo
 - `sniff_kind`: which decoder an input needs (magic bytes first: extensions lie).
 - `decode_audio` / `decode_audio_channels`: soundfile (WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF, ...),
   streamed in blocks through soxr so an hour of 44.1 kHz stereo never sits in memory at its source rate.
-- `decode_pages` / `iter_pages` / `count_pages`: Pillow for images (multi-page TIFF page by page), pypdfium2
-  for PDFs, every page flattened to RGB, with a pixel cap checked *before* pixels are decoded.
+- `open_pages` (and `decode_pages` / `iter_pages` / `count_pages` on it): Pillow for images (a multi-page
+  TIFF's full-resolution frames page by page; pyramid overviews and thumbnails skipped), pypdfium2 for PDFs,
+  the page count known before any page is rendered, each page rendered on its own and flattened to RGB,
+  with a pixel cap checked *before* its pixels are decoded.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ __all__ = [
     "decode_pages",
     "iter_pages",
     "count_pages",
+    "open_pages",
+    "PageSource",
 ]
 
 SAMPLE_RATE = 16000
@@ -133,7 +137,7 @@ def _tiff_pages(data: bytes) -> int:
     """Page count of a TIFF (walks the IFD chain only; no pixels decoded). 1 when unreadable."""
     try:
         with _pixel_limit(None), Image.open(io.BytesIO(data), formats=["TIFF"]) as im:
-            return int(getattr(im, "n_frames", 1))
+            return len(_full_resolution_frames(im))
     except Exception:  # noqa: BLE001 - sniffing must never raise; decode will report the real error
         return 1
 
@@ -391,29 +395,50 @@ def iter_pages(
     """Like `decode_pages`, one page at a time, so a 300-page PDF needn't be held rendered in memory."""
     if max_pages is not None and max_pages < 1:
         raise ValueError(f"max_pages must be at least 1, not {max_pages}")
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be positive, not {max_pixels}")
-    if _is_pdf(data):
-        yield from _iter_pdf(data, source, max_pixels=max_pixels, dpi=pdf_dpi, max_pages=max_pages)
-    else:
-        yield from _iter_image(data, source, max_pixels=max_pixels, max_pages=max_pages)
+    with open_pages(data, source, max_pixels=max_pixels, pdf_dpi=pdf_dpi) as pages:
+        for index in range(pages.count if max_pages is None else min(pages.count, max_pages)):
+            yield pages.render(index)
 
 
 def count_pages(data: bytes, source: str) -> int:
-    """Number of pages without rendering any: PDF pages, TIFF frames, else 1. InputError if unreadable."""
+    """Number of pages without rendering any: PDF pages, full-resolution TIFF frames, else 1. InputError
+    if unreadable."""
+    with open_pages(data, source) as pages:
+        return pages.count
+
+
+class PageSource:
+    """One opened image or document: `count` pages known up front (no pixels decoded), each rendered on
+    its own by `render(index)` (0-based), which raises InputError for that page alone (an oversized or
+    unrenderable page), so a caller can make an error row for it and go on with the next.
+
+    The input's bytes are held once, by the open document, for as long as the source is open; a
+    rendered page is the caller's to drop. Close it (or use it as a context manager) when done.
+    """
+
+    count: int
+
+    def render(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "PageSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_pages(data: bytes, source: str, *, max_pixels: int = 40_000_000, pdf_dpi: int = 150) -> PageSource:
+    """The pages of an image or a document (PDF through pypdfium2, else Pillow), opened, none rendered.
+    Raises InputError when the input cannot be opened at all."""
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, not {max_pixels}")
     if _is_pdf(data):
-        with _PDFIUM_LOCK:
-            pdf = _open_pdf(data, source)
-            try:
-                return len(pdf)
-            finally:
-                pdf.close()
-    with _pixel_limit(None):
-        im = _open_image(data, source)
-        try:
-            return int(getattr(im, "n_frames", 1)) if im.format in _MULTI_PAGE_FORMATS else 1
-        finally:
-            im.close()
+        return _PdfPages(data, source, max_pixels=max_pixels, dpi=pdf_dpi)
+    return _ImagePages(data, source, max_pixels=max_pixels)
 
 
 @contextmanager
@@ -449,27 +474,58 @@ def _open_image(data: bytes, source: str, max_pixels: int | None = None) -> Imag
         raise InputError.about(source, f"cannot decode image ({err})") from err
 
 
-def _iter_image(data: bytes, source: str, *, max_pixels: int, max_pages: int | None) -> Iterator[Image.Image]:
-    with _pixel_limit(max_pixels):
-        im = _open_image(data, source, max_pixels)
-        n = int(getattr(im, "n_frames", 1)) if im.format in _MULTI_PAGE_FORMATS else 1
-    if max_pages is not None:
-        n = min(n, max_pages)
-    try:
+class _ImagePages(PageSource):
+    """A plain image (one page) or a multi-page TIFF: its full-resolution frames are the pages."""
+
+    def __init__(self, data: bytes, source: str, *, max_pixels: int):
+        self.source, self.max_pixels = source, max_pixels
+        with _pixel_limit(max_pixels):
+            self._im = _open_image(data, source, max_pixels)
+        try:
+            self._frames = _full_resolution_frames(self._im) if self._im.format in _MULTI_PAGE_FORMATS else [0]
+        except (OSError, ValueError, EOFError, SyntaxError) as err:
+            self._im.close()
+            raise InputError.about(source, f"cannot read the TIFF's page directory ({err})") from err
+        self.count = len(self._frames)
+
+    def render(self, index: int) -> Image.Image:
+        with _pixel_limit(self.max_pixels):  # one page decoded under the limit, the lock released after
+            return _decode_frame(self._im, self._frames[index], index, self.count, self.source, self.max_pixels)
+
+    def close(self) -> None:
+        self._im.close()
+
+
+# TIFF tags that mark a frame as a reduced-resolution copy of another (a pyramid's overview level, a
+# thumbnail): NewSubfileType (254) bit 0, and the older SubfileType (255) value 2
+_NEW_SUBFILE_TYPE, _SUBFILE_TYPE = 254, 255
+_REDUCED_RESOLUTION_BIT, _OLD_REDUCED_RESOLUTION = 0x1, 2
+
+
+def _full_resolution_frames(im: Image.Image) -> list[int]:
+    """Indices of the frames of a multi-frame image that are pages: TIFF frames flagged as reduced-
+    resolution (pyramidal TIFFs' overviews, embedded thumbnails) are skipped. Walks the frame directory
+    only (no pixels decoded). A TIFF whose every frame is flagged keeps them all: nothing is dropped."""
+    n = int(getattr(im, "n_frames", 1))
+    frames = []
+    with _pixel_limit(None):
         for index in range(n):
-            # Decode one page under the limit, release the lock before handing the page out.
-            with _pixel_limit(max_pixels):
-                page = _decode_frame(im, index, n, source, max_pixels)
-            yield page
-    finally:
-        im.close()
+            im.seek(index)
+            tags = getattr(im, "tag_v2", {})
+            reduced = int(tags.get(_NEW_SUBFILE_TYPE, 0) or 0) & _REDUCED_RESOLUTION_BIT or \
+                tags.get(_SUBFILE_TYPE) == _OLD_REDUCED_RESOLUTION
+            if not reduced:
+                frames.append(index)
+        im.seek(0)
+    return frames or list(range(n))
 
 
-def _decode_frame(im: Image.Image, index: int, n: int, source: str, max_pixels: int) -> Image.Image:
+def _decode_frame(im: Image.Image, frame: int, index: int, n: int, source: str, max_pixels: int) -> Image.Image:
+    """Frame `frame` of `im` as RGB, the page `index` (0-based) of `n` in messages."""
     where = f"page {index + 1} of {n}" if n > 1 else "image"
     try:
-        if index:
-            im.seek(index)
+        if im.tell() != frame:
+            im.seek(frame)
         width, height = im.size
         if width * height > max_pixels:
             raise InputError.about(
@@ -558,45 +614,47 @@ def _open_pdf(data: bytes, source: str):  # -> pypdfium2.PdfDocument
         raise InputError.about(source, f"cannot open PDF ({reason})") from err
 
 
-def _iter_pdf(
-    data: bytes, source: str, *, max_pixels: int, dpi: int, max_pages: int | None
-) -> Iterator[Image.Image]:
-    import pypdfium2 as pdfium
+class _PdfPages(PageSource):
+    """A PDF through pypdfium2: the page count from its page tree, each page rendered when asked."""
 
-    if dpi < 1:
-        raise ValueError(f"pdf_dpi must be positive, not {dpi}")
-    with _PDFIUM_LOCK:
-        pdf = _open_pdf(data, source)
-        n = len(pdf)
-    try:
-        if n == 0:
-            raise InputError.about(source, "PDF has no pages")
-        scale = dpi / 72.0
-        for index in range(n if max_pages is None else min(n, max_pages)):
-            with _PDFIUM_LOCK:
-                try:
-                    page = pdf[index]
-                    try:
-                        w_pt, h_pt = page.get_size()
-                        width, height = round(w_pt * scale), round(h_pt * scale)
-                        if width * height > max_pixels:
-                            raise InputError.about(
-                                source,
-                                f"page {index + 1} of {n} would render at {width}x{height} pixels at "
-                                f"{dpi} dpi, over the {max_pixels / 1e6:.1f} MP limit; lower pdf_dpi or "
-                                "raise max_pixels",
-                            )
-                        bitmap = page.render(scale=scale)
-                        try:
-                            image = _to_rgb(bitmap.to_pil(), source)
-                        finally:
-                            bitmap.close()
-                    finally:
-                        page.close()
-                except pdfium.PdfiumError as err:
-                    reason = f"cannot render PDF page {index + 1} of {n} ({err})"
-                    raise InputError.about(source, reason) from err
-            yield image
-    finally:
+    def __init__(self, data: bytes, source: str, *, max_pixels: int, dpi: int):
+        if dpi < 1:
+            raise ValueError(f"pdf_dpi must be positive, not {dpi}")
+        self.source, self.max_pixels, self.dpi = source, max_pixels, dpi
         with _PDFIUM_LOCK:
-            pdf.close()
+            self._pdf = _open_pdf(data, source)
+            self.count = len(self._pdf)
+        if self.count == 0:
+            self.close()
+            raise InputError.about(source, "PDF has no pages")
+
+    def render(self, index: int) -> Image.Image:
+        import pypdfium2 as pdfium
+
+        source, dpi, n, scale = self.source, self.dpi, self.count, self.dpi / 72.0
+        with _PDFIUM_LOCK:
+            try:
+                page = self._pdf[index]
+                try:
+                    w_pt, h_pt = page.get_size()
+                    width, height = round(w_pt * scale), round(h_pt * scale)
+                    if width * height > self.max_pixels:
+                        raise InputError.about(
+                            source,
+                            f"page {index + 1} of {n} would render at {width}x{height} pixels at "
+                            f"{dpi} dpi, over the {self.max_pixels / 1e6:.1f} MP limit; lower pdf_dpi or "
+                            "raise max_pixels",
+                        )
+                    bitmap = page.render(scale=scale)
+                    try:
+                        return _to_rgb(bitmap.to_pil(), source)
+                    finally:
+                        bitmap.close()
+                finally:
+                    page.close()
+            except pdfium.PdfiumError as err:
+                raise InputError.about(source, f"cannot render PDF page {index + 1} of {n} ({err})") from err
+
+    def close(self) -> None:
+        with _PDFIUM_LOCK:
+            self._pdf.close()

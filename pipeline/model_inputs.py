@@ -30,6 +30,15 @@ def load_processor(model_dir: str):
 
 _HOLE = "\u2063PHI4MM-INSTRUCTION\u2063"  # where the instruction goes in the chat prompt (never in a real one)
 
+# the image processor's crop (Phi4MultimodalImageProcessor: 448x448 RGB, float32, one 32x32 patch mask
+# per crop, ~273 prompt tokens per crop): what one crop of a page costs as prepared features
+IMAGE_CROP_BYTES = 3 * 448 * 448 * 4 + 32 * 32 * 4 + 273 * 8
+
+
+def max_page_feature_bytes(dynamic_hd: int) -> int:
+    """The most one page's prepared features can take: `dynamic_hd` crops and the global view."""
+    return (dynamic_hd + 1) * IMAGE_CROP_BYTES
+
 
 @dataclass(frozen=True)
 class BuiltItem:

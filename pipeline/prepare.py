@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 
 import pyarrow as pa
 
 from pipeline.chunk_inputs import samples_item
 from pipeline.errors import InputError
 from pipeline.fetch import PendingFetch, start_fetch
-from pipeline.media import SAMPLE_RATE, decode_audio, decode_audio_channels, decode_pages, sniff_kind
+from pipeline.media import SAMPLE_RATE, PageSource, decode_audio, decode_audio_channels, open_pages, sniff_kind
 from pipeline.model_inputs import InputBuilder
 from pipeline.model_source import local_model_dir
 from pipeline.parts import split_in_parts
@@ -32,6 +33,13 @@ log = logging.getLogger(__name__)
 
 # manifest columns a work row is made from (the others are passed through)
 MANIFEST_READS = ("id", "uri", "data", "kind", "language", "target_language")
+
+# Documents leave PrepareWork in blocks of about this many bytes of prepared model inputs (a Letter page
+# at 150 dpi is ~31 MB of image features: two pages a block), or of this many rows (error rows for the
+# pages past image.max_pages carry no features): a block is handed on as soon as it is full, so neither
+# this worker nor the object store ever holds a whole long document's pages
+DOCUMENT_BLOCK_BYTES = 64 << 20
+DOCUMENT_BLOCK_ROWS = 1024
 
 
 class PrepareWork(Stage):
@@ -80,7 +88,9 @@ class PrepareWork(Stage):
                                               grid_s=self.config.audio.grid_s)
         return self._segmenter
 
-    def process(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table | Iterator[pa.Table]:
+        if self.config.job == "ocr":
+            return self.document_blocks(batch)
         out_rows: list[dict] = []
         source_rows: list[int] = []
         rows = batch.select([c for c in MANIFEST_READS if c in batch.column_names]).to_pylist()
@@ -103,7 +113,19 @@ class PrepareWork(Stage):
             out_rows.extend(made)
             source_rows.extend([i] * len(made))
         keep = passthrough_columns(batch.schema)
-        return work_table(out_rows, batch.select(keep).take(source_rows) if keep else None)
+        table = work_table(out_rows, batch.select(keep).take(source_rows) if keep else None)
+        parts = [k for k, r in enumerate(out_rows) if r["parts"]]
+        return self.part_blocks(table, parts) if parts else table
+
+    @staticmethod
+    def part_blocks(table: pa.Table, parts: list[int]) -> Iterator[pa.Table]:
+        """The rows in one piece as one block, then each part of a long recording as a block of its own,
+        so the BuildChunkInputs pool builds the parts' features side by side (pipeline/chunk_inputs.py)."""
+        whole = sorted(set(range(table.num_rows)) - set(parts))
+        if whole:
+            yield table.take(whole)
+        for k in parts:
+            yield table.slice(k, 1)
 
     # -- per row ---------------------------------------------------------------------------------
     @staticmethod
@@ -155,11 +177,6 @@ class PrepareWork(Stage):
     def prepare_row(self, row: dict, pending: PendingFetch | None = None) -> list[dict]:
         data = self.load_bytes(row, pending)
         kind = row.get("kind") or sniff_kind(data, row.get("uri"))
-        if self.config.job == "ocr":
-            if kind not in ("image", "document"):
-                raise InputError(f"{self.name(row)}: is {kind_phrase(kind)}, but the ocr job takes images "
-                                 "and documents (PNG, JPEG, TIFF, WebP, AVIF, BMP, GIF, PDF)")
-            return self.document_rows(row, data)
         if kind not in ("audio", "meeting"):
             raise InputError(f"{self.name(row)}: is {kind_phrase(kind)}, but the {self.config.job} job takes "
                              "audio (WAV, FLAC, OGG, MP3)")
@@ -216,19 +233,95 @@ class PrepareWork(Stage):
         return [work_row(row["id"], "summarize", chunks=[chunk], language=row.get("language"),
                          duration_s=duration, modality="speech", summary_sections=1, summary_from="audio")]
 
-    def document_rows(self, row: dict, data: bytes) -> list[dict]:
-        cfg = self.config.image
-        pages = decode_pages(data, self.name(row), max_pixels=cfg.max_pixels, pdf_dpi=cfg.pdf_dpi,
-                             max_pages=cfg.max_pages)
+    # -- documents (the ocr job): streamed page by page ------------------------------------------
+    def document_blocks(self, batch: pa.Table) -> Iterator[pa.Table]:
+        """The work rows of a batch of images and documents, one per page, handed on in blocks of about
+        DOCUMENT_BLOCK_BYTES as the pages are rendered and prepared: one page's image and features are
+        held at a time, whatever the page count."""
+        rows = batch.select([c for c in MANIFEST_READS if c in batch.column_names]).to_pylist()
+        keep = passthrough_columns(batch.schema)
+        passthrough = batch.select(keep) if keep else None
+        fetches = [self.start_load(row) for row in rows]  # side by side, as in `process`
+        pending: list[dict] = []
+        sources: list[int] = []
+        size, emitted = 0, False
+        for i, row in enumerate(rows):
+            fetch, fetches[i] = fetches[i], None  # the bytes are held by this row's pages only
+            for made in self.document_work_rows(row, fetch):
+                pending.append(made)
+                sources.append(i)
+                size += sum(len(blob) for blob in made["chunk_inputs"])
+                if size >= DOCUMENT_BLOCK_BYTES or len(pending) >= DOCUMENT_BLOCK_ROWS:
+                    yield work_table(pending, passthrough.take(sources) if passthrough is not None else None)
+                    pending, sources, size, emitted = [], [], 0, True
+            del fetch
+            rows[i] = {}
+        if pending or not emitted:
+            yield work_table(pending, passthrough.take(sources) if passthrough is not None else None)
+
+    def document_work_rows(self, row: dict, pending: PendingFetch | None) -> Iterator[dict]:
+        """One input's work rows, page by page; a bad input yields its error rows instead."""
+        try:
+            data = self.load_bytes(row, pending)
+            kind = row.get("kind") or sniff_kind(data, row.get("uri"))
+            if kind not in ("image", "document"):
+                raise InputError(f"{self.name(row)}: is {kind_phrase(kind)}, but the ocr job takes images "
+                                 "and documents (PNG, JPEG, TIFF, WebP, AVIF, BMP, GIF, PDF)")
+            cfg = self.config.image
+            pages = open_pages(data, self.name(row), max_pixels=cfg.max_pixels, pdf_dpi=cfg.pdf_dpi)
+            del data
+        except InputError as exc:
+            self.counters["bad_inputs"] += 1
+            yield from self.error_rows(row, str(exc))
+            yield from self.bad_value_rows(row)
+            return
+        except Exception as exc:  # noqa: BLE001 - a row never takes the job down
+            log.exception("preparing %s failed", row.get("id"))
+            self.counters["bad_inputs"] += 1
+            yield from self.error_rows(row, f"{self.name(row)}: could not be prepared ({type(exc).__name__}: {exc})")
+            yield from self.bad_value_rows(row)
+            return
+        with pages:
+            yield from self.page_rows(row, pages)
+        yield from self.bad_value_rows(row)
+
+    def page_rows(self, row: dict, pages: PageSource) -> Iterator[dict]:
+        """One work row per page of the document, every one saying the document's page count.
+
+        A page that cannot be rendered or prepared is an error row of its own (the other pages go on).
+        Pages past `image.max_pages` are not read, and each is an error row that says so: the cap is a
+        cost bound, and a row per page keeps it visible where users count (`status`, `page`, `pages`)
+        and lets `--resume` with a higher cap read them, where a note on the read pages would be
+        missed by every query that counts rows."""
+        cfg, name, n = self.config.image, self.name(row), pages.count
+        read = n if cfg.max_pages is None else min(n, cfg.max_pages)
         instruction = task_instruction("ocr")
-        rows = []
-        for number, image in enumerate(pages, start=1):
-            built = self.builder.image(image, instruction)
+
+        def page_row(number: int, **fields) -> dict:
+            return work_row(row["id"], "ocr", language=row.get("language"), page=number, pages=n, **fields)
+
+        done = 0
+        for index in range(read):
+            try:
+                built = self.builder.image(pages.render(index), instruction)
+            except InputError as exc:
+                self.counters["bad_pages"] += 1
+                yield page_row(index + 1, error=str(exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - one page never takes its document (or the job) down
+                log.exception("preparing page %d of %s failed", index + 1, row.get("id"))
+                self.counters["bad_pages"] += 1
+                yield page_row(index + 1, error=f"{name}: page {index + 1} of {n} could not be prepared "
+                                                 f"({type(exc).__name__}: {exc})")
+                continue
             chunk = WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens)
-            rows.append(work_row(row["id"], "ocr", chunks=[chunk], language=row.get("language"), page=number,
-                                 pages=len(pages), modality="vision"))
-        self.counters.update(documents=1, pages=len(pages))
-        return rows
+            del built
+            done += 1
+            yield page_row(index + 1, chunks=[chunk], modality="vision")
+        for index in range(read, n):
+            yield page_row(index + 1, error=f"{name}: page {index + 1} of {n} not read: image.max_pages is "
+                                            f"{cfg.max_pages} (raise it to read the whole document)")
+        self.counters.update(documents=1, pages=done, pages_not_read=n - read)
 
 
 def rows_per_block(input_rows: int, workers: int) -> int:

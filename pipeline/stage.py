@@ -7,7 +7,10 @@ Every step of a job's graph (jobs/graph.py), on the CPU side or the GPU side, is
 - `resources(config, cluster)`: what Ray Data must give it (CPUs, GPUs, a pool of actors, rows per
   call), declared next to the code that needs them rather than as literals in the graph;
 - `__init__(context)`: the setup, once per worker (a model replica, a processor, a VAD model);
-- `process(batch)`: one pyarrow table in, one out; `__call__` wraps it with the stage's counters.
+- `process(batch)`: one pyarrow table in, and either one table out or an iterator of tables (blocks
+  handed downstream as each is made: a 300-page PDF's pages leave in small blocks while the rest are
+  still being rendered, so memory does not grow with the page count); `__call__` wraps it with the
+  stage's counters either way (Ray Data iterates a batch function's generator, block by block).
 
 Counters (rows in and out, calls, busy seconds, and whatever the stage counts itself) go to one
 `RunCounters` actor per run, named in the context, and end up in `_runs/<run_id>.json`. Without Ray (a
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -101,16 +105,34 @@ class Stage:
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
         return StageResources(batch_size=None)
 
-    def process(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table | Iterator[pa.Table]:
         raise NotImplementedError
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> pa.Table | Iterator[pa.Table]:
         started = time.perf_counter()
         out = self.process(batch)
-        self.counters.update(calls=1, rows_in=batch.num_rows, rows_out=out.num_rows)
-        self.counters["busy_s"] += time.perf_counter() - started
+        if isinstance(out, pa.Table):
+            self.counters.update(calls=1, rows_in=batch.num_rows, rows_out=out.num_rows)
+            self.counters["busy_s"] += time.perf_counter() - started
+            self.push_counters()
+            return out
+        return self._stream(batch, out, started)
+
+    def _stream(self, batch: pa.Table, blocks: Iterator[pa.Table], started: float) -> Iterator[pa.Table]:
+        """The blocks of a streaming `process`, each counted as it leaves: `rows_out` per block, `calls`
+        and `rows_in` once, `busy_s` the time spent making them (not the time downstream holds a block
+        back), pushed after every block so progress shows while a long document is still going."""
+        self.counters.update(calls=1, rows_in=batch.num_rows)
+        busy_from = started
+        for block in blocks:
+            self.counters["rows_out"] += block.num_rows
+            self.counters["blocks_out"] += 1
+            self.counters["busy_s"] += time.perf_counter() - busy_from
+            self.push_counters()
+            yield block
+            busy_from = time.perf_counter()
+        self.counters["busy_s"] += time.perf_counter() - busy_from
         self.push_counters()
-        return out
 
     def journal(self, method: str, *args):
         """Call the run's journal (RunCounters: `deaths`, `begin`, `end`) synchronously; None without

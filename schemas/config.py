@@ -49,6 +49,20 @@ class BatchingConfig(_Strict):
     # the same for the meetings job, whose work row carries all of a recording's chunks (an hour: ~120
     # chunks of ~1 MB of features), so fewer rows make a call of the same size
     meeting_rows_per_call: int = Field(16, ge=1)
+    # prepared image features one vision call may carry (the vision pool's calls are sized by bytes, not
+    # by `rows_per_call`, which is tuned for 30 s audio chunks of ~1 MB each): rows per vision call = this
+    # / the most one page's features can take under `image.dynamic_hd` ((dynamic_hd + 1) crops of
+    # 3x448x448 float32: 89 MB at the default 36; a Letter page at 150 dpi is 13 crops, 31 MB), at most
+    # `rows_per_call`. 4 GiB: 48 pages a call, each with its own decode slot
+    vision_call_bytes: int = Field(4 << 30, ge=1 << 20)
+    # pages per vision call of a replica on CPU (gpus_per_replica 0, or no GPU: the tiny model, tests): a
+    # CPU gains nothing from batching pages (the tiny model reads 8 Letter pages 30 % faster in batches of
+    # 2 than of 8) and each page of a batch holds ~100 MB of activations there
+    cpu_vision_rows_per_call: int = Field(4, ge=1)
+    # calls' worth of prepared features the object store may hold per GPU replica (what the pool takes
+    # soon: the call running and the one queued behind it, plus one being formed); Ray Data holds the
+    # CPU stages back past it, so a fast prepare pool never piles up pages the GPU is hours from reading
+    queued_calls_per_replica: int = Field(3, ge=1)
     max_batch_size: int = Field(32, ge=1)  # sequences prefilled (or, with `generate`, decoded) together
     max_batch_tokens: int = Field(65536, ge=512)  # prompt tokens in one prefill batch (memory bound)
     # "static": static KV cache, decode step as a CUDA graph, finished slots refilled (continuous

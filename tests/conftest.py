@@ -15,6 +15,8 @@ from PIL import Image
 import pyarrow.dataset as pads
 import pytest
 
+from bench.host_memory import PeakMemory, tree_pss_bytes  # noqa: F401 - the tests' memory probes
+
 pytest_plugins = ["tests.s3server"]
 
 REPO = Path(__file__).resolve().parents[1]

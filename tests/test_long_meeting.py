@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import threading
 import time
 
 import pytest
 import soundfile as sf
 
-from tests.conftest import SAMPLES, proc_stats, read_output
+from tests.conftest import SAMPLES, PeakMemory, read_output
 
 HOURS = 3.0
 RATE = 16000
@@ -29,42 +27,6 @@ def write_long_recording(path, hours: float) -> float:
             f.write(block)
             written += len(block)
     return total / RATE
-
-
-def tree_pss_bytes(root_pid: int) -> int:
-    """Proportional memory (PSS) of `root_pid` and all its descendants (Ray's raylet, object store and
-    workers included): shared pages, such as the object store's, are split among the processes that map
-    them instead of being counted once per process as RSS would."""
-    parents = {pid: int(fields[1]) for pid, fields in proc_stats()}
-    total = 0
-    for pid in parents:
-        p = pid
-        while p and p != root_pid:
-            p = parents.get(p, 0)
-        if p != root_pid:
-            continue
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
-        except (OSError, StopIteration):
-            continue
-    return total
-
-
-class PeakMemory:
-    def __enter__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.wait(0.5):
-            self.peak = max(self.peak, tree_pss_bytes(os.getpid()))
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 @pytest.mark.slow
