@@ -52,3 +52,13 @@ def chat_messages(instruction: str, media: str | None, system_prompt: str | None
     parts.append({"type": "text", "text": instruction})
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return messages + [{"role": "user", "content": parts}]
+
+
+def prompt_messages(images: int, audios: int, instruction: str | None, system_prompt: str | None = None) -> list[dict]:
+    """Messages for a prompt over any mix of media, the card's way: the images first (<|image_1|>, ...),
+    then the audios, then the text. No text with audio is the card's spoken query: the audio asks."""
+    parts: list[dict] = [{"type": "image"}] * images + [{"type": "audio"}] * audios
+    if instruction:
+        parts.append({"type": "text", "text": instruction})
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": parts}]

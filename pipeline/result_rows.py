@@ -63,7 +63,7 @@ class ResultRows(Stage):
         errors = pc.sum(pc.is_valid(batch["error"])).as_py() or 0
         self.counters.update(ok_rows=n - errors, error_rows=errors)
         # for progress: an input is done when its first row is (asr, or a document's page 1); its audio
-        asr = pc.equal(batch["task"], "asr")
+        asr = pc.or_(pc.equal(batch["task"], "asr"), pc.equal(batch["task"], "prompt"))
         first_page = pc.and_(pc.equal(batch["task"], "ocr"), pc.equal(batch["page"], 1))
         self.counters["inputs_done"] += pc.sum(pc.or_(asr, first_page)).as_py() or 0
         self.counters["pages_done"] += pc.sum(pc.equal(batch["task"], "ocr")).as_py() or 0

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from schemas.languages import language_name
 from schemas.tasks import job_tasks
 
-JobName = Literal["transcribe", "ocr", "meetings"]
+JobName = Literal["transcribe", "ocr", "meetings", "prompt"]
 
 DEFAULT_MODEL = "microsoft/Phi-4-multimodal-instruct"
 DEFAULT_REVISION = "refs/pr/70"  # the hub branch that holds the native transformers format
@@ -38,7 +38,7 @@ class ModelConfig(_Strict):
 class GenerationConfig(_Strict):
     """Greedy decoding limits per task (the model card decodes greedily)."""
     max_new_tokens: dict[str, int] = Field(default_factory=lambda: {
-        "asr": 256, "translate": 320, "ocr": 1024, "summarize": 512})
+        "asr": 256, "translate": 320, "ocr": 1024, "summarize": 512, "prompt": 512})
 
 
 class BatchingConfig(_Strict):
@@ -88,6 +88,23 @@ class ImageConfig(_Strict):
     pdf_dpi: int = Field(150, ge=36, le=600)
     max_pages: int | None = Field(None, ge=1)
     dynamic_hd: int = Field(36, ge=1, le=64)  # crop cap: fewer crops trade detail for speed
+
+
+class PromptConfig(_Strict):
+    """The prompt job (`phi4mm prompt`): one prompt per manifest row over any mix of its media."""
+    # the prompt when a row has no `prompt` column value: `{column}` placeholders are filled from the row
+    # (a row without that column is an error row naming it); `{{` / `}}` are literal braces
+    template: str | None = None
+    fps: float = Field(1.0, gt=0.0, le=30.0)  # video frames sampled per second
+    max_frames: int = Field(64, ge=1, le=64)  # frames per video at most (evenly spread when longer)
+    # longest side of a video frame: a 448 px frame is one crop (+ the global one, ~545 tokens), so 64
+    # frames stay near 35k prompt tokens, inside the model's context
+    frame_max_side: int = Field(448, ge=14, le=1344)
+    max_images: int = Field(64, ge=1, le=256)  # images of one prompt (a document's pages included)
+    max_audio_s: float = Field(1800.0, gt=0.0)  # longest audio of a prompt (30 min: ~22.5k tokens)
+    # which GPU pools the run needs, from the manifest's media (the driver fills it: jobs/runner.py);
+    # None: all three
+    modalities: list[Literal["speech", "vision", "text"]] | None = None
 
 
 # schemes a manifest's uris may use unless the operator says otherwise: local files and the object stores
@@ -197,6 +214,7 @@ class JobConfig(_Strict):
     audio: AudioConfig = Field(default_factory=AudioConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
     summary: SummaryConfig = Field(default_factory=SummaryConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
     inputs: InputsConfig = Field(default_factory=InputsConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-TASKS = ("asr", "translate", "ocr", "summarize")
+TASKS = ("asr", "translate", "ocr", "summarize", "prompt")
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
