@@ -38,6 +38,7 @@ class ModelStage(Stage):
         super().__init__(context)
         self.engine = Phi4MMEngine(local_model_dir(self.config), self.modality, self.config.model,
                                    self.config.batching, random_weights=self.config.benchmark.random_weights)
+        self.prompt_grammar = prompt_grammar(self.config)
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
@@ -107,10 +108,12 @@ class ModelStage(Stage):
             os._exit(1)  # test-only fault injection (BenchmarkConfig.exit_worker_on_ids)
         limits = self.config.generation.max_new_tokens
         todo = [(i, j) for i in rows for j in range(len(inputs[i])) if text[i][j] is None]
+        grammars = [self.prompt_grammar if tasks[i] == "prompt" else None for i, _ in todo] \
+            if self.prompt_grammar else None
         gens = self.engine.generate([decode_item(inputs[i][j]) for i, j in todo],
                                     [BatchKey(**cols["chunk_batch_key"][i][j]) for i, j in todo],
                                     [limits.get(tasks[i], 256) for i, _ in todo],
-                                    self.config.benchmark.min_new_tokens)
+                                    self.config.benchmark.min_new_tokens, grammars)
         for (i, j), gen in zip(todo, gens):
             if isinstance(gen, Exception):
                 log.warning("generation failed for %s: %s", ids[i], gen)
@@ -123,6 +126,18 @@ class ModelStage(Stage):
         self.counters["items"] += len(todo)
         for name, value in self.engine.stats.items():  # cumulative: pushed as differences
             self.counters[f"engine_{name}"] = value
+
+
+def prompt_grammar(config: JobConfig) -> str | None:
+    """The llguidance grammar of the prompt job's --schema (bounded: schemas/structured.py), or None."""
+    schema = config.prompt.json_schema
+    if schema is None:
+        return None
+    from actors.grammar import json_schema_grammar
+    from schemas.structured import generation_schema
+
+    return json_schema_grammar(generation_schema(schema, config.prompt.max_string_chars,
+                                                 config.prompt.max_array_items))
 
 
 class SpeechStage(ModelStage):

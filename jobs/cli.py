@@ -147,6 +147,9 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--prompt-file", default=None, metavar="FILE", help="the prompt template from a file")
     parser.add_argument("--system", default=None, metavar="TEXT", help="system message")
     parser.add_argument("--fps", type=float, default=None, help="video frames sampled per second (default 1)")
+    parser.add_argument("--schema", default=None, metavar="SCHEMA.json",
+                        help="JSON Schema (an object) every answer is constrained to: a `json` column, and a "
+                             "typed column per top-level scalar property")
 
 
 def prompt_config_from_args(data: dict, args: argparse.Namespace) -> None:
@@ -160,8 +163,21 @@ def prompt_config_from_args(data: dict, args: argparse.Namespace) -> None:
                                   f"({exc.strerror or exc})") from exc
     _nested(data, "prompt", "template", template)
     _nested(data, "prompt", "fps", args.fps)
+    if args.schema:
+        _nested(data, "prompt", "json_schema", load_json_file(args.schema, "--schema"))
     if args.system is not None:
         data["system_prompt"] = args.system
+
+
+def load_json_file(path: str, flag: str):
+    """The JSON document at `path`; ConfigFileError naming the flag and the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as exc:
+        raise ConfigFileError(f"{flag} {path}: cannot be read ({exc.strerror or exc})") from exc
+    except ValueError as exc:
+        raise ConfigFileError(f"{flag} {path}: not JSON ({exc})") from exc
 
 
 def _nested(data: dict, section: str, key: str, value) -> None:

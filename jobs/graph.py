@@ -20,6 +20,7 @@ from pipeline.assemble import AssembleChunks
 from pipeline.prepare import PrepareWork
 from pipeline.prompt_inputs import PreparePrompts
 from pipeline.result_rows import ResultRows
+from pipeline.structured_output import StructuredAnswers
 from pipeline.stage import Cluster, Stage, StageContext
 from pipeline.summaries import PrepareSummaries
 from schemas.config import JobConfig
@@ -50,7 +51,8 @@ def gpu_stages_of(config: JobConfig) -> list[type[ModelStage]]:
 def stages_of(config: JobConfig) -> list[type[Stage]]:
     """The job's graph, in order."""
     if config.job == "prompt":  # PreparePrompts -> speech / vision / text pools -> AssembleChunks -> ResultRows
-        return [PreparePrompts, *prompt_stages_of(config), AssembleChunks, ResultRows]
+        structured = [StructuredAnswers] if config.prompt.json_schema else []
+        return [PreparePrompts, *prompt_stages_of(config), AssembleChunks, *structured, ResultRows]
     stages: list[type[Stage]] = [PrepareWork, *media_stages_of(config), AssembleChunks]
     if "summarize" in config.tasks:
         stages += [PrepareSummaries, TextStage, AssembleChunks]

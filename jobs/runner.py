@@ -29,8 +29,9 @@ from pipeline.storage import (StorageOptions, fsspec_filesystem, is_local, pyarr
 from pipeline.write import (io_cause, probe_output, read_results, slow_local_filesystem, write_results,
                             write_run_record)
 from schemas.config import JobConfig
-from schemas.manifest import PROMPT_MEDIA_COLUMNS, passthrough_columns, unknown_target_languages
+from schemas.manifest import PROMPT_MEDIA_COLUMNS, ManifestError, passthrough_columns, unknown_target_languages
 from schemas.results import RESULT_SCHEMA
+from schemas.structured import typed_fields
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,10 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
                               cache_dir=config.model.cache_dir, options=storage, processor_only=True)
     _check_processor(model_dir)
     _report_bad_values(manifest, config)
+    clash = sorted({f.name for f in typed_fields(config.prompt.json_schema)} & set(manifest.column_names))
+    if clash:
+        raise ManifestError(f"manifest column(s) {clash} have the names of --schema properties (typed result "
+                            "columns); rename the columns or the properties")
     if config.job == "prompt":  # only the pools the manifest's media need (a text-only run starts one)
         config = config.model_copy(update={"prompt": config.prompt.model_copy(
             update={"modalities": planned_modalities(manifest)})})

@@ -21,6 +21,7 @@ from pipeline.errors import InputError
 from pipeline.fetch import PendingFetch, start_fetch
 from pipeline.media import SAMPLE_RATE, decode_audio, decode_pages, sniff_kind
 from pipeline.prepare import PrepareWork
+from pipeline.prompts import prompt_system_message
 from pipeline.video import sample_frames
 from schemas.manifest import PROMPT, PROMPT_MEDIA_COLUMNS, passthrough_columns
 from schemas.work_rows import WorkChunk, encode_item, work_row, work_table
@@ -83,6 +84,11 @@ class PreparePrompts(PrepareWork):
     its media and prompt built (pipeline/model_inputs.py: InputBuilder.prompt_item), or an error row."""
 
     reads = PrepareWork.reads + PROMPT_MEDIA_COLUMNS + (PROMPT,)  # and the template's columns
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.builder.system_prompt = prompt_system_message(self.config.system_prompt,
+                                                           self.config.prompt.json_schema)
 
     def process(self, batch: pa.Table) -> pa.Table:
         out_rows: list[dict] = []

@@ -62,3 +62,16 @@ def prompt_messages(images: int, audios: int, instruction: str | None, system_pr
         parts.append({"type": "text", "text": instruction})
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return messages + [{"role": "user", "content": parts}]
+
+
+SCHEMA_INSTRUCTION = "Answer with one JSON object, and nothing else, that follows this JSON Schema:\n{schema}"
+
+
+def prompt_system_message(system_prompt: str | None, json_schema: dict | None = None) -> str | None:
+    """The prompt job's system message: the job's --system, then what the answer must look like."""
+    import json
+
+    parts = [system_prompt] if system_prompt else []
+    if json_schema is not None:
+        parts.append(SCHEMA_INSTRUCTION.format(schema=json.dumps(json_schema, ensure_ascii=False)))
+    return "\n\n".join(parts) or None

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.languages import language_name
+from schemas.results import RESULT_COLUMNS
+from schemas.structured import SchemaFileError, check_output_schema
 from schemas.tasks import job_tasks
 
 JobName = Literal["transcribe", "ocr", "meetings", "prompt"]
@@ -102,9 +104,24 @@ class PromptConfig(_Strict):
     frame_max_side: int = Field(448, ge=14, le=1344)
     max_images: int = Field(64, ge=1, le=256)  # images of one prompt (a document's pages included)
     max_audio_s: float = Field(1800.0, gt=0.0)  # longest audio of a prompt (30 min: ~22.5k tokens)
+    # --schema: the JSON Schema (an object at the top) every answer is constrained to (schemas/structured.py)
+    json_schema: dict | None = None
+    # bounds the grammar adds where the schema sets none (a wandering model still ends within its tokens)
+    max_string_chars: int = Field(2000, ge=1)
+    max_array_items: int = Field(64, ge=1)
     # which GPU pools the run needs, from the manifest's media (the driver fills it: jobs/runner.py);
     # None: all three
     modalities: list[Literal["speech", "vision", "text"]] | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, value: dict | None) -> dict | None:
+        if value is None:
+            return None
+        try:
+            return check_output_schema(value, reserved=tuple(RESULT_COLUMNS))
+        except SchemaFileError as exc:
+            raise ValueError(f"--schema: {exc}") from None
 
 
 # schemes a manifest's uris may use unless the operator says otherwise: local files and the object stores
