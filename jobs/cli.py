@@ -150,6 +150,9 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schema", default=None, metavar="SCHEMA.json",
                         help="JSON Schema (an object) every answer is constrained to: a `json` column, and a "
                              "typed column per top-level scalar property")
+    parser.add_argument("--tools", default=None, metavar="TOOLS.json",
+                        help="functions the model may call (the card's format: a JSON list of {name, "
+                             "description, parameters}); its calls go to the `tool_calls` column")
 
 
 def prompt_config_from_args(data: dict, args: argparse.Namespace) -> None:
@@ -165,6 +168,11 @@ def prompt_config_from_args(data: dict, args: argparse.Namespace) -> None:
     _nested(data, "prompt", "fps", args.fps)
     if args.schema:
         _nested(data, "prompt", "json_schema", load_json_file(args.schema, "--schema"))
+    if args.tools:
+        tools = load_json_file(args.tools, "--tools")
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise ConfigFileError(f"--tools {args.tools}: must be a JSON list of tool objects")
+        _nested(data, "prompt", "tools", tools)
     if args.system is not None:
         data["system_prompt"] = args.system
 

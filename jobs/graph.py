@@ -21,6 +21,7 @@ from pipeline.prepare import PrepareWork
 from pipeline.prompt_inputs import PreparePrompts
 from pipeline.result_rows import ResultRows
 from pipeline.structured_output import StructuredAnswers
+from pipeline.tool_calls import ToolCalls
 from pipeline.stage import Cluster, Stage, StageContext
 from pipeline.summaries import PrepareSummaries
 from schemas.config import JobConfig
@@ -51,7 +52,8 @@ def gpu_stages_of(config: JobConfig) -> list[type[ModelStage]]:
 def stages_of(config: JobConfig) -> list[type[Stage]]:
     """The job's graph, in order."""
     if config.job == "prompt":  # PreparePrompts -> speech / vision / text pools -> AssembleChunks -> ResultRows
-        structured = [StructuredAnswers] if config.prompt.json_schema else []
+        structured = ([StructuredAnswers] if config.prompt.json_schema else []) + \
+            ([ToolCalls] if config.prompt.tools else [])
         return [PreparePrompts, *prompt_stages_of(config), AssembleChunks, *structured, ResultRows]
     stages: list[type[Stage]] = [PrepareWork, *media_stages_of(config), AssembleChunks]
     if "summarize" in config.tasks:

@@ -88,7 +88,7 @@ class PreparePrompts(PrepareWork):
     def __init__(self, context):
         super().__init__(context)
         self.builder.system_prompt = prompt_system_message(self.config.system_prompt,
-                                                           self.config.prompt.json_schema)
+                                                           self.config.prompt.json_schema, self.config.prompt.tools)
 
     def process(self, batch: pa.Table) -> pa.Table:
         out_rows: list[dict] = []

@@ -109,9 +109,21 @@ class PromptConfig(_Strict):
     # bounds the grammar adds where the schema sets none (a wandering model still ends within its tokens)
     max_string_chars: int = Field(2000, ge=1)
     max_array_items: int = Field(64, ge=1)
+    # --tools: the functions the model may call, in the card's format ({"name", "description",
+    # "parameters"}), listed in the system message; its calls land in `tool_calls`
+    tools: list[dict] | None = None
     # which GPU pools the run needs, from the manifest's media (the driver fills it: jobs/runner.py);
     # None: all three
     modalities: list[Literal["speech", "vision", "text"]] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, value: list[dict] | None) -> list[dict] | None:
+        for k, tool in enumerate(value or []):
+            if not isinstance(tool.get("name"), str) or not tool["name"]:
+                raise ValueError(f"--tools: tool {k + 1} has no \"name\" (the card's format: a JSON list of "
+                                 '{"name", "description", "parameters"})')
+        return value
 
     @field_validator("json_schema")
     @classmethod
