@@ -36,15 +36,20 @@ class GrammarMasks:
         self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab, eos_token=sorted(eos_ids))
         self.executor = llguidance.LLExecutor()
         self.words = (vocab + 31) // 32
+        self._fresh: dict[str, object] = {}  # grammar -> a matcher at its start, copied per sequence
 
     def matcher(self, grammar: str):
-        """A fresh matcher (one per sequence) for a grammar made by `json_schema_grammar`."""
+        """A fresh matcher (one per sequence) for a grammar made by `json_schema_grammar`: a copy of the
+        grammar's first matcher, so the grammar is compiled once per replica, not once per sequence."""
         import llguidance
 
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar)
-        if matcher.is_error():
-            raise ValueError(f"the grammar cannot be used: {matcher.get_error()}")
-        return matcher
+        fresh = self._fresh.get(grammar)
+        if fresh is None:
+            fresh = llguidance.LLMatcher(self.tokenizer, grammar)
+            if fresh.is_error():
+                raise ValueError(f"the grammar cannot be used: {fresh.get_error()}")
+            self._fresh[grammar] = fresh
+        return fresh.deep_copy()
 
     def bitmask(self, rows: int) -> torch.Tensor:
         return torch.full((rows, self.words), -1, dtype=torch.int32)
