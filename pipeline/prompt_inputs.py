@@ -137,7 +137,8 @@ class PreparePrompts(PrepareWork):
                 images += decode_pages(data, name, max_pixels=image_cfg.max_pixels, pdf_dpi=image_cfg.pdf_dpi,
                                        max_pages=cfg.max_images + 1)
             else:
-                raise InputError(f"{name}: is not a recognised audio, image, document or video format")
+                raise InputError(f"{name}: is not a recognised audio, image or document format (a video goes in "
+                                 "the `video` column)")
         for uri, fetch in pending.get("images", []):
             images += decode_pages(fetch.result(), uri, max_pixels=image_cfg.max_pixels, pdf_dpi=image_cfg.pdf_dpi,
                                    max_pages=cfg.max_images + 1)
