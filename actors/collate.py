@@ -30,15 +30,60 @@ def collate(items: list[dict[str, np.ndarray]], pad_token_id: int) -> dict[str, 
         attention_mask[i, longest - lengths[i]:] = 1
     batch: dict[str, np.ndarray] = {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    if "audio_input_features" in items[0]:
+    if "audio_input_features" in items[0] and items[0]["audio_input_features"].ndim == 3:
+        batch.update(_listed_audio(items))
+    elif "audio_input_features" in items[0]:
         feats = [it["audio_input_features"] for it in items]
         batch["audio_input_features"] = _pad_stack(feats)
         batch["audio_embed_sizes"] = np.stack([np.asarray(it["audio_embed_sizes"]) for it in items])
         frames = [f.shape[0] for f in feats]
         if len(items) > 1 and len(set(frames)) > 1:  # the processor adds this mask only for ragged batches
             batch["audio_attention_mask"] = np.arange(max(frames))[None, :] < np.asarray(frames)[:, None]
-    if "image_pixel_values" in items[0]:
+    if "image_pixel_values" in items[0] and items[0]["image_pixel_values"].ndim == 5:
+        batch.update(_listed_images(items))
+    elif "image_pixel_values" in items[0]:
         batch["image_pixel_values"] = _pad_stack([it["image_pixel_values"] for it in items], 0.0)
         batch["image_attention_mask"] = _pad_stack([it["image_attention_mask"] for it in items], 1)
         batch["image_sizes"] = np.stack([it["image_sizes"] for it in items])
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
+# A prompt's media (pipeline/model_inputs.py: InputBuilder.prompt_item) keep their leading axis, one entry
+# per image or audio of the prompt; the model takes every image (audio) of a batch in one flat list, in
+# prompt order, so a batch is the items' lists concatenated. Their batch key makes the padded shapes
+# equal within a batch, so the padding below adds nothing that a single item would not have had.
+
+def _pad_axis1(a: np.ndarray, size: int, value) -> np.ndarray:
+    if a.shape[1] == size:
+        return a
+    out = np.full((a.shape[0], size, *a.shape[2:]), value, dtype=a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
+def _listed_images(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    crops = max(it["image_pixel_values"].shape[1] for it in items)
+    return {
+        "image_pixel_values": np.concatenate([_pad_axis1(it["image_pixel_values"], crops, 0.0) for it in items]),
+        "image_attention_mask": np.concatenate([_pad_axis1(it["image_attention_mask"], crops, 1)
+                                                for it in items]),
+        "image_sizes": np.concatenate([it["image_sizes"] for it in items]),
+    }
+
+
+def _listed_audio(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    frames = max(it["audio_input_features"].shape[1] for it in items)
+    out = {
+        "audio_input_features": np.concatenate([_pad_axis1(it["audio_input_features"], frames, 0.0)
+                                                for it in items]),
+        "audio_embed_sizes": np.concatenate([np.atleast_1d(it["audio_embed_sizes"]) for it in items]),
+    }
+    if any("audio_attention_mask" in it or it["audio_input_features"].shape[1] != frames for it in items):
+        masks = []
+        for it in items:
+            own = it.get("audio_attention_mask")
+            if own is None:
+                own = np.ones(it["audio_input_features"].shape[:2], dtype=bool)
+            masks.append(_pad_axis1(own.astype(bool), frames, False))
+        out["audio_attention_mask"] = np.concatenate(masks)
+    return out

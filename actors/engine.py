@@ -126,8 +126,11 @@ class Phi4MMEngine:
         self.use_static = mode == "static" or (mode == "auto" and self.device.type == "cuda")
         self._decoder = None
         self._prefill_runner = None  # actors/fast_prefill.FastPrefill, made with the first static decoder
-        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "oom_fallbacks": 0, "caches_built": 0,  # where the static path's time goes
-                      "batches": 0, "batch_items": 0, "batches_full": 0}  # batches planned: their mean size
+        self._grammar = None  # actors/grammar.GrammarMasks, made with the first constrained item
+        self._grammars: list[str | None] = []  # the current `generate` call's grammar per item
+        # where the static path's time goes, and the batches planned (their mean size)
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "oom_fallbacks": 0, "caches_built": 0,
+                      "batches": 0, "batch_items": 0, "batches_full": 0}
 
     # -- scheduling ------------------------------------------------------------------------------
     def plan_batches(self, batch_keys: list[BatchKey], input_tokens: list[int], max_new: list[int]) -> list[list[int]]:
@@ -154,10 +157,21 @@ class Phi4MMEngine:
             batches.append(current)
         return batches
 
+    @property
+    def grammar(self):
+        if self._grammar is None:
+            from actors.grammar import GrammarMasks
+
+            self._grammar = GrammarMasks(self.processor.tokenizer, self.model.lm_head.out_features,
+                                         sorted(self.eos_ids))
+        return self._grammar
+
     def generate(self, items: list[dict[str, np.ndarray]], batch_keys: list[BatchKey], max_new: list[int],
-                 min_new: int = 0) -> list[Generation | Exception]:
+                 min_new: int = 0, grammars: list[str | None] | None = None) -> list[Generation | Exception]:
         """Generations for all items, in order; an item that fails on its own gets its exception (also
-        one that cannot fit the model's context or the KV memory: it names its token count and the limit)."""
+        one that cannot fit the model's context or the KV memory: it names its token count and the limit).
+        `grammars`: per item, an llguidance grammar its tokens must follow (actors/grammar.py), or None."""
+        self._grammars = grammars or [None] * len(items)
         input_tokens = [len(it["input_ids"]) for it in items]
         kv = self.plan_kv(input_tokens, max_new)
         results: list[Generation | Exception] = [None] * len(items)  # type: ignore[list-item]
@@ -213,7 +227,8 @@ class Phi4MMEngine:
 
     def _generate_group(self, items, group: list[int], max_new: int, min_new: int):
         try:
-            gens = self.generate_batch([items[i] for i in group], max_new, min(min_new, max_new))
+            grammars = [self._grammars[i] for i in group] if self._grammars else None
+            gens = self.generate_batch([items[i] for i in group], max_new, min(min_new, max_new), grammars)
             return list(zip(group, gens))
         except Exception as exc:  # noqa: BLE001 - one bad row must not sink its batch
             if len(group) == 1:
@@ -232,12 +247,20 @@ class Phi4MMEngine:
 
     @torch.inference_mode()
     def generate_batch(self, items: list[dict[str, np.ndarray]], max_new_tokens: int,
-                       min_new_tokens: int = 0) -> list[Generation]:
+                       min_new_tokens: int = 0, grammars: list[str | None] | None = None) -> list[Generation]:
         start = time.perf_counter()
         batch = self._to_device(collate(items, self.pad_token_id))
+        extra = {}
+        if grammars and any(grammars):
+            from transformers import LogitsProcessorList
+
+            from actors.grammar import GrammarLogitsProcessor
+
+            matchers = [self.grammar.matcher(g) if g else None for g in grammars]
+            extra["logits_processor"] = LogitsProcessorList([GrammarLogitsProcessor(self.grammar, matchers)])
         out = self.model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                   do_sample=False, bad_words_ids=self.bad_words_ids,
-                                  pad_token_id=self.pad_token_id)
+                                  pad_token_id=self.pad_token_id, **extra)
         new = out[:, batch["input_ids"].shape[1]:].tolist()
         latency = (time.perf_counter() - start) / len(new)
         return [self._finish(row, latency) for row in new]
@@ -312,7 +335,11 @@ class Phi4MMEngine:
             results[i] = self._finish(toks, latency)
 
     def _prefill(self, decoder, items, group, max_new, min_new, slots):
-        requests = [SlotRequest(i, len(items[i]["input_ids"]), max_new[i], min(min_new, max_new[i]))
+        grammars = self._grammars or [None] * len(items)
+        if any(grammars[i] for i in group) and decoder.grammar is None:
+            decoder.grammar = self.grammar
+        requests = [SlotRequest(i, len(items[i]["input_ids"]), max_new[i], min(min_new, max_new[i]),
+                                self.grammar.matcher(grammars[i]) if grammars[i] else None)
                     for i in group]
         try:
             batch = self._to_device(collate([items[i] for i in group], self.pad_token_id))

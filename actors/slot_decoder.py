@@ -25,6 +25,7 @@ class SlotRequest:
     prompt_len: int
     max_new: int
     min_new: int = 0
+    matcher: object = None  # a grammar's matcher (actors/grammar.py): the tokens are constrained to it
 
 
 @dataclass
@@ -57,8 +58,12 @@ class SlotDecoder:
     """Holds the static cache and the captured step for one model replica."""
 
     def __init__(self, model, slots: int, max_len: int, eos_ids: set[int], banned_ids: list[int],
-                 use_cuda_graph: bool | None = None, fast_prefill=None):
+                 use_cuda_graph: bool | None = None, fast_prefill=None, grammar=None):
         self.model = model
+        self.grammar = grammar  # actors/grammar.GrammarMasks, needed by requests with a matcher
+        self.matchers: list = [None] * slots  # per slot: its request's matcher, or None
+        self.logits_graph = None  # the step's first half (logits only), captured for constrained steps
+        self.logits_out = None
         self.fast_prefill = fast_prefill  # actors/fast_prefill.FastPrefill, or None: the model's forward
         cfg = model.config
         self.device = next(model.parameters()).device
@@ -92,6 +97,14 @@ class SlotDecoder:
     # -- the decode step -------------------------------------------------------------------------
     @torch.inference_mode()
     def _step(self) -> None:
+        self._choose(self._logits())
+
+    @torch.inference_mode()
+    def _logits_step(self) -> None:
+        self.logits_out.copy_(self._logits())
+
+    def _logits(self) -> torch.Tensor:
+        """The next-token logits of every slot (float32), from the static cache."""
         m = self.model.model
         B = self.slots
         pos = self.pos
@@ -122,8 +135,7 @@ class SlotDecoder:
             out = torch.matmul(probs, self.v_cache[i]).reshape(B, 1, q_size)
             x = x + attn.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        logits = self.model.lm_head(m.norm(x)[:, 0]).float()
-        self._choose(logits)
+        return self.model.lm_head(m.norm(x)[:, 0]).float()
 
     def _choose(self, logits: torch.Tensor) -> None:
         """Greedy choice for every slot; advance the active ones; retire those that finished."""
@@ -155,7 +167,47 @@ class SlotDecoder:
         for t, s in zip((self.pos, self.active, self.tokens), saved):
             t.copy_(s)
 
+    def _capture_logits(self) -> None:
+        self.logits_out = torch.zeros(self.slots, self.model.lm_head.out_features, device=self.device,
+                                      dtype=torch.float32)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # the logits half writes the cache at each slot's position only: harmless
+                self._logits_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.logits_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.logits_graph):
+            self._logits_step()
+
+    @torch.inference_mode()
+    def constrained_step(self) -> None:
+        """One step with the grammar masks of the constrained slots: logits from the graph, the masks
+        filled on the host and applied, then the same choice as `_choose`; the matchers then take the
+        chosen tokens (one device sync per step: the price of a grammar)."""
+        if self.use_cuda_graph:
+            if self.logits_graph is None:
+                self._capture_logits()
+            self.logits_graph.replay()
+            logits = self.logits_out
+        else:
+            logits = self._logits()
+        pairs = [(m, i) for i, m in enumerate(self.matchers) if m is not None]
+        bitmask = self.grammar.bitmask(self.slots)
+        self.grammar.fill(pairs, bitmask)
+        self.grammar.apply(logits, bitmask)
+        was_active = self.active.clone()
+        self._choose(logits)
+        chosen = self.tokens[self.rows, self.pos].tolist()
+        active = was_active.tolist()
+        for m, i in pairs:
+            if active[i] and not m.is_stopped():
+                m.consume_token(chosen[i])
+
     def step(self) -> None:
+        if any(m is not None for m in self.matchers):
+            self.constrained_step()
+            return
         if not self.use_cuda_graph:
             self._step()
             return
@@ -191,7 +243,14 @@ class SlotDecoder:
         logits[:, self.banned] = float("-inf")
         early = torch.tensor([r.min_new > 0 for r in requests], device=self.device)[:, None]
         logits[:, self.eos] = torch.where(early, float("-inf"), logits[:, self.eos])
+        constrained = [(r.matcher, j) for j, r in enumerate(requests) if r.matcher is not None]
+        if constrained:
+            bitmask = self.grammar.bitmask(len(requests))
+            self.grammar.fill(constrained, bitmask)
+            self.grammar.apply(logits, bitmask)
         first = logits.argmax(-1).tolist()
+        for matcher, j in constrained:
+            matcher.consume_token(first[j])
         done = []
         for j, (req, slot) in enumerate(zip(requests, slots)):
             n = req.prompt_len
@@ -209,6 +268,7 @@ class SlotDecoder:
                 done.append((req, [first[j]]))
             else:
                 self.occupant[slot] = _Slot(req, first[j])
+                self.matchers[slot] = req.matcher
         return done
 
     def collect(self) -> list[tuple[SlotRequest, list[int]]]:
@@ -224,6 +284,7 @@ class SlotDecoder:
             tokens = self.tokens[i, req.prompt_len:pos[i] + 1].tolist()
             out.append((req, tokens))
             self.occupant[i] = None
+            self.matchers[i] = None
         return out
 
     def busy(self) -> bool:

@@ -39,6 +39,7 @@ class ModelStage(Stage):
         super().__init__(context)
         self.engine = Phi4MMEngine(local_model_dir(self.config), self.modality, self.config.model,
                                    self.config.batching, random_weights=self.config.benchmark.random_weights)
+        self.prompt_grammar = prompt_grammar(self.config)
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
@@ -116,7 +117,9 @@ class ModelStage(Stage):
         if per_30s:  # benchmarks: tokens in proportion to the audio (its bucket: one budget per batch key)
             max_new = [max(1, -(-per_30s * k.size // 3000)) if k.kind == "audio" else m for k, m in zip(keys, max_new)]
             min_new = max(max_new, default=0)
-        gens = self.engine.generate([decode_item(inputs[i][j]) for i, j in todo], keys, max_new, min_new)
+        grammars = [self.prompt_grammar if tasks[i] == "prompt" else None for i, _ in todo] \
+            if self.prompt_grammar else None
+        gens = self.engine.generate([decode_item(inputs[i][j]) for i, j in todo], keys, max_new, min_new, grammars)
         for (i, j), gen in zip(todo, gens):
             if isinstance(gen, Exception):
                 log.warning("generation failed for %s: %s", ids[i], gen)
@@ -143,6 +146,18 @@ def chunk_inputs_of(batch: pa.Table, mine: set[int]) -> list[list]:
             row = chunk[k]
             out.append([v.as_buffer() for v in row.values] if len(out) in mine and row.is_valid else row.as_py())
     return out
+
+
+def prompt_grammar(config: JobConfig) -> str | None:
+    """The llguidance grammar of the prompt job's --schema (bounded: schemas/structured.py), or None."""
+    schema = config.prompt.json_schema
+    if schema is None:
+        return None
+    from actors.grammar import json_schema_grammar
+    from schemas.structured import generation_schema
+
+    return json_schema_grammar(generation_schema(schema, config.prompt.max_string_chars,
+                                                 config.prompt.max_array_items))
 
 
 class SpeechStage(ModelStage):

@@ -100,3 +100,24 @@ class CardRecipe:
         """A text prompt given as its token ids (a summary prompt holding a transcript's generated ids)."""
         self._use_adapter(None)
         return self._generate({"input_ids": torch.tensor([input_ids])}, max_new_tokens, min_new_tokens, want_logits)
+
+    def prompt(self, images: list, audios: list[np.ndarray], instruction: str | None, max_new_tokens: int,
+               system_prompt: str | None = None, min_new_tokens: int = 0, want_logits: bool = False,
+               dynamic_hd: int | None = None) -> CardOutput:
+        """Any mix, as the card prompts it (images, then audios, then the text; no text: a spoken
+        query), with the card's adapter for the mix: vision for any image, speech for audio only."""
+        from pipeline.prompts import prompt_messages
+
+        self._use_adapter("vision" if images else "speech" if audios else None)
+        text = self.processor.apply_chat_template(prompt_messages(len(images), len(audios), instruction,
+                                                                  system_prompt),
+                                                  add_generation_prompt=True, tokenize=False)
+        kwargs: dict = {}
+        if images:
+            kwargs["images"] = list(images)
+            if dynamic_hd:
+                kwargs["dynamic_hd"] = dynamic_hd
+        if audios:
+            kwargs.update(audio=list(audios), sampling_rate=16000)
+        inputs = self.processor(text=text, return_tensors="pt", **kwargs)
+        return self._generate(inputs, max_new_tokens, min_new_tokens, want_logits)

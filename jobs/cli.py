@@ -1,4 +1,4 @@
-"""`phi4mm` command line (stable): transcribe, ocr, meetings, report, tiny-model, run, convert-checkpoint.
+"""`phi4mm` command line (stable): transcribe, ocr, meetings, prompt, report, tiny-model, run, convert-checkpoint.
 
 `python -m jobs.transcribe ...` (and jobs.ocr, jobs.meetings, jobs.report) take the same arguments, so
 `ray job submit --working-dir . -- python -m jobs.transcribe IN OUT` works on a cluster.
@@ -90,7 +90,9 @@ def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
                                  "summarised in sections, then the section summaries combined")
         parser.add_argument("--summarize-from-audio", action="store_true",
                             help="summarise recordings up to 30 min from the audio itself, not the transcript")
-    if job == "ocr":
+    if job == "prompt":
+        add_prompt_arguments(parser)
+    if job in ("ocr", "prompt"):
         parser.add_argument("--dynamic-hd", type=int, default=None, help="crop cap per page (default 36)")
         parser.add_argument("--pdf-dpi", type=int, default=None)
 
@@ -130,10 +132,61 @@ def config_from_args(job: str, args: argparse.Namespace) -> JobConfig:
             _nested(data, "audio", "split_channels", True)
         _nested(data, "audio", "max_chunk_s", args.max_chunk_s)
         _nested(data, "summary", "window_tokens", args.summary_window)
-    if job == "ocr":
+    if job in ("ocr", "prompt"):
         _nested(data, "image", "dynamic_hd", args.dynamic_hd)
         _nested(data, "image", "pdf_dpi", args.pdf_dpi)
+    if job == "prompt":
+        prompt_config_from_args(data, args)
     return JobConfig.model_validate(data)
+
+
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """`phi4mm prompt`: a prompt over each row's media (the row's `prompt` column wins over these)."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--prompt", default=None, metavar="TEXT",
+                       help="the prompt, a template: {column} is filled from the row's column")
+    which.add_argument("--prompt-file", default=None, metavar="FILE", help="the prompt template from a file")
+    parser.add_argument("--system", default=None, metavar="TEXT", help="system message")
+    parser.add_argument("--fps", type=float, default=None, help="video frames sampled per second (default 1)")
+    parser.add_argument("--schema", default=None, metavar="SCHEMA.json",
+                        help="JSON Schema (an object) every answer is constrained to: a `json` column, and a "
+                             "typed column per top-level scalar property")
+    parser.add_argument("--tools", default=None, metavar="TOOLS.json",
+                        help="functions the model may call (the card's format: a JSON list of {name, "
+                             "description, parameters}); its calls go to the `tool_calls` column")
+
+
+def prompt_config_from_args(data: dict, args: argparse.Namespace) -> None:
+    template = args.prompt
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                template = f.read().strip()
+        except OSError as exc:
+            raise ConfigFileError(f"--prompt-file {args.prompt_file}: cannot be read "
+                                  f"({exc.strerror or exc})") from exc
+    _nested(data, "prompt", "template", template)
+    _nested(data, "prompt", "fps", args.fps)
+    if args.schema:
+        _nested(data, "prompt", "json_schema", load_json_file(args.schema, "--schema"))
+    if args.tools:
+        tools = load_json_file(args.tools, "--tools")
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise ConfigFileError(f"--tools {args.tools}: must be a JSON list of tool objects")
+        _nested(data, "prompt", "tools", tools)
+    if args.system is not None:
+        data["system_prompt"] = args.system
+
+
+def load_json_file(path: str, flag: str):
+    """The JSON document at `path`; ConfigFileError naming the flag and the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as exc:
+        raise ConfigFileError(f"{flag} {path}: cannot be read ({exc.strerror or exc})") from exc
+    except ValueError as exc:
+        raise ConfigFileError(f"{flag} {path}: not JSON ({exc})") from exc
 
 
 def _nested(data: dict, section: str, key: str, value) -> None:
@@ -204,12 +257,12 @@ def convert_checkpoint_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = ("transcribe", "ocr", "meetings", "report", "tiny-model", "run", "convert-checkpoint")
+    commands = ("transcribe", "ocr", "meetings", "prompt", "report", "tiny-model", "run", "convert-checkpoint")
     if not argv or argv[0] not in commands:
         print(f"usage: phi4mm {{{','.join(commands)}}} ...", file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
-    if command in ("transcribe", "ocr", "meetings"):
+    if command in ("transcribe", "ocr", "meetings", "prompt"):
         return run_job_main(command, rest)
     if command == "report":
         return report.main(rest) or 0

@@ -22,25 +22,43 @@ from pipeline.assemble import AssembleChunks
 from pipeline.chunk_inputs import BuildChunkInputs
 from pipeline.parts import RegroupParts
 from pipeline.prepare import PrepareWork
+from pipeline.prompt_inputs import PreparePrompts
 from pipeline.result_rows import ResultRows
+from pipeline.structured_output import StructuredAnswers
+from pipeline.tool_calls import ToolCalls
 from pipeline.stage import Cluster, Stage, StageContext
 from pipeline.summaries import PrepareSummaries
 from schemas.config import JobConfig
-from schemas.tasks import MODALITY_FOR_TASK
+from schemas.tasks import MODALITY_FOR_TASK, PROMPT_MODALITIES
+
+
+def prompt_stages_of(config: JobConfig) -> list[type[ModelStage]]:
+    """The prompt job's GPU stages: one pool per mix its manifest holds (config.prompt.modalities, filled
+    by the driver), each with that mix's adapter merged; rows of the other mixes pass through."""
+    planned = config.prompt.modalities or PROMPT_MODALITIES
+    return [STAGE_FOR_MODALITY[m] for m in PROMPT_MODALITIES if m in planned]
 
 
 def media_stages_of(config: JobConfig) -> list[type[ModelStage]]:
     """The GPU stages that read the inputs (speech, vision), in graph order."""
+    if config.job == "prompt":
+        return [s for s in prompt_stages_of(config) if s is not TextStage]
     return [STAGE_FOR_MODALITY[m] for m in sorted({MODALITY_FOR_TASK[t] for t in config.tasks} - {"text"})]
 
 
 def gpu_stages_of(config: JobConfig) -> list[type[ModelStage]]:
     """Every GPU stage of the job: the media stages, then summaries (after assembly)."""
+    if config.job == "prompt":
+        return prompt_stages_of(config)
     return media_stages_of(config) + ([TextStage] if "summarize" in config.tasks else [])
 
 
 def stages_of(config: JobConfig) -> list[type[Stage]]:
     """The job's graph, in order."""
+    if config.job == "prompt":  # PreparePrompts -> speech / vision / text pools -> AssembleChunks -> ResultRows
+        structured = ([StructuredAnswers] if config.prompt.json_schema else []) + \
+            ([ToolCalls] if config.prompt.tools else [])
+        return [PreparePrompts, *prompt_stages_of(config), AssembleChunks, *structured, ResultRows]
     media = media_stages_of(config)
     # a long recording is cut by PrepareWork, its parts' features built by a pool, and its parts joined
     # after the speech pool (pipeline/chunk_inputs.py, pipeline/parts.py)
@@ -65,7 +83,7 @@ def reserved_cpus(config: JobConfig, cluster: Cluster) -> float:
     per_replica = config.resources.gpus_per_replica
     gpu_stages = gpu_stages_of(config)
     for stage in stages_of(config):
-        if stage is PrepareWork:
+        if issubclass(stage, PrepareWork):
             continue
         if stage is BuildChunkInputs:  # its first worker; it grows into what the decoding pool leaves
             reserved += 1

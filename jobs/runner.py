@@ -19,6 +19,7 @@ from jobs.run_record import run_record
 from jobs.settings import Settings, from_environment
 from pipeline.model_inputs import load_processor
 from pipeline.model_source import describe_model, resolve_model
+from pipeline.prompt_inputs import planned_modalities
 from pipeline.read import read_manifest
 from pipeline.resume import drop_superseded, rows_to_redo
 from pipeline.errors import OutputError
@@ -28,8 +29,9 @@ from pipeline.storage import (StorageOptions, fsspec_filesystem, is_local, pyarr
 from pipeline.write import (io_cause, probe_output, read_results, slow_local_filesystem, write_results,
                             write_run_record)
 from schemas.config import JobConfig
-from schemas.manifest import passthrough_columns, unknown_target_languages
+from schemas.manifest import PROMPT_MEDIA_COLUMNS, ManifestError, passthrough_columns, unknown_target_languages
 from schemas.results import RESULT_SCHEMA
+from schemas.structured import typed_fields
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
     storage = StorageOptions(endpoint_url=config.s3_endpoint)
     config = with_driver_settings(config, storage, settings)
     manifest = read_manifest(config.input, storage, suffixes=config.manifest_suffixes,
-                             modified_since=config.modified_since)
+                             modified_since=config.modified_since, **manifest_rules(config))
     # on the console whatever the log level: the first thing to compare with what the manifest should hold
     print(f"phi4mm: manifest {config.input}: {manifest.num_rows} rows read", file=sys.stderr, flush=True)
     # the checkpoint is checked where it lies (config, adapters, safetensors headers: a few MB read) and
@@ -88,6 +90,13 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
                               cache_dir=config.model.cache_dir, options=storage, processor_only=True)
     _check_processor(model_dir)
     _report_bad_values(manifest, config)
+    clash = sorted({f.name for f in typed_fields(config.prompt.json_schema)} & set(manifest.column_names))
+    if clash:
+        raise ManifestError(f"manifest column(s) {clash} have the names of --schema properties (typed result "
+                            "columns); rename the columns or the properties")
+    if config.job == "prompt":  # only the pools the manifest's media need (a text-only run starts one)
+        config = config.model_copy(update={"prompt": config.prompt.model_copy(
+            update={"modalities": planned_modalities(manifest)})})
     # the output is probed before Ray starts: an unwritable one fails now, not after the GPU work
     out_fs, out_path = pyarrow_filesystem(config.output, storage)
     with _output_errors(config.output):
@@ -138,6 +147,13 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
         write_run_record(config.output, record, fsspec_filesystem(config.output, storage)[0])
         remove_directory_markers(config.output, storage)  # what deletes on S3 re-created (resume)
     return record
+
+
+def manifest_rules(config: JobConfig) -> dict:
+    """read_manifest's options for the job: the prompt job takes media lists and rows without a uri."""
+    if config.job != "prompt":
+        return {}
+    return {"media_lists": PROMPT_MEDIA_COLUMNS, "require_media": False}
 
 
 def _report_bad_values(manifest, config: JobConfig) -> None:

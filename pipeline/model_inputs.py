@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.media import SAMPLE_RATE
+from pipeline.prompts import chat_messages, prompt_messages
+from schemas.work_rows import BatchKey
 
 FEATURE_FRAMES_PER_S = 100  # the feature extractor's hop: 160 samples at 16 kHz
 DEFAULT_AUDIO_BUCKET_S = 2.0  # schemas/config.py AudioConfig.batch_bucket_s
-from pipeline.prompts import chat_messages
-from schemas.work_rows import BatchKey
 
 
 def load_processor(model_dir: str):
@@ -111,6 +111,41 @@ class InputBuilder:
         if self._added_ids is None:
             self._added_ids = frozenset(self.processor.tokenizer.added_tokens_decoder)
         return [t for t in generated if t not in self._added_ids]
+
+
+    def prompt_item(self, images: list, audios: list[np.ndarray], instruction: str | None) -> BuiltItem:
+        """One prompt over any mix of media (the prompt job): `images` in prompt order, then `audios`,
+        then the instruction (None with audio: a spoken query).
+
+        Unlike `audio` / `image`, the media keep their leading axis, one entry per image or audio of
+        the prompt (image_pixel_values [images, crops, 3, 448, 448], audio_input_features [audios,
+        frames, 80]); actors/collate.py concatenates them over a batch. The batch key holds the mix and
+        the shapes that padding would change (images and their padded crop count, every audio's frames),
+        so only prompts whose batched output equals their single output share a batch."""
+        text = self.processor.apply_chat_template(
+            prompt_messages(len(images), len(audios), instruction, self.system_prompt),
+            add_generation_prompt=True, tokenize=False)
+        media: dict = {}
+        if images:
+            media["images"] = list(images)
+            if self.dynamic_hd is not None:
+                media["dynamic_hd"] = self.dynamic_hd
+        if audios:
+            media.update(audio=list(audios), sampling_rate=SAMPLE_RATE)
+        out = self.processor(text=[text], return_tensors="pt", **media)
+        inputs = {k: v.numpy() for k, v in out.items() if hasattr(v, "numpy")}
+        inputs["input_ids"] = inputs["input_ids"][0]
+        inputs.pop("attention_mask", None)
+        kind = []
+        if images:
+            kind.append(f"img{inputs['image_pixel_values'].shape[0]}x{inputs['image_pixel_values'].shape[1]}")
+        if audios:
+            frames = inputs["audio_input_features"].shape[1]
+            mask = inputs.get("audio_attention_mask")
+            lengths = mask.sum(-1).tolist() if mask is not None else [frames] * len(audios)
+            kind.append("aud" + "-".join(str(int(n)) for n in lengths))
+        key = BatchKey("prompt:" + "+".join(kind), 0) if kind else BatchKey("text", 0)
+        return BuiltItem(inputs, key, int(inputs["input_ids"].shape[0]))
 
 
 def audio_bucket(frames: int, bucket_frames: int) -> int:

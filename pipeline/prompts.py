@@ -72,3 +72,32 @@ def chat_messages(instruction: str, media: str | None, system_prompt: str | None
     parts.append({"type": "text", "text": instruction})
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return messages + [{"role": "user", "content": parts}]
+
+
+def prompt_messages(images: int, audios: int, instruction: str | None, system_prompt: str | None = None) -> list[dict]:
+    """Messages for a prompt over any mix of media, the card's way: the images first (<|image_1|>, ...),
+    then the audios, then the text. No text with audio is the card's spoken query: the audio asks."""
+    parts: list[dict] = [{"type": "image"}] * images + [{"type": "audio"}] * audios
+    if instruction:
+        parts.append({"type": "text", "text": instruction})
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": parts}]
+
+
+TOOL_SYSTEM = "You are a helpful assistant with some tools."  # the card's tool-calling system message
+SCHEMA_INSTRUCTION = "Answer with one JSON object, and nothing else, that follows this JSON Schema:\n{schema}"
+
+
+def prompt_system_message(system_prompt: str | None, json_schema: dict | None = None,
+                          tools: list[dict] | None = None) -> str | None:
+    """The prompt job's system message: the job's --system (with --tools: the card's tool sentence and
+    `<|tool|>[...]<|/tool|>` block after it), then what the answer must look like."""
+    import json
+
+    parts = [system_prompt] if system_prompt else []
+    if tools:
+        block = f"<|tool|>{json.dumps(tools, ensure_ascii=False)}<|/tool|>"
+        parts = [(parts[0] if parts else TOOL_SYSTEM) + block]
+    if json_schema is not None:
+        parts.append(SCHEMA_INSTRUCTION.format(schema=json.dumps(json_schema, ensure_ascii=False)))
+    return "\n\n".join(parts) or None

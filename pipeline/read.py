@@ -39,7 +39,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline.storage import StorageOptions, find_files, fsspec_filesystem, is_file_entry, protocol_of
-from schemas.manifest import KNOWN_FIELDS, ManifestError, validate_manifest
+from schemas.manifest import KNOWN_FIELDS, PROMPT_MEDIA_COLUMNS, ManifestError, validate_manifest
 
 __all__ = ["read_manifest", "manifest_format"]
 
@@ -56,21 +56,26 @@ _SINGLE_LINE_COLUMNS = ("id", "uri", "kind", "language", "target_language")
 
 
 def read_manifest(source: str, options: StorageOptions | None = None, *, suffixes: list[str] | None = None,
-                  modified_since: datetime | None = None) -> pa.Table:
+                  modified_since: datetime | None = None, media_lists: tuple[str, ...] = (),
+                  require_media: bool = True) -> pa.Table:
     """The manifest at `source`, validated (`schemas.manifest.validate_manifest`).
 
     Raises ManifestError when the source does not exist, matches nothing, cannot be parsed, or fails
     validation; the message names the source (or the file, column, ids) at fault.
+
+    `media_lists` (the prompt job: schemas/manifest.py PROMPT_MEDIA_COLUMNS): columns of uris made
+    list<string> (one uri, a JSON list in a CSV cell, or a list), each resolved like `uri`;
+    `require_media`: see validate_manifest.
     """
     fs, path = fsspec_filesystem(source, options)
     protocol = protocol_of(source)
     files, root = _find_files(fs, path, source)
     tabular = [p for p in files if manifest_format(p)]
     if suffixes is None and modified_since is None and tabular and len(tabular) == len(files):
-        table = _read_tables(fs, tabular, root, protocol)
+        table = _read_tables(fs, tabular, root, protocol, media_lists)
     else:
         table = _listing(fs, files, root, protocol, source, suffixes, modified_since)
-    return validate_manifest(table)
+    return validate_manifest(table, require_media=require_media)
 
 
 def manifest_format(path: str) -> str | None:
@@ -132,11 +137,12 @@ def _hidden(path: str, root: str) -> bool:
 
 # -- manifest files ----------------------------------------------------------------------------------
 
-def _read_tables(fs: fsspec.AbstractFileSystem, paths: list[str], root: str, protocol: str) -> pa.Table:
+def _read_tables(fs: fsspec.AbstractFileSystem, paths: list[str], root: str, protocol: str,
+                 media_lists: tuple[str, ...] = ()) -> pa.Table:
     """Read every manifest file (a few at a time: S3 latency, not CPU, is the cost) and concatenate."""
     paths = sorted(paths)
     with ThreadPoolExecutor(max_workers=min(_MAX_READERS, len(paths))) as pool:
-        tables = list(pool.map(lambda p: _read_one(fs, p, root, protocol), paths))
+        tables = list(pool.map(lambda p: _read_one(fs, p, root, protocol, media_lists), paths))
     if len(tables) == 1:
         return tables[0]
     try:
@@ -146,7 +152,8 @@ def _read_tables(fs: fsspec.AbstractFileSystem, paths: list[str], root: str, pro
                             f"types ({exc})") from exc
 
 
-def _read_one(fs: fsspec.AbstractFileSystem, path: str, root: str, protocol: str) -> pa.Table:
+def _read_one(fs: fsspec.AbstractFileSystem, path: str, root: str, protocol: str,
+              media_lists: tuple[str, ...] = ()) -> pa.Table:
     fmt = manifest_format(path)
     shown = _display(fs, path, protocol)
     try:
@@ -168,7 +175,8 @@ def _read_one(fs: fsspec.AbstractFileSystem, path: str, root: str, protocol: str
         raise ManifestError(f"{shown}: cannot be read as {fmt} ({type(exc).__name__}: {exc})") from exc
     table = table.drop_columns([c for c in table.column_names if _INDEX_COLUMN.match(c)])
     table = _add_hive_keys(table, path, root, shown)
-    return _resolve_uris(table, posixpath.dirname(path), protocol)
+    table = _resolve_uris(table, posixpath.dirname(path), protocol)
+    return _resolve_uri_lists(table, posixpath.dirname(path), protocol, media_lists)
 
 
 def _parse_csv(raw: bytes) -> pa.Table:
@@ -245,7 +253,20 @@ def _parse_json(raw: bytes) -> pa.Table:
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ValueError("a .json manifest must be JSON Lines or one array of objects")
         return pa.Table.from_pylist(rows)
-    table = pajson.read_json(io.BytesIO(raw))
+    try:
+        table = pajson.read_json(io.BytesIO(raw))
+    except pa.ArrowInvalid as exc:
+        if not any(f"Column(/{name})" in str(exc) for name in PROMPT_MEDIA_COLUMNS):
+            raise
+        # the prompt job's `audio` may be one uri in a row and a list in the next: read those columns
+        # as lists (the rest as pyarrow would)
+        rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        for row in rows:
+            for name in PROMPT_MEDIA_COLUMNS:
+                if isinstance(row.get(name), str):
+                    row[name] = [row[name]]
+        names = list(dict.fromkeys(k for row in rows for k in row))  # every row's keys, not the first's
+        return pa.Table.from_pydict({n: [row.get(n) for row in rows] for n in names})
     retype = [n for n in _STRING_COLUMNS
               if n in table.column_names and pa.types.is_temporal(table.schema.field(n).type)]
     if retype:
@@ -299,6 +320,30 @@ def _resolve_uris(table: pa.Table, base_dir: str, protocol: str) -> pa.Table:
         return table
     index = table.column_names.index("uri")
     return table.set_column(index, "uri", pa.array(resolved, pa.string()))
+
+
+def _resolve_uri_lists(table: pa.Table, base_dir: str, protocol: str, columns: tuple[str, ...]) -> pa.Table:
+    """Each of `columns` present as list<string> of resolved uris: a list stays a list, a JSON list in a
+    string (a CSV cell) is parsed, any other value is one uri; null and empty stay null."""
+    for name in columns:
+        if name not in table.column_names:
+            continue
+        lists = []
+        for value in table.column(name).to_pylist():
+            if isinstance(value, str) and value.strip().startswith("["):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass  # one odd uri: its fetch names it
+            if value is None or value == "" or value == []:
+                lists.append(None)
+                continue
+            items = value if isinstance(value, list) else [value]
+            lists.append([_resolve_uri(v if isinstance(v, str) else str(v), base_dir, protocol) for v in items
+                          if v is not None])
+        index = table.column_names.index(name)
+        table = table.set_column(index, name, pa.array(lists, pa.list_(pa.string())))
+    return table
 
 
 def _resolve_uri(value: Any, base_dir: str, protocol: str) -> Any:

@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 from pipeline.stage import Cluster, Stage, StageContext, StageResources
 from schemas.config import JobConfig
 from schemas.results import RESULT_COLUMNS, STATUS_ERROR, STATUS_OK, result_schema
+from schemas.structured import TYPED_PREFIX, typed_fields
 from schemas.work_rows import WORK_COLUMNS, carried_name
 
 
@@ -26,7 +27,8 @@ class ResultRows(Stage):
         provenance = context.model_provenance or {}
         self.model_layout = provenance.get("layout")
         self.model_weights_sha = provenance.get("weights_sha")
-        self.schema = result_schema(context.passthrough_schema)
+        self.typed = {f.name for f in typed_fields(self.config.prompt.json_schema)}
+        self.schema = result_schema(context.passthrough_schema, typed_fields(self.config.prompt.json_schema))
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
@@ -54,6 +56,8 @@ class ResultRows(Stage):
             # a result column from the work row's own column; a pass-through column from its carried
             # copy (schemas/work_rows.py: PASSTHROUGH_PREFIX), never from a work column of the same name
             source = field.name if field.name in RESULT_COLUMNS else carried_name(field.name)
+            if field.name in self.typed:  # a --schema property (pipeline/structured_output.py)
+                source = TYPED_PREFIX + field.name
             if field.name in columns:
                 arrays.append(columns[field.name])
             elif source in batch.column_names:
@@ -63,7 +67,7 @@ class ResultRows(Stage):
         errors = pc.sum(pc.is_valid(batch["error"])).as_py() or 0
         self.counters.update(ok_rows=n - errors, error_rows=errors)
         # for progress: an input is done when its first row is (asr, or a document's page 1); its audio
-        asr = pc.equal(batch["task"], "asr")
+        asr = pc.or_(pc.equal(batch["task"], "asr"), pc.equal(batch["task"], "prompt"))
         first_page = pc.and_(pc.equal(batch["task"], "ocr"), pc.equal(batch["page"], 1))
         self.counters["inputs_done"] += pc.sum(pc.or_(asr, first_page)).as_py() or 0
         self.counters["pages_done"] += pc.sum(pc.equal(batch["task"], "ocr")).as_py() or 0

@@ -8,9 +8,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.languages import language_name
+from schemas.results import RESULT_COLUMNS
+from schemas.structured import SchemaFileError, check_output_schema
 from schemas.tasks import job_tasks
 
-JobName = Literal["transcribe", "ocr", "meetings"]
+JobName = Literal["transcribe", "ocr", "meetings", "prompt"]
 
 DEFAULT_MODEL = "microsoft/Phi-4-multimodal-instruct"
 DEFAULT_REVISION = "refs/pr/70"  # the hub branch that holds the native transformers format
@@ -38,7 +40,7 @@ class ModelConfig(_Strict):
 class GenerationConfig(_Strict):
     """Greedy decoding limits per task (the model card decodes greedily)."""
     max_new_tokens: dict[str, int] = Field(default_factory=lambda: {
-        "asr": 256, "translate": 320, "ocr": 1024, "summarize": 512})
+        "asr": 256, "translate": 320, "ocr": 1024, "summarize": 512, "prompt": 512})
 
 
 class BatchingConfig(_Strict):
@@ -108,6 +110,50 @@ class ImageConfig(_Strict):
     pdf_dpi: int = Field(150, ge=36, le=600)
     max_pages: int | None = Field(None, ge=1)
     dynamic_hd: int = Field(36, ge=1, le=64)  # crop cap: fewer crops trade detail for speed
+
+
+class PromptConfig(_Strict):
+    """The prompt job (`phi4mm prompt`): one prompt per manifest row over any mix of its media."""
+    # the prompt when a row has no `prompt` column value: `{column}` placeholders are filled from the row
+    # (a row without that column is an error row naming it); `{{` / `}}` are literal braces
+    template: str | None = None
+    fps: float = Field(1.0, gt=0.0, le=30.0)  # video frames sampled per second
+    max_frames: int = Field(64, ge=1, le=64)  # frames per video at most (evenly spread when longer)
+    # longest side of a video frame: a 448 px frame is one crop (+ the global one, ~545 tokens), so 64
+    # frames stay near 35k prompt tokens, inside the model's context
+    frame_max_side: int = Field(448, ge=14, le=1344)
+    max_images: int = Field(64, ge=1, le=256)  # images of one prompt (a document's pages included)
+    max_audio_s: float = Field(1800.0, gt=0.0)  # longest audio of a prompt (30 min: ~22.5k tokens)
+    # --schema: the JSON Schema (an object at the top) every answer is constrained to (schemas/structured.py)
+    json_schema: dict | None = None
+    # bounds the grammar adds where the schema sets none (a wandering model still ends within its tokens)
+    max_string_chars: int = Field(2000, ge=1)
+    max_array_items: int = Field(64, ge=1)
+    # --tools: the functions the model may call, in the card's format ({"name", "description",
+    # "parameters"}), listed in the system message; its calls land in `tool_calls`
+    tools: list[dict] | None = None
+    # which GPU pools the run needs, from the manifest's media (the driver fills it: jobs/runner.py);
+    # None: all three
+    modalities: list[Literal["speech", "vision", "text"]] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, value: list[dict] | None) -> list[dict] | None:
+        for k, tool in enumerate(value or []):
+            if not isinstance(tool.get("name"), str) or not tool["name"]:
+                raise ValueError(f"--tools: tool {k + 1} has no \"name\" (the card's format: a JSON list of "
+                                 '{"name", "description", "parameters"})')
+        return value
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, value: dict | None) -> dict | None:
+        if value is None:
+            return None
+        try:
+            return check_output_schema(value, reserved=tuple(RESULT_COLUMNS))
+        except SchemaFileError as exc:
+            raise ValueError(f"--schema: {exc}") from None
 
 
 # schemes a manifest's uris may use unless the operator says otherwise: local files and the object stores
@@ -220,6 +266,7 @@ class JobConfig(_Strict):
     audio: AudioConfig = Field(default_factory=AudioConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
     summary: SummaryConfig = Field(default_factory=SummaryConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
     inputs: InputsConfig = Field(default_factory=InputsConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)

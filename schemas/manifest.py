@@ -32,7 +32,7 @@ from schemas.results import RESULT_COLUMNS
 __all__ = [
     "ID", "URI", "DATA", "KIND", "LANGUAGE", "TARGET_LANGUAGE", "REFERENCE", "KINDS", "KNOWN_FIELDS",
     "KNOWN_COLUMNS", "PASSTHROUGH_EXCLUDE", "RESERVED_COLUMNS", "ManifestError", "validate_manifest",
-    "passthrough_columns", "unknown_target_languages",
+    "passthrough_columns", "unknown_target_languages", "PROMPT_MEDIA_COLUMNS", "PROMPT",
 ]
 
 ID = "id"
@@ -44,6 +44,12 @@ TARGET_LANGUAGE = "target_language"
 REFERENCE = "reference"
 
 KINDS = ("audio", "image", "document", "meeting")
+
+# the prompt job's further media columns (each optional, any mix per row; a row with none of them and no
+# uri/data is a text prompt): `images` a list of uris in prompt order, `audio` one uri or a list, `video`
+# one uri. The reader (pipeline/read.py) makes them lists of uris, relative ones resolved like `uri`.
+PROMPT_MEDIA_COLUMNS: tuple[str, ...] = ("images", "audio", "video")
+PROMPT = "prompt"  # the prompt job: a row's own prompt text (else the job's --prompt template)
 
 # The known columns in the order a validated manifest has them, with their contract types.
 KNOWN_FIELDS: dict[str, pa.DataType] = {
@@ -84,7 +90,7 @@ def passthrough_columns(schema: pa.Schema) -> list[str]:
     return [name for name in schema.names if name not in PASSTHROUGH_EXCLUDE]
 
 
-def validate_manifest(table: pa.Table) -> pa.Table:
+def validate_manifest(table: pa.Table, *, require_media: bool = True) -> pa.Table:
     """Refuse a manifest the pipeline cannot run; return it with the contract types.
 
     Refused (ManifestError): no `id` column; neither `uri` nor `data`; a column named like a result
@@ -97,6 +103,9 @@ def validate_manifest(table: pa.Table) -> pa.Table:
     the pass-through columns in their original order and types. Blank `uri`, `kind`, `language` and
     `target_language` values (CSV gives "" for an empty cell) become null, and `kind` is lower-cased,
     so "absent" has one spelling downstream.
+
+    `require_media=False` (the prompt job): a row may have no uri and no data (its media are in
+    PROMPT_MEDIA_COLUMNS, or it is a text prompt).
     """
     names = table.column_names
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -104,7 +113,7 @@ def validate_manifest(table: pa.Table) -> pa.Table:
         raise ManifestError(f"manifest has repeated column names: {', '.join(repeated)}")
     if ID not in names:
         raise ManifestError(f"manifest has no 'id' column (columns: {_list(names)})")
-    if URI not in names and DATA not in names:
+    if require_media and URI not in names and DATA not in names:
         raise ManifestError(f"manifest has neither a 'uri' nor a 'data' column (columns: {_list(names)})")
     reserved = [n for n in names if n in RESERVED_COLUMNS]
     if reserved:
@@ -125,7 +134,7 @@ def validate_manifest(table: pa.Table) -> pa.Table:
         if name not in columns:
             columns[name] = pa.chunked_array([pa.nulls(table.num_rows, typ)])
 
-    problems = _row_problems(columns)
+    problems = _row_problems(columns, require_media)
     if problems:
         raise ManifestError("manifest refused: " + "; ".join(problems))
 
@@ -154,7 +163,7 @@ def unknown_target_languages(table: pa.Table) -> dict[str, list[str]]:
     return out
 
 
-def _row_problems(columns: dict[str, pa.ChunkedArray]) -> list[str]:
+def _row_problems(columns: dict[str, pa.ChunkedArray], require_media: bool = True) -> list[str]:
     """Every row-level reason to refuse, each a phrase naming the column and the ids (or rows)."""
     problems = []
     ids = columns[ID]
@@ -164,7 +173,7 @@ def _row_problems(columns: dict[str, pa.ChunkedArray]) -> list[str]:
         problems.append(f"'id' is null or empty in {len(rows)} row(s) (row numbers from 0: {_list(rows)})")
 
     missing = pc.and_(pc.is_null(columns[URI]), pc.is_null(columns[DATA]))
-    if pc.any(missing).as_py():
+    if require_media and pc.any(missing).as_py():
         bad = pc.filter(ids, missing).to_pylist()
         problems.append(f"{len(bad)} row(s) have neither a 'uri' nor 'data': ids {_list(bad)}")
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-TASKS = ("asr", "translate", "ocr", "summarize")
+TASKS = ("asr", "translate", "ocr", "summarize", "prompt")
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 SEGMENT_TYPE = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string())])
+TOOL_CALL_TYPE = pa.struct([("name", pa.string()), ("arguments", pa.string())])
 
 # Columns every result row has, in this order, before the passed-through manifest columns.
 RESULT_FIELDS: list[pa.Field] = [
@@ -43,6 +44,11 @@ RESULT_FIELDS: list[pa.Field] = [
     # summarize rows: how the summary was made (1 = in one call; n = from n sections of the transcript)
     pa.field("summary_sections", pa.int32()),
     pa.field("summary_from", pa.string()),  # "transcript" or "audio" (and why, when not as asked)
+    # prompt rows with --schema: the answer as compact JSON, valid under the schema (the schema's
+    # top-level scalar properties follow as typed columns of their own: schemas/structured.py)
+    pa.field("json", pa.string()),
+    # prompt rows with --tools: the calls the model made (arguments as a JSON string)
+    pa.field("tool_calls", pa.list_(TOOL_CALL_TYPE)),
 ]
 RESULT_COLUMNS = [f.name for f in RESULT_FIELDS]
 RESULT_SCHEMA = pa.schema(RESULT_FIELDS)
@@ -51,9 +57,11 @@ RESULT_SCHEMA = pa.schema(RESULT_FIELDS)
 KEY_COLUMNS = ("id", "task", "target_language", "page")
 
 
-def result_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
-    """The full schema of a result table: the contract columns, then the manifest's own extra columns."""
-    fields = list(RESULT_FIELDS)
+def result_schema(passthrough: pa.Schema | None = None, typed: list[pa.Field] | None = None) -> pa.Schema:
+    """The full schema of a result table: the contract columns, the --schema's typed columns, then the
+    manifest's own extra columns."""
+    fields = list(RESULT_FIELDS) + list(typed or [])
     if passthrough is not None:
-        fields += [f for f in passthrough if f.name not in RESULT_COLUMNS]
+        taken = set(RESULT_COLUMNS) | {f.name for f in typed or []}
+        fields += [f for f in passthrough if f.name not in taken]
     return pa.schema(fields)

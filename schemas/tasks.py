@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-Task = Literal["asr", "translate", "ocr", "summarize"]
+Task = Literal["asr", "translate", "ocr", "summarize", "prompt"]
 Modality = Literal["speech", "vision", "text"]
 
-TASKS: tuple[str, ...] = ("asr", "translate", "ocr", "summarize")
+TASKS: tuple[str, ...] = ("asr", "translate", "ocr", "summarize", "prompt")
 
 # tasks generated from audio chunks: their rows carry time-stamped segments
 SPEECH_TASKS: tuple[str, ...] = ("asr", "translate")
@@ -22,6 +22,9 @@ AUDIO_TASKS: tuple[str, ...] = ("asr", "translate", "summarize")
 # which GPU pool serves a task (one model replica per modality, with that modality's adapter merged)
 MODALITY_FOR_TASK: dict[str, str] = {"asr": "speech", "translate": "speech", "ocr": "vision",
                                      "summarize": "text"}
+# a prompt row's pool is its own mix of media (speech LoRA for audio only, vision LoRA for images with or
+# without audio, base weights for text), decided per row (pipeline/prompt_inputs.py: prompt_modality)
+PROMPT_MODALITIES: tuple[str, ...] = ("speech", "vision", "text")
 
 # a task made from another task's finished row rather than from the input: the summary of a recording
 # comes from its assembled transcript (unless it is summarised from the audio itself)
@@ -38,6 +41,8 @@ def job_tasks(job: str, translate_to: list[str], summarize: bool) -> list[str]:
     """The tasks a run writes, each a partition of the output, in graph order."""
     if job == "ocr":
         return ["ocr"]
+    if job == "prompt":
+        return ["prompt"]
     tasks = ["asr"]
     if translate_to:
         tasks.append("translate")

@@ -81,7 +81,8 @@ def test_tiny_model_command_builds_a_loadable_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("module,flag", [("jobs.ocr", "--dynamic-hd"), ("jobs.transcribe", "--translate-to"),
-                                         ("jobs.meetings", "--max-chunk-s"), ("jobs.report", "--html")])
+                                         ("jobs.meetings", "--max-chunk-s"), ("jobs.report", "--html"),
+                                         ("jobs.prompt", "--schema")])
 def test_python_m_jobs_help(module, flag):
     done = _python_m(module, "--help")
     assert done.returncode == 0, done.stderr

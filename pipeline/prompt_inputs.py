@@ -1,0 +1,165 @@
+"""CPU stage of the prompt job: manifest rows -> one prompt work row each, over any mix of media.
+
+A row's media: `uri`/`data` (one item, its kind inferred as in the other jobs: audio, an image, or a
+document whose pages become images), `images` (uris, in prompt order), `audio` (uris), `video` (frames
+sampled by pipeline/video.py). Its prompt: the row's `prompt` value, else the job's template with
+`{column}` filled from the row. Which pool serves the row is its mix, as the model's reference
+implementation switches adapters (shared/design/NOTES-phi4mm.md, Adapters): the speech LoRA for audio
+only, the vision LoRA for images with or without audio, the base weights for text only.
+
+A bad value costs the row, never the batch: a missing template column, an unreadable medium, too many
+images become one error row naming the input and the cause.
+"""
+from __future__ import annotations
+
+import logging
+import string
+
+import pyarrow as pa
+
+from pipeline.errors import InputError
+from pipeline.fetch import PendingFetch, start_fetch
+from pipeline.media import SAMPLE_RATE, decode_audio, decode_pages, sniff_kind
+from pipeline.prepare import PrepareWork
+from pipeline.prompts import prompt_system_message
+from pipeline.video import sample_frames
+from schemas.manifest import PROMPT, PROMPT_MEDIA_COLUMNS, passthrough_columns
+from schemas.work_rows import WorkChunk, encode_item, work_row, work_table
+
+log = logging.getLogger(__name__)
+
+
+def prompt_text(row: dict, template: str | None) -> str | None:
+    """The row's own prompt, else the template filled from the row; InputError naming a placeholder that
+    the row has no column for (or whose value is null)."""
+    own = row.get(PROMPT)
+    if isinstance(own, str) and own.strip():
+        return own
+    if not template:
+        return None
+    values = {}
+    for _, field, _, _ in string.Formatter().parse(template):
+        if field is None:
+            continue
+        name = field.split(".", 1)[0].split("[", 1)[0]
+        if name not in row:
+            raise InputError(f"id {row['id']}: the prompt template names {{{name}}}, but the manifest has no "
+                             f"column {name!r}")
+        if row[name] is None:
+            raise InputError(f"id {row['id']}: the prompt template names {{{name}}}, but this row's "
+                             f"{name!r} is empty")
+        values[name] = row[name]
+    try:
+        return template.format_map(values)
+    except (ValueError, IndexError, KeyError, AttributeError) as exc:
+        raise InputError(f"id {row['id']}: the prompt template cannot be filled ({exc})") from None
+
+
+def prompt_modality(images: int, audios: int) -> str:
+    """The pool (and adapter) of a prompt: vision for any image, speech for audio only, else text."""
+    return "vision" if images else "speech" if audios else "text"
+
+
+def planned_modalities(manifest: pa.Table) -> list[str]:
+    """The pools a manifest's prompt rows need, told from their columns on the driver (a uri's kind from
+    its `kind` or its extension; an unknown one may be either medium): a run of text prompts starts no
+    speech or vision replica."""
+    cols = [c for c in ("uri", "data", "kind", *PROMPT_MEDIA_COLUMNS) if c in manifest.column_names]
+    needed: set[str] = set()
+    for row in manifest.select(cols).to_pylist():
+        kind = None
+        if row.get("uri") or row.get("data") is not None:
+            kind = row.get("kind") or sniff_kind(row.get("data") or b"", row.get("uri"))
+        images = bool(row.get("images") or row.get("video")) or kind in ("image", "document")
+        audios = bool(row.get("audio")) or kind in ("audio", "meeting")
+        if kind == "unknown" and not images:
+            needed |= {"speech", "vision"}
+        else:
+            needed.add(prompt_modality(images, audios))
+    return [m for m in ("speech", "vision", "text") if m in needed]
+
+
+class PreparePrompts(PrepareWork):
+    """Manifest rows -> prompt work rows (task `prompt`, page 1), one per row, with the model inputs of
+    its media and prompt built (pipeline/model_inputs.py: InputBuilder.prompt_item), or an error row."""
+
+    reads = PrepareWork.reads + PROMPT_MEDIA_COLUMNS + (PROMPT,)  # and the template's columns
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.builder.system_prompt = prompt_system_message(self.config.system_prompt,
+                                                           self.config.prompt.json_schema, self.config.prompt.tools)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        out_rows: list[dict] = []
+        rows = batch.to_pylist()
+        fetches = [self.start_media(row) for row in rows]  # every medium of every row, side by side
+        for row, pending in zip(rows, fetches):
+            try:
+                made = [self.prompt_row(row, pending)]
+            except InputError as exc:
+                made = self.error_rows(row, str(exc))
+                self.counters["bad_inputs"] += 1
+            except Exception as exc:  # noqa: BLE001 - a row never takes the job down
+                log.exception("preparing %s failed", row.get("id"))
+                made = self.error_rows(row, f"{self.name(row)}: could not be prepared "
+                                             f"({type(exc).__name__}: {exc})")
+                self.counters["bad_inputs"] += 1
+            out_rows.extend(made)
+        keep = passthrough_columns(batch.schema)
+        return work_table(out_rows, batch.select(keep) if keep else None)
+
+    def fetch(self, uri: str) -> PendingFetch:
+        inputs = self.config.inputs
+        return start_fetch(uri, self.storage, timeout_s=inputs.fetch_timeout_s, rules=inputs)
+
+    def start_media(self, row: dict) -> dict[str, list]:
+        """{column: [(uri, pending fetch)]} for every uri the row names; `uri` only when it has no data."""
+        out: dict[str, list] = {}
+        if row.get("uri") and row.get("data") is None:
+            out["uri"] = [(row["uri"], self.fetch(row["uri"]))]
+        for name in PROMPT_MEDIA_COLUMNS:
+            uris = row.get(name) or []
+            out[name] = [(u, self.fetch(u)) for u in uris]
+        return out
+
+    def prompt_row(self, row: dict, pending: dict[str, list]) -> dict:
+        cfg, image_cfg = self.config.prompt, self.config.image
+        instruction = prompt_text(row, cfg.template)
+        images, audios = [], []
+        if row.get("data") is not None or pending.get("uri"):
+            data = row["data"] if row.get("data") is not None else pending["uri"][0][1].result()
+            name = self.name(row)
+            kind = row.get("kind") or sniff_kind(data, row.get("uri"))
+            if kind in ("audio", "meeting"):
+                audios.append(decode_audio(data, name, max_s=cfg.max_audio_s))
+            elif kind in ("image", "document"):
+                images += decode_pages(data, name, max_pixels=image_cfg.max_pixels, pdf_dpi=image_cfg.pdf_dpi,
+                                       max_pages=cfg.max_images + 1)
+            else:
+                raise InputError(f"{name}: is not a recognised audio, image or document format (a video goes in "
+                                 "the `video` column)")
+        for uri, fetch in pending.get("images", []):
+            images += decode_pages(fetch.result(), uri, max_pixels=image_cfg.max_pixels, pdf_dpi=image_cfg.pdf_dpi,
+                                   max_pages=cfg.max_images + 1)
+        for uri, fetch in pending.get("video", []):
+            images += sample_frames(fetch.result(), uri, fps=cfg.fps, max_frames=cfg.max_frames,
+                                    max_side=cfg.frame_max_side, max_pixels=image_cfg.max_pixels)
+        for uri, fetch in pending.get("audio", []):
+            audios.append(decode_audio(fetch.result(), uri, max_s=cfg.max_audio_s))
+        if len(images) > cfg.max_images:
+            raise InputError(f"id {row['id']}: the prompt has more than {cfg.max_images} images "
+                             "(prompt.max_images)")
+        if not instruction and not audios:
+            raise InputError(f"id {row['id']}: no prompt: the row has no `prompt` value and the job no "
+                             "--prompt, and no audio to ask the question")
+        modality = prompt_modality(len(images), len(audios))
+        if cfg.modalities is not None and modality not in cfg.modalities:
+            raise InputError(f"id {row['id']}: its media make a {modality} prompt, but the driver planned no "
+                             f"{modality} pool from the manifest (set the row's `kind` to what the file is)")
+        built = self.builder.prompt_item(images, audios, instruction)
+        duration = sum(len(a) for a in audios) / SAMPLE_RATE if audios else None
+        chunk = WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens)
+        self.counters.update(prompts=1, prompt_images=len(images), prompt_audios=len(audios))
+        return work_row(row["id"], "prompt", chunks=[chunk], language=row.get("language"), duration_s=duration,
+                        modality=modality)

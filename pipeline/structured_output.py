@@ -1,0 +1,70 @@
+"""CPU stage of `phi4mm prompt --schema`: each answer parsed and validated, its scalar properties typed.
+
+Generation was constrained to the schema (actors/grammar.py), so an answer normally parses; one that does
+not (its token budget ran out mid-object) or that the schema still refuses (what a grammar cannot
+express, e.g. `format` or `multipleOf`) becomes an error row with the validator's message, never an
+`ok` row with bad JSON.
+"""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from pipeline.stage import Cluster, Stage, StageContext, StageResources
+from schemas.config import JobConfig
+from schemas.structured import TYPED_PREFIX, typed_fields, typed_values
+from schemas.work_rows import set_column
+
+
+class StructuredAnswers(Stage):
+    """Fills `json` and the typed columns (`schema:<property>`) of ok prompt rows, or their `error`."""
+
+    reads = ("id", "task", "error", "text")
+    writes = ("json", "error")  # and TYPED_PREFIX + each typed property
+
+    def __init__(self, context: StageContext):
+        super().__init__(context)
+        from jsonschema.validators import validator_for
+
+        schema = self.config.prompt.json_schema
+        self.validator = validator_for(schema)(schema)
+        self.fields = typed_fields(schema)
+
+    @classmethod
+    def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
+        return StageResources(batch_size=None, num_cpus=0.25)  # one actor, whole blocks: parsing only
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        rows = batch.select(list(self.reads)).to_pylist()
+        answers, errors = [], []
+        typed = {f.name: [] for f in self.fields}
+        for row in rows:
+            answer, error = None, row["error"]
+            if row["task"] == "prompt" and error is None:
+                answer, error = self.check(row["id"], row["text"])
+            values = typed_values(answer, self.fields) if answer is not None else {}
+            for f in self.fields:
+                typed[f.name].append(values.get(f.name))
+            answers.append(json.dumps(answer, ensure_ascii=False, separators=(",", ":")) if answer is not None
+                           else None)
+            errors.append(error)
+            self.counters["schema_valid" if answer is not None else "schema_invalid"] += row["task"] == "prompt"
+        batch = set_column(batch, "error", errors)
+        batch = batch.append_column(pa.field("json", pa.string()), pa.array(answers, pa.string()))
+        for f in self.fields:
+            batch = batch.append_column(f.with_name(TYPED_PREFIX + f.name), pa.array(typed[f.name], f.type))
+        return batch
+
+    def check(self, row_id: str, text: str | None) -> tuple[object, str | None]:
+        """(the parsed answer, None) or (None, why it is not an answer under the schema)."""
+        try:
+            answer = json.loads(text or "")
+        except ValueError as exc:
+            return None, f"id {row_id}: the answer is not JSON ({exc}); raise --max-new-tokens if it was cut off"
+        error = next(iter(sorted(self.validator.iter_errors(answer), key=lambda e: list(e.path))), None)
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path)
+            return None, f"id {row_id}: the answer does not validate against the schema: {error.message}" + \
+                (f" (at {where})" if where else "")
+        return answer, None
