@@ -263,7 +263,7 @@ def rows_per_call(config: JobConfig, modality: str, on_gpu: bool = True) -> int:
     """Work rows per GPU call of a modality's pool, sized by what the rows carry.
 
     Speech: `rows_per_call` (512 rows of 30 s chunks, ~1 MB of features each) or, for the meetings job
-    whose rows hold whole recordings, `meeting_rows_per_call`. Vision: as many pages as the call's
+    whose rows are parts of recordings (up to 16 chunks each), `meeting_rows_per_call` (32). Vision: as many pages as the call's
     features budget `vision_call_bytes` holds at the largest a page can be (schemas/config.py), so a call
     of full-page scans stays within it whatever the pages; on a CPU replica at most
     `cpu_vision_rows_per_call`. Text prompts carry token ids only.

@@ -48,9 +48,9 @@ class BatchingConfig(_Strict):
     # work rows (recording x task, or page) per actor call; with decode_slots, what one GPU call holds
     # in flight (512: +10 % asr throughput over 256 on an H200, bench/RESULTS.md)
     rows_per_call: int = Field(512, ge=1)
-    # the same for the meetings job, whose work row carries all of a recording's chunks (an hour: ~120
-    # chunks of ~1 MB of features), so fewer rows make a call of the same size
-    meeting_rows_per_call: int = Field(16, ge=1)
+    # the same for the meetings job, whose work row is one part of a recording (up to audio.part_chunks,
+    # 16, chunks of ~1 MB of features each), so 32 rows make a call of ~512 chunks like rows_per_call's
+    meeting_rows_per_call: int = Field(32, ge=1)
     # prepared image features one vision call may carry (the vision pool's calls are sized by bytes, not
     # by `rows_per_call`, which is tuned for 30 s audio chunks of ~1 MB each): rows per vision call = this
     # / the most one page's features can take under `image.dynamic_hd` ((dynamic_hd + 1) crops of
