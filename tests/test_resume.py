@@ -197,7 +197,7 @@ def test_killed_run_resumes_to_every_row_once(tiny_model, tmp_path):
             started = deadline = None
             limit = time.monotonic() + 90
             while time.monotonic() < limit and proc.poll() is None:
-                if started is None and "Starting execution of Dataset" in log_path.read_text(errors="replace"):
+                if started is None and "phi4mm: progress" in log_path.read_text(errors="replace"):
                     started = time.monotonic()
                     deadline = started + 3.0
                 if _parquet_files(out) or (deadline is not None and time.monotonic() >= deadline):

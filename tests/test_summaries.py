@@ -56,9 +56,9 @@ def test_a_long_transcript_is_summarised_in_sections_within_the_window(tiny_mode
     seen: list[int] = []
     generate = stage.engine.generate
 
-    def spy(items, keys, max_new, min_new=0):
+    def spy(items, keys, max_new, *rest):
         seen.extend(len(it["input_ids"]) + m for it, m in zip(items, max_new))
-        return generate(items, keys, max_new, min_new)
+        return generate(items, keys, max_new, *rest)
 
     stage.engine.generate = spy
     out = {r["id"]: r for r in stage(prepared).to_pylist() if r["task"] == "summarize"}
