@@ -110,10 +110,8 @@ def write_results(ds, output: str, run_id: str, filesystem=None, uri: str | None
     local = filesystem is None or isinstance(filesystem, pafs.LocalFileSystem) or \
         (isinstance(filesystem, pafs.PyFileSystem) and isinstance(filesystem.handler, SlowWrites))
     try:
-        # a quarter CPU per write task (they wait on I/O): with a whole CPU each, a small machine whose
-        # actors hold all but a fraction of its CPUs wrote nothing until the decoding pool finished
         ds.write_parquet(output, partition_cols=["task"], filename_provider=RunFilenames(run_id),
-                         filesystem=filesystem, try_create_dir=local, ray_remote_args={"num_cpus": 0.25})
+                         filesystem=filesystem, try_create_dir=local)
     except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised as it is
         cause = io_cause(exc)
         if cause is None:
