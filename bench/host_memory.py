@@ -10,9 +10,9 @@ import os
 import threading
 
 
-def _parents() -> dict[int, int]:
-    """pid -> parent pid of every process still readable."""
-    out = {}
+def proc_stats():
+    """(pid, the fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, ...) of
+    every process still readable."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -21,8 +21,12 @@ def _parents() -> dict[int, int]:
                 stat = f.read()
         except OSError:
             continue
-        out[int(entry)] = int(stat[stat.rfind(")") + 2:].split()[1])
-    return out
+        yield int(entry), stat[stat.rfind(")") + 2:].split()
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process still readable."""
+    return {pid: int(fields[1]) for pid, fields in proc_stats()}
 
 
 def tree_pss_bytes(root_pid: int) -> int:

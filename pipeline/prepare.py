@@ -99,16 +99,7 @@ class PrepareWork(Stage):
         fetches = [self.start_load(row) for row in rows]
         for i, row in enumerate(rows):
             self.measured = {}
-            try:
-                made = self.prepare_row(row, fetches[i])
-            except InputError as exc:
-                made = self.error_rows(row, str(exc))
-                self.counters["bad_inputs"] += 1
-            except Exception as exc:  # noqa: BLE001 - a row never takes the job down
-                log.exception("preparing %s failed", row.get("id"))
-                made = self.error_rows(row, f"{self.name(row)}: could not be prepared "
-                                             f"({type(exc).__name__}: {exc})")
-                self.counters["bad_inputs"] += 1
+            made = self.rows_or_errors(row, lambda: self.prepare_row(row, fetches[i]))
             made += self.bad_value_rows(row)
             out_rows.extend(made)
             source_rows.extend([i] * len(made))
@@ -128,6 +119,19 @@ class PrepareWork(Stage):
             yield table.slice(k, 1)
 
     # -- per row ---------------------------------------------------------------------------------
+    def rows_or_errors(self, row: dict, make) -> list[dict]:
+        """`make()`'s work rows, or the row's error rows when it fails: a bad input is its own message,
+        anything else is logged and named; a row never takes the job down."""
+        try:
+            return make()
+        except InputError as exc:
+            self.counters["bad_inputs"] += 1
+            return self.error_rows(row, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a row never takes the job down
+            log.exception("preparing %s failed", row.get("id"))
+            self.counters["bad_inputs"] += 1
+            return self.error_rows(row, f"{self.name(row)}: could not be prepared ({type(exc).__name__}: {exc})")
+
     @staticmethod
     def name(row: dict) -> str:
         return row.get("uri") or f"id {row['id']}"

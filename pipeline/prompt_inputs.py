@@ -95,17 +95,7 @@ class PreparePrompts(PrepareWork):
         rows = batch.to_pylist()
         fetches = [self.start_media(row) for row in rows]  # every medium of every row, side by side
         for row, pending in zip(rows, fetches):
-            try:
-                made = [self.prompt_row(row, pending)]
-            except InputError as exc:
-                made = self.error_rows(row, str(exc))
-                self.counters["bad_inputs"] += 1
-            except Exception as exc:  # noqa: BLE001 - a row never takes the job down
-                log.exception("preparing %s failed", row.get("id"))
-                made = self.error_rows(row, f"{self.name(row)}: could not be prepared "
-                                             f"({type(exc).__name__}: {exc})")
-                self.counters["bad_inputs"] += 1
-            out_rows.extend(made)
+            out_rows.extend(self.rows_or_errors(row, lambda: [self.prompt_row(row, pending)]))
         keep = passthrough_columns(batch.schema)
         return work_table(out_rows, batch.select(keep) if keep else None)
 

@@ -15,7 +15,7 @@ from PIL import Image
 import pyarrow.dataset as pads
 import pytest
 
-from bench.host_memory import PeakMemory, tree_pss_bytes  # noqa: F401 - the tests' memory probes
+from bench.host_memory import PeakMemory, proc_stats, tree_pss_bytes  # noqa: F401 - the tests' process probes
 
 pytest_plugins = ["tests.s3server"]
 
@@ -62,20 +62,6 @@ def run_job(ray_session, tiny_model):
         return main([job, str(manifest), str(output), "--model", model or tiny_model, *args])
 
     return run
-
-
-def proc_stats():
-    """(pid, the fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, ...) of
-    every process still readable."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        yield int(entry), stat[stat.rfind(")") + 2:].split()
 
 
 def job_subprocess_env(prefix: str) -> tuple[dict, str]:
