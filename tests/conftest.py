@@ -74,6 +74,38 @@ def job_subprocess_env(prefix: str) -> tuple[dict, str]:
     return env, ray_tmp
 
 
+@pytest.fixture
+def run_job_alone(tiny_model, tmp_path):
+    """Run `phi4mm <job> ...` as a user does: a command of its own that starts its own local Ray, in a
+    session of its own, its memory (PSS of every process of that session: driver, gcs, raylet, object
+    store, workers) sampled while it runs. Returns (exit code, peak PSS in bytes, the console's text).
+    Measuring a job inside the test session would count this pytest process and the session Ray's idle
+    workers, which grow with the tests run before it. The peak's largest processes are printed."""
+    import subprocess
+    import sys
+
+    def run(job: str, manifest, output, *args: str, timeout_s: float = 900) -> tuple[int, int, str]:
+        env, ray_tmp = job_subprocess_env("rm")
+        log = tmp_path / f"{job}.log"
+        try:
+            with open(log, "w") as f:
+                proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", job, str(manifest), str(output),
+                                         "--model", tiny_model, *args], cwd=tmp_path, env=env, stdout=f,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+                try:
+                    with PeakMemory(session=proc.pid) as memory:
+                        proc.wait(timeout=timeout_s)
+                finally:
+                    kill_session(proc.pid)
+                    proc.wait(timeout=10)
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+        print(f"{job}: peak PSS {memory.peak / 1e9:.2f} GB; at the peak: {memory.breakdown()}")
+        return proc.returncode, memory.peak, log.read_text()
+
+    return run
+
+
 def run_concurrently(fn, n: int = 2) -> tuple[list, list[BaseException]]:
     """Call `fn()` from `n` threads at once: (its results, the exceptions raised)."""
     import threading
