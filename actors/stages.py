@@ -16,10 +16,12 @@ import pyarrow.compute as pc
 from actors.engine import Phi4MMEngine
 from pipeline.model_inputs import InputBuilder, max_page_feature_bytes
 from pipeline.model_source import local_model_dir
-from pipeline.prompts import combine_pieces
+from pipeline.prompts import (combine_notes_pieces, combine_pieces, extract_from_notes_pieces, prompt_system_message,
+                             schema_fields)
 from pipeline.stage import Cluster, Stage, StageContext, StageResources
-from pipeline.summaries import fitted, split_in_sections
+from pipeline.from_transcripts import fitted, split_in_sections
 from schemas.config import JobConfig
+from schemas.tasks import STRUCTURED_TASKS
 from schemas.work_rows import BatchKey, decode_item, set_column
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ class ModelStage(Stage):
         super().__init__(context)
         self.engine = Phi4MMEngine(local_model_dir(self.config), self.modality, self.config.model,
                                    self.config.batching, random_weights=self.config.benchmark.random_weights)
-        self.prompt_grammar = prompt_grammar(self.config)
+        self.answer_grammar = answer_grammar(self.config)
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
@@ -117,8 +119,8 @@ class ModelStage(Stage):
         if per_30s:  # benchmarks: tokens in proportion to the audio (its bucket: one budget per batch key)
             max_new = [max(1, -(-per_30s * k.size // 3000)) if k.kind == "audio" else m for k, m in zip(keys, max_new)]
             min_new = max(max_new, default=0)
-        grammars = [self.prompt_grammar if tasks[i] == "prompt" else None for i, _ in todo] \
-            if self.prompt_grammar else None
+        grammars = [self.answer_grammar if constrained(tasks[i], len(inputs[i])) else None for i, _ in todo] \
+            if self.answer_grammar else None
         gens = self.engine.generate([decode_item(inputs[i][j]) for i, j in todo], keys, max_new, min_new, grammars)
         for (i, j), gen in zip(todo, gens):
             if isinstance(gen, Exception):
@@ -148,16 +150,24 @@ def chunk_inputs_of(batch: pa.Table, mine: set[int]) -> list[list]:
     return out
 
 
-def prompt_grammar(config: JobConfig) -> str | None:
-    """The llguidance grammar of the prompt job's --schema (bounded: schemas/structured.py), or None."""
-    schema = config.prompt.json_schema
+def answer_grammar(config: JobConfig) -> str | None:
+    """The llguidance grammar of the run's JSON Schema (the prompt job's --schema, or --extract; bounded:
+    schemas/structured.py), or None."""
+    schema = config.output_schema
     if schema is None:
         return None
     from actors.grammar import json_schema_grammar
     from schemas.structured import generation_schema
 
-    return json_schema_grammar(generation_schema(schema, config.prompt.max_string_chars,
-                                                 config.prompt.max_array_items))
+    return json_schema_grammar(generation_schema(schema, *config.output_bounds))
+
+
+def constrained(task: str, chunks: int) -> bool:
+    """Whether a chunk of a row of `task` (with `chunks` chunks) is generated under the answer grammar:
+    prompt answers; an extract row's one chunk (its extraction prompt over the whole transcript). The
+    several chunks of a long transcript's extract row are notes on its sections, answered freely; the
+    answer is extracted from them after (TextStage)."""
+    return task in STRUCTURED_TASKS and (task == "prompt" or chunks == 1)
 
 
 class SpeechStage(ModelStage):
@@ -169,9 +179,11 @@ class VisionStage(ModelStage):
 
 
 class TextStage(ModelStage):
-    """Summaries from transcripts. A summary row with several chunks (the sections of a transcript too
-    long for one window, pipeline/summaries.py) has its section summaries combined here, in rounds that
-    each fit the window, until one summary is left; the row then holds that one as its only chunk."""
+    """Summaries and extractions from transcripts. A row with several chunks (the sections of a transcript
+    too long for one window, pipeline/from_transcripts.py) has its sections' answers combined here, in
+    rounds that each fit the window: a summary's until one summary is left; an extraction's notes until
+    the extraction prompt over them fits, and then the fields are extracted from them under the schema's
+    grammar. The row then holds that one answer as its only chunk."""
 
     modality = "text"
     writes = ModelStage.writes + ("chunk_input_tokens", "chunk_start_s", "chunk_end_s", "chunk_speaker",
@@ -180,20 +192,34 @@ class TextStage(ModelStage):
     def __init__(self, context: StageContext):
         super().__init__(context)
         self.builder = InputBuilder(local_model_dir(self.config, processor_only=True), self.config.system_prompt)
-        self.max_new = self.config.generation.max_new_tokens.get("summarize", 512)
+        limits = self.config.generation.max_new_tokens
+        self.max_new = {"summarize": limits.get("summarize", 512), "extract": limits.get("extract", 512)}
+        schema = self.config.extract.json_schema
+        self.extract_system = prompt_system_message(self.config.system_prompt, schema) if schema else None
+        self.fields = schema_fields(schema) if schema else ""
         self._label_tokens: int | None = None
 
     def process(self, batch: pa.Table) -> pa.Table:
         return self.combine_sections(super().process(batch))
 
+    def combine_pieces(self, task: str, parts: list[list[int]]) -> list:
+        return combine_pieces(parts) if task == "summarize" else combine_notes_pieces(parts, self.fields)
+
+    def extraction(self, notes: list[list[int]]):
+        """The extraction prompt over a long transcript's notes (the schema in its system message)."""
+        return self.builder.text_pieces(extract_from_notes_pieces(notes, self.config.extract.instruction),
+                                        self.extract_system)
+
     def combine_sections(self, batch: pa.Table) -> pa.Table:
-        rows = batch.select(["modality", "error", "chunk_text", "chunk_error", "chunk_input_tokens",
+        rows = batch.select(["task", "modality", "error", "chunk_text", "chunk_error", "chunk_input_tokens",
                              "chunk_output_tokens", "chunk_output_ids", "chunk_latency_s"]).to_pylist()
         todo = {i: r for i, r in enumerate(rows) if r["modality"] == "text" and r["error"] is None
-                and len(r["chunk_text"]) > 1 and not any(r["chunk_error"]) and None not in r["chunk_text"]}
+                and r["task"] in self.max_new and len(r["chunk_text"]) > 1 and not any(r["chunk_error"])
+                and None not in r["chunk_text"]}
         if not todo:
             return batch
-        # each summary as the ids generated for it (pipeline/model_inputs.py: text_pieces), so a round's
+        tasks = {i: r["task"] for i, r in todo.items()}
+        # each answer as the ids generated for it (pipeline/model_inputs.py: text_pieces), so a round's
         # prompt length is known without tokenising anything, and its text for the last one
         summaries = {i: [self.builder.prompt_ids(ids) for ids in r["chunk_output_ids"]] for i, r in todo.items()}
         texts = {i: list(r["chunk_text"]) for i, r in todo.items()}
@@ -201,33 +227,26 @@ class TextStage(ModelStage):
                   for i, r in todo.items()}
         failed: dict[int, str] = {}
         ids = batch["id"].to_pylist()
-        overhead = self.builder.text_pieces(combine_pieces([])).input_tokens
-        limit = self.config.summary.window_tokens - self.max_new  # prompt tokens one call may hold
-        budget = limit - overhead
-        while pending := [i for i in summaries if len(summaries[i]) > 1 and i not in failed]:
-            work = []  # (row, items of this round)
-            for i in pending:
-                parts = summaries[i]
-                counts = [len(p) + self.part_label_tokens for p in parts]
-                stuck = (f"{ids[i]}: the section summaries cannot be combined within the summary window of "
-                         f"{self.config.summary.window_tokens} tokens: raise --summary-window")
-                try:
-                    groups = fitted(split_in_sections(parts, counts, budget, lambda p, n: [p]),
-                                    lambda g: self.builder.text_pieces(combine_pieces(g)), limit)
-                except ValueError:
-                    groups = []
-                if not groups or len(groups) == len(parts):  # combining would not converge
-                    failed[i] = stuck
-                    continue
-                work += [(i, built) for _, built in groups]
+        window = self.config.summary.window_tokens
+        limit = {task: window - n for task, n in self.max_new.items()}  # prompt tokens one call may hold
+
+        def needs_round(i: int) -> bool:
+            if tasks[i] == "summarize":
+                return len(summaries[i]) > 1
+            return self.extraction(summaries[i]).input_tokens > limit["extract"]
+
+        def run(work: list, grammar: str | None = None, what: str = "combining the section answers") -> None:
+            """Generate for (row, built prompt) pairs; each row's answers replace its parts."""
+            if not work:
+                return
             gens = self.engine.generate([b.inputs for _, b in work], [b.batch_key for _, b in work],
-                                        [self.max_new] * len(work), self.config.benchmark.min_new_tokens)
+                                        [self.max_new[tasks[i]] for i, _ in work], self.config.benchmark.min_new_tokens,
+                                        [grammar] * len(work) if grammar else None)
             self.counters["combine_items"] += len(work)
             fresh: dict[int, list[tuple[list[int], str]]] = {}
             for (i, built), gen in zip(work, gens):
                 if isinstance(gen, Exception):
-                    failed.setdefault(i, f"{ids[i]}: combining the section summaries failed "
-                                         f"({type(gen).__name__}: {gen})")
+                    failed.setdefault(i, f"{ids[i]}: {what} failed ({type(gen).__name__}: {gen})")
                     continue
                 fresh.setdefault(i, []).append((self.builder.prompt_ids(gen.token_ids), gen.text))
                 totals[i][0] += built.input_tokens
@@ -236,6 +255,28 @@ class TextStage(ModelStage):
             for i, made in fresh.items():
                 if i not in failed:
                     summaries[i], texts[i] = [p for p, _ in made], [t for _, t in made]
+
+        while pending := [i for i in summaries if i not in failed and needs_round(i)]:
+            work = []  # (row, items of this round)
+            for i in pending:
+                task, parts = tasks[i], summaries[i]
+                overhead = self.builder.text_pieces(self.combine_pieces(task, [])).input_tokens
+                counts = [len(p) + self.part_label_tokens for p in parts]
+                stuck = (f"{ids[i]}: the section {'summaries' if task == 'summarize' else 'notes'} cannot be "
+                         f"combined within the summary window of {window} tokens: raise --summary-window")
+                try:
+                    groups = fitted(split_in_sections(parts, counts, limit[task] - overhead, lambda p, n: [p]),
+                                    lambda g: self.builder.text_pieces(self.combine_pieces(task, g)), limit[task])
+                except ValueError:
+                    groups = []
+                if not groups or len(groups) == len(parts):  # combining would not converge
+                    failed[i] = stuck
+                    continue
+                work += [(i, built) for _, built in groups]
+            run(work)
+        # the extractions: their notes fit one prompt now; the answer follows the schema
+        run([(i, self.extraction(summaries[i])) for i in summaries if tasks[i] == "extract" and i not in failed],
+            self.answer_grammar, "extracting the fields from the section notes")
         columns = {name: batch[name].to_pylist() for name in self.writes}
         for i in todo:
             final = texts[i][0] if i not in failed else None

@@ -69,7 +69,7 @@ def main(argv=None):
     if args.tiny:
         args.items, args.slots, args.tokens, args.max_new, args.distinct = 6, 4, 700, 400, 3
     from actors.engine import Phi4MMEngine
-    from actors.stages import prompt_grammar
+    from actors.stages import answer_grammar
     from bench.real_model import bench_model
     from pipeline.model_inputs import InputBuilder
     from pipeline.prompts import prompt_system_message
@@ -81,7 +81,7 @@ def main(argv=None):
     base = bench_model(ckpt, args.tiny)
     config = JobConfig(job="prompt", input="-", output="-", model={"source": ckpt},
                        prompt={"json_schema": EXTRACT_SCHEMA, "max_string_chars": 120})
-    grammar = prompt_grammar(config)
+    grammar = answer_grammar(config)
     builder = InputBuilder(ckpt, prompt_system_message(None, EXTRACT_SCHEMA))
     built = transcripts(builder, args.tokens, args.distinct, np.random.default_rng(0))
     items = [built[i % len(built)] for i in range(args.items)]

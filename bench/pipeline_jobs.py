@@ -98,7 +98,7 @@ def summary_of(record: dict, peak_mib: float | None) -> dict:
               for k in ("engine_prefill_s", "engine_decode_s", "engine_oom_fallbacks", "engine_caches_built")}
     stages = {s["stage"].split("(")[-1].rstrip(")"): s["wall_s"] for s in record.get("stages", [])}
     return {"counts": record["counts"], "peak_gpu_mib": peak_mib, **engine,
-            "summary_sections": counters.get("PrepareSummaries", {}).get("summary_sections"),
+            "summary_sections": counters.get("PrepareFromTranscripts", {}).get("summary_sections"),
             "stage_wall_s": stages}
 
 

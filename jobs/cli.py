@@ -90,6 +90,13 @@ def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
                                  "summarised in sections, then the section summaries combined")
         parser.add_argument("--summarize-from-audio", action="store_true",
                             help="summarise recordings up to 30 min from the audio itself, not the transcript")
+        parser.add_argument("--extract", default=None, metavar="SCHEMA.json",
+                            help="JSON Schema (an object) of fields to read from each whole transcript: a "
+                                 "task=extract row per recording, its `json` column and a typed column per "
+                                 "top-level scalar property")
+        parser.add_argument("--extract-prompt", default=None, metavar="TEXT",
+                            help="what --extract asks for, before the transcript (default: fill in the "
+                                 "schema's fields from what was said)")
     if job == "prompt":
         add_prompt_arguments(parser)
     if job in ("ocr", "prompt"):
@@ -132,6 +139,11 @@ def config_from_args(job: str, args: argparse.Namespace) -> JobConfig:
             _nested(data, "audio", "split_channels", True)
         _nested(data, "audio", "max_chunk_s", args.max_chunk_s)
         _nested(data, "summary", "window_tokens", args.summary_window)
+        if args.extract:
+            _nested(data, "extract", "json_schema", load_json_file(args.extract, "--extract"))
+        elif args.extract_prompt:
+            raise ConfigFileError("--extract-prompt needs --extract SCHEMA.json")
+        _nested(data, "extract", "instruction", args.extract_prompt)
     if job in ("ocr", "prompt"):
         _nested(data, "image", "dynamic_hd", args.dynamic_hd)
         _nested(data, "image", "pdf_dpi", args.pdf_dpi)

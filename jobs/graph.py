@@ -2,13 +2,14 @@
 
     PrepareWork (CPU) [-> BuildChunkInputs (CPU)] -> SpeechStage / VisionStage (GPU pools)
         [-> RegroupParts] -> AssembleChunks
-        [-> PrepareSummaries (CPU) -> TextStage (GPU pool) -> AssembleChunks] -> ResultRows -> Parquet
+        [-> PrepareFromTranscripts (CPU) -> TextStage (GPU pool) -> AssembleChunks [-> StructuredAnswers]]
+        -> ResultRows -> Parquet
 
 The graph lives here, above both sides, because it is the one place that joins the CPU stages
 (`pipeline/`) and the GPU stages (`actors/`); neither side imports the other's stages. Each stage
 declares its resources and the work-row columns it reads and writes; only the actor stages touch a
 GPU; every stage passes rows it does not own through, so the row count only changes where a stage says
-so (one row per output key and page, +1 summary per recording). A work row carries its chunks (a long
+so (one row per output key and page, +1 summary and +1 extraction per recording). A work row carries its chunks (a long
 recording's row travels in parts that RegroupParts joins after the GPU: pipeline/parts.py), so there is
 no shuffle: rows stream to Parquet as they finish, and a run that dies half way has written what it
 finished (which --resume then skips).
@@ -27,9 +28,9 @@ from pipeline.result_rows import ResultRows
 from pipeline.structured_output import StructuredAnswers
 from pipeline.tool_calls import ToolCalls
 from pipeline.stage import Cluster, Stage, StageContext
-from pipeline.summaries import PrepareSummaries
+from pipeline.from_transcripts import PrepareFromTranscripts
 from schemas.config import JobConfig
-from schemas.tasks import MODALITY_FOR_TASK, PROMPT_MODALITIES
+from schemas.tasks import DERIVED_FROM, MODALITY_FOR_TASK, PROMPT_MODALITIES
 
 
 def prompt_stages_of(config: JobConfig) -> list[type[ModelStage]]:
@@ -50,13 +51,18 @@ def gpu_stages_of(config: JobConfig) -> list[type[ModelStage]]:
     """Every GPU stage of the job: the media stages, then summaries (after assembly)."""
     if config.job == "prompt":
         return prompt_stages_of(config)
-    return media_stages_of(config) + ([TextStage] if "summarize" in config.tasks else [])
+    return media_stages_of(config) + ([TextStage] if from_transcripts(config) else [])
+
+
+def from_transcripts(config: JobConfig) -> bool:
+    """Whether the run makes rows from whole transcripts (summaries, --extract) for the text pool."""
+    return any(DERIVED_FROM.get(task) == "asr" for task in config.tasks)
 
 
 def stages_of(config: JobConfig) -> list[type[Stage]]:
     """The job's graph, in order."""
     if config.job == "prompt":  # PreparePrompts -> speech / vision / text pools -> AssembleChunks -> ResultRows
-        structured = ([StructuredAnswers] if config.prompt.json_schema else []) + \
+        structured = ([StructuredAnswers] if config.structured_task else []) + \
             ([ToolCalls] if config.prompt.tools else [])
         return [PreparePrompts, *prompt_stages_of(config), AssembleChunks, *structured, ResultRows]
     media = media_stages_of(config)
@@ -65,8 +71,10 @@ def stages_of(config: JobConfig) -> list[type[Stage]]:
     speech = any(stage.modality == "speech" for stage in media)
     stages: list[type[Stage]] = [PrepareWork, *([BuildChunkInputs] if speech else []), *media,
                                  *([RegroupParts] if speech else []), AssembleChunks]
-    if "summarize" in config.tasks:
-        stages += [PrepareSummaries, TextStage, AssembleChunks]
+    if from_transcripts(config):
+        stages += [PrepareFromTranscripts, TextStage, AssembleChunks]
+    if config.structured_task == "extract":
+        stages.append(StructuredAnswers)
     return stages + [ResultRows]
 
 

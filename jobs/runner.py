@@ -90,7 +90,7 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
                               cache_dir=config.model.cache_dir, options=storage, processor_only=True)
     _check_processor(model_dir)
     _report_bad_values(manifest, config)
-    clash = sorted({f.name for f in typed_fields(config.prompt.json_schema)} & set(manifest.column_names))
+    clash = sorted({f.name for f in typed_fields(config.output_schema)} & set(manifest.column_names))
     if clash:
         raise ManifestError(f"manifest column(s) {clash} have the names of --schema properties (typed result "
                             "columns); rename the columns or the properties")

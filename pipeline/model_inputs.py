@@ -58,9 +58,11 @@ class InputBuilder:
         self._added_ids: frozenset[int] | None = None
         self.audio_bucket_frames = max(1, int(round(audio_bucket_s * FEATURE_FRAMES_PER_S)))
 
-    def prompt(self, instruction: str, media: str | None) -> str:
+    def prompt(self, instruction: str, media: str | None, system_prompt: str | None = None) -> str:
+        """The chat prompt; `system_prompt` (when given) instead of the builder's own system message."""
         return self.processor.apply_chat_template(
-            chat_messages(instruction, media, self.system_prompt), add_generation_prompt=True, tokenize=False)
+            chat_messages(instruction, media, system_prompt or self.system_prompt), add_generation_prompt=True,
+            tokenize=False)
 
     def _run(self, prompt: str, **media) -> dict[str, np.ndarray]:
         out = self.processor(text=[prompt], return_tensors="pt", **media)
@@ -88,12 +90,13 @@ class InputBuilder:
         inputs.pop("attention_mask", None)
         return BuiltItem(inputs, BatchKey("text", 0), int(inputs["input_ids"].shape[0]))
 
-    def text_pieces(self, pieces: list[str | list[int]]) -> BuiltItem:
+    def text_pieces(self, pieces: list[str | list[int]], system_prompt: str | None = None) -> BuiltItem:
         """A text prompt whose instruction is `pieces` in order: strings are tokenised, lists of token
         ids (text the model generated, `prompt_ids`) go in as they are, never decoded and tokenised
         again. Summaries of transcripts use it: a transcript is the ids the speech pool generated, so
-        its length in the prompt is what was generated, and the long texts are never re-tokenised."""
-        prompt = self.prompt(_HOLE, None)
+        its length in the prompt is what was generated, and the long texts are never re-tokenised.
+        `system_prompt`: this prompt's system message instead of the builder's (--extract's schema)."""
+        prompt = self.prompt(_HOLE, None, system_prompt)
         before, after = prompt.split(_HOLE)
         ids = self.token_ids(before)
         for piece in pieces:

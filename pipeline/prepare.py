@@ -22,7 +22,7 @@ from pipeline.prompts import task_instruction
 from pipeline.segment import SpeechSegmenter
 from pipeline.stage import Cluster, Stage, StageContext, StageResources, one_thread_per_worker
 from pipeline.storage import StorageOptions
-from pipeline.summaries import summary_from_audio
+from pipeline.from_transcripts import summary_from_audio
 from schemas.config import JobConfig
 from schemas.manifest import passthrough_columns
 from schemas.languages import is_known_language, unknown_language_message
@@ -228,7 +228,7 @@ class PrepareWork(Stage):
 
     def audio_summary_rows(self, row: dict, channels: list, duration: float) -> list[dict]:
         """With `summarize_from_audio`, a recording short enough is summarised from its audio in one
-        prompt (the speech pool); longer ones fall back to the transcript (PrepareSummaries)."""
+        prompt (the speech pool); longer ones fall back to the transcript (PrepareFromTranscripts)."""
         if not summary_from_audio(self.config, duration):
             return []
         audio = channels[0] if len(channels) == 1 else sum(channels) / len(channels)

@@ -21,6 +21,18 @@ COMBINE_SUMMARIES_PROMPT = ("These are summaries of consecutive parts of one rec
                             "them into one summary of the whole conversation: the topics, decisions and "
                             "action items.\n\n{summaries}")
 
+# --extract (transcribe, meetings): the schema's fields from a whole transcript; the schema itself goes in
+# the system message (SCHEMA_INSTRUCTION), and the answer is constrained to it
+EXTRACT_TRANSCRIPT_PROMPT = ("Fill in the fields of the JSON Schema from what was said in this recorded "
+                             "conversation.")
+# a transcript too long for one window: notes on the fields from each section, then the fields from the notes
+EXTRACT_SECTION_PROMPT = ("Part {part} of {parts} of the transcript of a recorded conversation follows. Write "
+                          "down, briefly, everything in it that bears on these fields: {fields}.\n\n{transcript}")
+COMBINE_NOTES_PROMPT = ("These are notes on consecutive parts of one recorded conversation, about these "
+                        "fields: {fields}. Combine them into one set of notes on the whole conversation.\n\n{summaries}")
+EXTRACT_FROM_NOTES_PROMPT = ("{instruction}\n\nThe conversation was too long to read at once; these are notes on "
+                             "its consecutive parts.\n\n{summaries}")
+
 
 # Summary prompts as pieces (pipeline/model_inputs.py: InputBuilder.text_pieces): the wording's text around
 # the transcript or the summaries, which go in as the token ids the model generated
@@ -44,12 +56,39 @@ def section_pieces(transcript: Pieces, part: int, parts: int) -> Pieces:
 
 def combine_pieces(summaries: list[list[int]]) -> Pieces:
     """The combining prompt: "Part 1: <ids>\\n\\nPart 2: <ids>..." inside COMBINE_SUMMARIES_PROMPT."""
-    before, after = _around(COMBINE_SUMMARIES_PROMPT, "summaries")
+    return _numbered(*_around(COMBINE_SUMMARIES_PROMPT, "summaries"), summaries)
+
+
+
+def extract_pieces(transcript: Pieces, instruction: str | None = None) -> Pieces:
+    """The direct extraction prompt: the instruction, then the transcript."""
+    return [(instruction or EXTRACT_TRANSCRIPT_PROMPT) + "\n\nThe transcript:\n\n", *transcript]
+
+
+def extract_section_pieces(transcript: Pieces, part: int, parts: int, fields: str) -> Pieces:
+    before, after = _around(EXTRACT_SECTION_PROMPT, "transcript", part=part, parts=parts, fields=fields)
+    return [before, *transcript, after]
+
+
+def _numbered(before: str, after: str, texts: list[list[int]]) -> Pieces:
     pieces: Pieces = [before]
-    for k, ids in enumerate(summaries, start=1):
+    for k, ids in enumerate(texts, start=1):
         pieces += [("\n\n" if k > 1 else "") + f"Part {k}: ", ids]
     return pieces + [after]
 
+
+def combine_notes_pieces(notes: list[list[int]], fields: str) -> Pieces:
+    return _numbered(*_around(COMBINE_NOTES_PROMPT, "summaries", fields=fields), notes)
+
+
+def extract_from_notes_pieces(notes: list[list[int]], instruction: str | None = None) -> Pieces:
+    return _numbered(*_around(EXTRACT_FROM_NOTES_PROMPT, "summaries",
+                              instruction=instruction or EXTRACT_TRANSCRIPT_PROMPT), notes)
+
+
+def schema_fields(json_schema: dict) -> str:
+    """The schema's top-level property names, for the notes prompts ("reason, resolved, mood")."""
+    return ", ".join(json_schema.get("properties") or {}) or "the fields of the schema"
 
 def task_instruction(task: str, target_language: str | None = None, transcript: str | None = None,
                      from_audio: bool = False) -> str:

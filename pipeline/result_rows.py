@@ -27,8 +27,8 @@ class ResultRows(Stage):
         provenance = context.model_provenance or {}
         self.model_layout = provenance.get("layout")
         self.model_weights_sha = provenance.get("weights_sha")
-        self.typed = {f.name for f in typed_fields(self.config.prompt.json_schema)}
-        self.schema = result_schema(context.passthrough_schema, typed_fields(self.config.prompt.json_schema))
+        self.typed = {f.name for f in typed_fields(self.config.output_schema)}
+        self.schema = result_schema(context.passthrough_schema, typed_fields(self.config.output_schema))
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:

@@ -1,4 +1,5 @@
-"""CPU stage of `phi4mm prompt --schema`: each answer parsed and validated, its scalar properties typed.
+"""CPU stage of `phi4mm prompt --schema` and `--extract`: each answer parsed and validated, its scalar
+properties typed.
 
 Generation was constrained to the schema (actors/grammar.py), so an answer normally parses; one that does
 not (its token budget ran out mid-object) or that the schema still refuses (what a grammar cannot
@@ -18,7 +19,8 @@ from schemas.work_rows import set_column
 
 
 class StructuredAnswers(Stage):
-    """Fills `json` and the typed columns (`schema:<property>`) of ok prompt rows, or their `error`."""
+    """Fills `json` and the typed columns (`schema:<property>`) of the ok rows of the run's structured task
+    (`prompt` with --schema, `extract`), or their `error`; other rows pass through with nulls there."""
 
     reads = ("id", "task", "error", "text")
     writes = ("json", "error")  # and TYPED_PREFIX + each typed property
@@ -27,7 +29,8 @@ class StructuredAnswers(Stage):
         super().__init__(context)
         from jsonschema.validators import validator_for
 
-        schema = self.config.prompt.json_schema
+        schema = self.config.output_schema
+        self.task = self.config.structured_task
         self.validator = validator_for(schema)(schema)
         self.fields = typed_fields(schema)
 
@@ -41,7 +44,7 @@ class StructuredAnswers(Stage):
         typed = {f.name: [] for f in self.fields}
         for row in rows:
             answer, error = None, row["error"]
-            if row["task"] == "prompt" and error is None:
+            if row["task"] == self.task and error is None:
                 answer, error = self.check(row["id"], row["text"])
             values = typed_values(answer, self.fields) if answer is not None else {}
             for f in self.fields:
@@ -49,7 +52,7 @@ class StructuredAnswers(Stage):
             answers.append(json.dumps(answer, ensure_ascii=False, separators=(",", ":")) if answer is not None
                            else None)
             errors.append(error)
-            self.counters["schema_valid" if answer is not None else "schema_invalid"] += row["task"] == "prompt"
+            self.counters["schema_valid" if answer is not None else "schema_invalid"] += row["task"] == self.task
         batch = set_column(batch, "error", errors)
         batch = batch.append_column(pa.field("json", pa.string()), pa.array(answers, pa.string()))
         for f in self.fields:

@@ -40,7 +40,7 @@ class ModelConfig(_Strict):
 class GenerationConfig(_Strict):
     """Greedy decoding limits per task (the model card decodes greedily)."""
     max_new_tokens: dict[str, int] = Field(default_factory=lambda: {
-        "asr": 256, "translate": 320, "ocr": 1024, "summarize": 512, "prompt": 512})
+        "asr": 256, "translate": 320, "ocr": 1024, "summarize": 512, "extract": 512, "prompt": 512})
 
 
 class BatchingConfig(_Strict):
@@ -156,6 +156,33 @@ class PromptConfig(_Strict):
             raise ValueError(f"--schema: {exc}") from None
 
 
+class ExtractConfig(_Strict):
+    """`transcribe` / `meetings --extract SCHEMA.json`: an `extract` row per recording, the schema's fields
+    read from its whole transcript by the text pool, generation constrained to the schema, the answer in
+    `json` and each top-level scalar property in a typed column (schemas/structured.py). A transcript
+    longer than `summary.window_tokens` is read in sections (notes on the fields per section, combined
+    like summaries), then the fields are extracted from the notes."""
+    # the JSON Schema (an object at the top) of what to extract; None: no extract rows
+    json_schema: dict | None = None
+    # what to ask for, before the transcript (`--extract-prompt`); None: the project's wording
+    # (pipeline/prompts.py: EXTRACT_TRANSCRIPT_PROMPT)
+    instruction: str | None = None
+    # bounds the grammar adds where the schema sets none (as the prompt job's: a wandering model still
+    # ends within its tokens)
+    max_string_chars: int = Field(2000, ge=1)
+    max_array_items: int = Field(64, ge=1)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, value: dict | None) -> dict | None:
+        if value is None:
+            return None
+        try:
+            return check_output_schema(value, reserved=tuple(RESULT_COLUMNS))
+        except SchemaFileError as exc:
+            raise ValueError(f"--extract: {exc}") from None
+
+
 # schemes a manifest's uris may use unless the operator says otherwise: local files and the object stores
 # a nightly job reads its recordings from. Not http(s): a uri in a manifest must not make a worker inside
 # the network fetch an internal endpoint (metadata services, admin pages) on the manifest author's behalf.
@@ -267,6 +294,7 @@ class JobConfig(_Strict):
     image: ImageConfig = Field(default_factory=ImageConfig)
     summary: SummaryConfig = Field(default_factory=SummaryConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
     inputs: InputsConfig = Field(default_factory=InputsConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
@@ -292,9 +320,31 @@ class JobConfig(_Strict):
     def _job_tasks(self) -> "JobConfig":
         if self.job != "transcribe" and self.translate_to:
             raise ValueError(f"--translate-to applies to the transcribe job, not {self.job}")
+        if self.job not in ("transcribe", "meetings") and self.extract.json_schema is not None:
+            raise ValueError(f"--extract applies to the transcribe and meetings jobs, not {self.job} "
+                             "(the prompt job takes --schema)")
         return self
 
     @property
     def tasks(self) -> list[str]:
         """The tasks this run writes, each a partition of the output (schemas/tasks.py)."""
-        return job_tasks(self.job, self.translate_to, self.summarize)
+        return job_tasks(self.job, self.translate_to, self.summarize, self.extract.json_schema is not None)
+
+    @property
+    def structured_task(self) -> str | None:
+        """The task whose answers follow a JSON Schema in this run ("prompt" with --schema, "extract"
+        with --extract), or None."""
+        if self.job == "prompt":
+            return "prompt" if self.prompt.json_schema is not None else None
+        return "extract" if self.extract.json_schema is not None else None
+
+    @property
+    def output_bounds(self) -> tuple[int, int]:
+        """(max_string_chars, max_array_items) the answer grammar adds where the schema sets none."""
+        section = self.prompt if self.job == "prompt" else self.extract
+        return section.max_string_chars, section.max_array_items
+
+    @property
+    def output_schema(self) -> dict | None:
+        """The JSON Schema of `structured_task`'s answers (its typed columns are this run's), or None."""
+        return self.prompt.json_schema if self.job == "prompt" else self.extract.json_schema

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-TASKS = ("asr", "translate", "ocr", "summarize", "prompt")
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
@@ -41,11 +40,12 @@ RESULT_FIELDS: list[pa.Field] = [
     # every copy of the same weights, local, s3:// or hub
     pa.field("model_layout", pa.string()),
     pa.field("model_weights_sha", pa.string()),
-    # summarize rows: how the summary was made (1 = in one call; n = from n sections of the transcript)
+    # summarize and extract rows: how the answer was made (1 = in one call over the whole transcript;
+    # n = from n sections of it, whose summaries or notes were then combined)
     pa.field("summary_sections", pa.int32()),
     pa.field("summary_from", pa.string()),  # "transcript" or "audio" (and why, when not as asked)
-    # prompt rows with --schema: the answer as compact JSON, valid under the schema (the schema's
-    # top-level scalar properties follow as typed columns of their own: schemas/structured.py)
+    # prompt rows with --schema, extract rows: the answer as compact JSON, valid under the schema (the
+    # schema's top-level scalar properties follow as typed columns of their own: schemas/structured.py)
     pa.field("json", pa.string()),
     # prompt rows with --tools: the calls the model made (arguments as a JSON string)
     pa.field("tool_calls", pa.list_(TOOL_CALL_TYPE)),

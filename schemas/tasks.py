@@ -9,26 +9,30 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-Task = Literal["asr", "translate", "ocr", "summarize", "prompt"]
+Task = Literal["asr", "translate", "ocr", "summarize", "extract", "prompt"]
 Modality = Literal["speech", "vision", "text"]
 
-TASKS: tuple[str, ...] = ("asr", "translate", "ocr", "summarize", "prompt")
+TASKS: tuple[str, ...] = ("asr", "translate", "ocr", "summarize", "extract", "prompt")
 
 # tasks generated from audio chunks: their rows carry time-stamped segments
 SPEECH_TASKS: tuple[str, ...] = ("asr", "translate")
 # tasks whose input is a recording (the report counts audio hours over them)
-AUDIO_TASKS: tuple[str, ...] = ("asr", "translate", "summarize")
+AUDIO_TASKS: tuple[str, ...] = ("asr", "translate", "summarize", "extract")
 
 # which GPU pool serves a task (one model replica per modality, with that modality's adapter merged)
 MODALITY_FOR_TASK: dict[str, str] = {"asr": "speech", "translate": "speech", "ocr": "vision",
-                                     "summarize": "text"}
+                                     "summarize": "text", "extract": "text"}
 # a prompt row's pool is its own mix of media (speech LoRA for audio only, vision LoRA for images with or
 # without audio, base weights for text), decided per row (pipeline/prompt_inputs.py: prompt_modality)
 PROMPT_MODALITIES: tuple[str, ...] = ("speech", "vision", "text")
 
 # a task made from another task's finished row rather than from the input: the summary of a recording
-# comes from its assembled transcript (unless it is summarised from the audio itself)
-DERIVED_FROM: dict[str, str] = {"summarize": "asr"}
+# comes from its assembled transcript (unless it is summarised from the audio itself), and so do the
+# fields `--extract` reads from it
+DERIVED_FROM: dict[str, str] = {"summarize": "asr", "extract": "asr"}
+# tasks whose answers follow a run's JSON Schema (a `json` column and typed columns): the prompt job's
+# answers with --schema, and the `extract` rows of transcribe / meetings --extract
+STRUCTURED_TASKS: tuple[str, ...] = ("prompt", "extract")
 
 
 class OutputKey(NamedTuple):
@@ -37,7 +41,7 @@ class OutputKey(NamedTuple):
     target_language: str | None = None
 
 
-def job_tasks(job: str, translate_to: list[str], summarize: bool) -> list[str]:
+def job_tasks(job: str, translate_to: list[str], summarize: bool, extract: bool = False) -> list[str]:
     """The tasks a run writes, each a partition of the output, in graph order."""
     if job == "ocr":
         return ["ocr"]
@@ -48,6 +52,8 @@ def job_tasks(job: str, translate_to: list[str], summarize: bool) -> list[str]:
         tasks.append("translate")
     if summarize or job == "meetings":
         tasks.append("summarize")
+    if extract:
+        tasks.append("extract")
     return tasks
 
 

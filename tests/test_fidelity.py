@@ -85,7 +85,7 @@ def test_speech_tasks_match_card_recipe(transcribe_run, meetings_run, card, engi
 
 def test_summaries_match_card_recipe(transcribe_run, card, engines, tiny_model):
     """The card's chain, one item at a time: its transcript of each chunk, those ids into the summary
-    prompt (as the pipeline builds it: pipeline/summaries.py), its summary of that prompt."""
+    prompt (as the pipeline builds it: pipeline/from_transcripts.py), its summary of that prompt."""
     from pipeline.model_inputs import InputBuilder
     from pipeline.prompts import summary_pieces
 

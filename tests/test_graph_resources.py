@@ -24,7 +24,7 @@ def cpu_demand(config: JobConfig, cpus: int, gpus: int) -> tuple[int, int]:
     replicas = 0
     for stage in gpu_stages_of(config):
         replicas += stage.resources(config, Cluster(cpus=cpus, gpus=gpus)).pool_size[1]
-    # ResultRows, PrepareSummaries (one CPU each), AssembleChunks (a quarter CPU after each GPU stage);
+    # ResultRows, PrepareFromTranscripts (one CPU each), AssembleChunks (a quarter CPU after each GPU stage);
     # for audio: the first BuildChunkInputs worker (one CPU) and RegroupParts (a quarter)
     single_actors = 1 + (1.5 if "summarize" in config.tasks else 0.25) + (1.25 if config.job != "ocr" else 0)
     return prepare * per_worker + replicas + single_actors, replicas

@@ -14,7 +14,7 @@ from pipeline.assemble import AssembleChunks
 from pipeline.prepare import PrepareWork
 from pipeline.result_rows import ResultRows
 from pipeline.stage import Cluster, StageContext
-from pipeline.summaries import PrepareSummaries
+from pipeline.from_transcripts import PrepareFromTranscripts
 from pipeline.write import RunFilenames, read_results, write_run_record
 from schemas.config import JobConfig
 from schemas.manifest import KNOWN_COLUMNS, validate_manifest
@@ -57,7 +57,7 @@ def test_prepare_makes_one_work_row_per_output_key(prepared):
     stage, out = prepared
     keys = sorted(zip(out["id"].to_pylist(), out["task"].to_pylist(), out["target_language"].to_pylist()),
                   key=str)
-    # the summary is derived from the transcript later (PrepareSummaries), so none here
+    # the summary is derived from the transcript later (PrepareFromTranscripts), so none here
     assert keys == sorted([("own", "asr", None), ("own", "translate", "es"),
                            ("job", "asr", None), ("job", "translate", "fr"), ("job", "translate", "de"),
                            ("junk", "asr", None), ("junk", "translate", "fr"), ("junk", "translate", "de")],
@@ -117,7 +117,7 @@ def test_prepare_summaries_adds_a_summary_row_for_every_transcript(tiny_model):
     empty = work_row("empty", "asr", duration_s=5.0)
     translation = work_row("ok", "translate", target_language="fr")
     table = work_table([ok, failed, empty, translation], pa.table({"agent": ["a", "b", "c", "a"]}))
-    stage = PrepareSummaries(context_for(tiny_model, summarize=True))
+    stage = PrepareFromTranscripts(context_for(tiny_model, summarize=True))
     out = stage(table)
     assert out.num_rows == 7 and out.slice(0, 4).equals(table)
     summaries = {r["id"]: r for r in out.slice(4).to_pylist()}

@@ -8,7 +8,7 @@ import pytest
 
 from actors.stages import TextStage
 from pipeline.stage import StageContext
-from pipeline.summaries import PrepareSummaries, split_in_sections
+from pipeline.from_transcripts import PrepareFromTranscripts, split_in_sections
 from schemas.config import JobConfig
 from schemas.work_rows import work_row, work_table
 from tests.conftest import read_output
@@ -45,7 +45,7 @@ def test_sections_keep_order_and_fit_the_budget():
 
 def test_a_long_transcript_is_summarised_in_sections_within_the_window(tiny_model):
     table = work_table([transcript_row(40), transcript_row(1) | {"id": "short"}], None)
-    prepared = PrepareSummaries(context(tiny_model))(table)
+    prepared = PrepareFromTranscripts(context(tiny_model))(table)
     summaries = {r["id"]: r for r in prepared.to_pylist() if r["task"] == "summarize"}
     long, short = summaries["meeting"], summaries["short"]
     assert short["summary_sections"] == 1 and long["summary_sections"] == len(long["chunk_inputs"]) > 2
@@ -83,7 +83,7 @@ def test_meetings_job_with_a_small_window_writes_sectioned_summaries(run_job, sa
     asr = rows[rows.task == "asr"].iloc[0]
     assert asr.status == "ok" and pd_isna(asr.summary_sections)
     record = json.loads((out / "_runs" / "small-window.json").read_text())
-    assert record["counters"]["PrepareSummaries"]["sectioned_summaries"] == 1
+    assert record["counters"]["PrepareFromTranscripts"]["sectioned_summaries"] == 1
 
 
 def pd_isna(value) -> bool:
@@ -111,7 +111,7 @@ def test_a_transcript_goes_into_its_summary_prompt_as_the_ids_generated_for_it(t
     row.update(chunk_text=[tokenizer.decode(ids, skip_special_tokens=True) for ids in generated],
                chunk_speaker=[None] * 6, chunk_output_ids=generated, text="x",
                segments=[{"start_s": 30.0 * k, "end_s": 30.0 * (k + 1), "text": "x"} for k in range(6)])
-    prepared = PrepareSummaries(context(tiny_model, window=4096))(work_table([row], None))
+    prepared = PrepareFromTranscripts(context(tiny_model, window=4096))(work_table([row], None))
     summary = [r for r in prepared.to_pylist() if r["task"] == "summarize"][0]
     assert summary["summary_sections"] == 1
     prompt = decode_item(summary["chunk_inputs"][0])["input_ids"].tolist()

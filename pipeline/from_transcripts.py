@@ -1,11 +1,13 @@
-"""Summaries of whole recordings: from the assembled transcript (text pool), or from the audio itself."""
+"""What is made from a whole recording's transcript for the text pool: its summary (unless it comes from the
+audio itself) and, with --extract, the schema's fields."""
 from __future__ import annotations
 
 import pyarrow as pa
 
 from pipeline.model_inputs import InputBuilder
 from pipeline.model_source import local_model_dir
-from pipeline.prompts import section_pieces, summary_pieces
+from pipeline.prompts import (extract_pieces, extract_section_pieces, prompt_system_message, schema_fields,
+                              section_pieces, summary_pieces)
 from pipeline.stage import Cluster, Stage, StageContext, StageResources, one_thread_per_worker
 from schemas.config import JobConfig
 from schemas.work_rows import WORK_COLUMNS, WorkChunk, carried_columns, encode_item, work_row, work_table
@@ -17,11 +19,13 @@ def summary_from_audio(config: JobConfig, duration: float | None) -> bool:
             and duration <= config.audio.max_summary_audio_s)
 
 
-class PrepareSummaries(Stage):
-    """For every assembled `asr` row, add a `summarize` work row built from its transcript (adds rows).
+class PrepareFromTranscripts(Stage):
+    """For every assembled `asr` row, add the work rows made from its transcript (adds rows): a
+    `summarize` row (unless the speech pool summarised it from the audio) and, with --extract, an
+    `extract` row.
 
-    A transcript that failed gives a summary row that fails with the same reason, so the summary
-    partition has a row for every input too.
+    A transcript that failed gives rows that fail with the same reason, so those partitions have a row
+    for every input too.
     """
 
     reads = ("id", "task", "text", "segments", "error", "duration_s", "language", "chunk_text", "chunk_speaker",
@@ -33,7 +37,12 @@ class PrepareSummaries(Stage):
         one_thread_per_worker()
         self.builder = InputBuilder(local_model_dir(self.config, processor_only=True), self.config.system_prompt)
         self.window = self.config.summary.window_tokens
-        self.max_new = self.config.generation.max_new_tokens.get("summarize", 512)
+        limits = self.config.generation.max_new_tokens
+        self.max_new = {"summarize": limits.get("summarize", 512), "extract": limits.get("extract", 512)}
+        self.tasks = [t for t in ("summarize", "extract") if t in self.config.tasks]
+        schema = self.config.extract.json_schema
+        self.extract_system = prompt_system_message(self.config.system_prompt, schema) if schema else None
+        self.fields = schema_fields(schema) if schema else ""
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
@@ -47,43 +56,65 @@ class PrepareSummaries(Stage):
         for i, row in enumerate(rows):
             if row["task"] != "asr":
                 continue
-            if not row["error"] and summary_from_audio(self.config, row["duration_s"]):
-                continue  # summarised from the audio by the speech pool already
             common = {"language": row["language"], "duration_s": row["duration_s"]}
-            if row["error"]:
-                made.append(work_row(row["id"], "summarize", **common,
-                                     error=f"no summary: the transcript failed ({row['error']})"))
-            elif not row["text"]:
-                made.append(work_row(row["id"], "summarize", **common,
-                                     error=f"{row['id']}: no summary: the transcript is empty"))
-            else:
-                made.append(self.summary_row(row, common))
-            picks.append(i)
-        self.counters["summaries"] += len(made)
+            segments = None
+            for task in self.tasks:
+                if task == "summarize" and not row["error"] and summary_from_audio(self.config, row["duration_s"]):
+                    continue  # summarised from the audio by the speech pool already
+                what = "summary" if task == "summarize" else "extraction"
+                if row["error"]:
+                    new = work_row(row["id"], task, **common, error=f"no {what}: the transcript failed ({row['error']})")
+                elif not row["text"]:
+                    new = work_row(row["id"], task, **common, error=f"{row['id']}: no {what}: the transcript is empty")
+                else:
+                    if segments is None:
+                        segments = self.transcript_segments(row)
+                        self.counters["transcript_tokens"] += sum(len(ids) for _, ids, _ in segments)
+                    new = self.summary_row(row, segments, common) if task == "summarize" else \
+                        self.extract_row(row, segments, common)
+                made.append(new)
+                picks.append(i)
+        self.counters["summaries"] += sum(r["task"] == "summarize" for r in made)
+        self.counters["extractions"] += sum(r["task"] == "extract" for r in made)
         if not picks:
             return batch
         extra = carried_columns(batch)
-        summaries = work_table(made, batch.select(extra).take(picks) if extra else None, carried=True)
-        return pa.concat_tables([batch, summaries.select(batch.column_names)])
+        new_rows = work_table(made, batch.select(extra).take(picks) if extra else None, carried=True)
+        return pa.concat_tables([batch, new_rows.select(batch.column_names)])
 
-    def summary_row(self, row: dict, common: dict) -> dict:
+    def summary_row(self, row: dict, segments: list, common: dict) -> dict:
         """The summary's work row: one prompt when the transcript fits the window, else one prompt per
         section (consecutive segments), which TextStage summarises and then combines."""
         how = "transcript"
         if self.config.audio.summarize_from_audio:
             how = (f"transcript: the recording is longer than the {self.config.audio.max_summary_audio_s:.0f} s "
                    "limit for summaries from audio")
-        segments = self.transcript_segments(row)
         built = self.builder.text_pieces(summary_pieces([p for segment in segments for p in segment]))
-        if built.input_tokens + self.max_new <= self.window:
+        if built.input_tokens + self.max_new["summarize"] <= self.window:
             chunks = [WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens)]
         else:
-            chunks = self.section_chunks(segments)
+            chunks = self.section_chunks(segments, section_pieces, self.max_new["summarize"])
             self.counters["sectioned_summaries"] += 1
         self.counters["summary_sections"] += len(chunks)
-        self.counters["transcript_tokens"] += sum(len(ids) for _, ids, _ in segments)
         return work_row(row["id"], "summarize", chunks=chunks, modality="text", summary_sections=len(chunks),
                         summary_from=how, **common)
+
+    def extract_row(self, row: dict, segments: list, common: dict) -> dict:
+        """The extraction's work row: one prompt (the schema in its system message, answered under the
+        schema's grammar) when the transcript fits the window; else one notes prompt per section, which
+        TextStage answers freely, combines while the notes are too long, and then extracts from."""
+        instruction = self.config.extract.instruction
+        built = self.builder.text_pieces(extract_pieces([p for segment in segments for p in segment], instruction),
+                                         self.extract_system)
+        if built.input_tokens + self.max_new["extract"] <= self.window:
+            chunks = [WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens)]
+        else:
+            fields = self.fields
+            chunks = self.section_chunks(segments, lambda t, k, n: extract_section_pieces(t, k, n, fields),
+                                         self.max_new["extract"])
+            self.counters["sectioned_extractions"] += 1
+        return work_row(row["id"], "extract", chunks=chunks, modality="text", summary_sections=len(chunks),
+                        summary_from="transcript", **common)
 
     def transcript_segments(self, row: dict) -> list[tuple[str, list[int], str]]:
         """The transcript as (speaker label, token ids, line end) per segment, in order: the ids the speech
@@ -100,9 +131,11 @@ class PrepareSummaries(Stage):
             segments.append(("", self.builder.token_ids(text), "\n"))
         return segments
 
-    def section_chunks(self, segments: list[tuple[str, list[int], str]]) -> list[WorkChunk]:
-        overhead = self.builder.text_pieces(section_pieces([], 99, 99)).input_tokens
-        budget = self.window - self.max_new - overhead
+    def section_chunks(self, segments: list[tuple[str, list[int], str]], make, max_new: int) -> list[WorkChunk]:
+        """One chunk per section of consecutive segments, each prompt `make(pieces, part, parts)` within
+        the window with `max_new` tokens to answer."""
+        overhead = self.builder.text_pieces(make([], 99, 99)).input_tokens
+        budget = self.window - max_new - overhead
         marks = {m: len(self.builder.token_ids(m)) for seg in segments for m in (seg[0], seg[2])}
         sizes = [marks[label] + len(ids) + marks[end] for label, ids, end in segments]
 
@@ -115,11 +148,11 @@ class PrepareSummaries(Stage):
             return [p for segment in group for p in segment]
 
         sections = split_in_sections(segments, sizes, budget, cut)
-        sections = [g for g, _ in fitted(sections, lambda g: self.builder.text_pieces(section_pieces(pieces(g), 99, 99)),
-                                         self.window - self.max_new)]
+        sections = [g for g, _ in fitted(sections, lambda g: self.builder.text_pieces(make(pieces(g), 99, 99)),
+                                         self.window - max_new)]
         chunks = []
         for k, section in enumerate(sections, start=1):
-            built = self.builder.text_pieces(section_pieces(pieces(section), k, len(sections)))
+            built = self.builder.text_pieces(make(pieces(section), k, len(sections)))
             chunks.append(WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens))
         return chunks
 
