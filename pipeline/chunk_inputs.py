@@ -41,15 +41,20 @@ class BuildChunkInputs(Stage):
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
-        """An autoscaling pool of whole blocks: from one worker (a job of calls passes through it) up to
-        the CPUs the decoding pool leaves (jobs/graph.py counts its first worker as reserved). Whole
-        blocks, because PrepareWork yields each part of a long recording as a block of its own: the
-        parts spread over the workers, and a block of calls costs one call, not one per row."""
+        """Whole blocks (PrepareWork yields each part of a long recording as a block of its own, and the
+        dataset's block size keeps them so: jobs/graph.py part_block_bytes), so the parts spread over the
+        workers and a block of calls costs one call, not one per row. The pool: the CPUs the decoding
+        pool leaves (jobs/graph.py counts its first worker as reserved). For `meetings`, whose every
+        input is long and whose features are ~80 % of the CPU work, all of them from the start (a pool
+        that grows from one worker trailed the parts: 8 one-hour meetings' features took 32 s on a
+        16-core host); for `transcribe`, where most inputs are calls prepared whole by PrepareWork and
+        only the long ones come here, it grows from one worker as parts come."""
         from pipeline.prepare import PrepareWork
 
         decoders = PrepareWork.resources(config, cluster).pool_size[1]
         high = max(1, int(cluster.cpus - cluster.reserved_cpus - decoders) + 1)
-        return StageResources(batch_size=None, pool_size=(1, high), num_cpus=1.0)
+        low = high if config.job == "meetings" else 1
+        return StageResources(batch_size=None, pool_size=(low, high), num_cpus=1.0)
 
     def process(self, batch: pa.Table) -> pa.Table:
         keys = batch["chunk_batch_key"].to_pylist()

@@ -54,3 +54,20 @@ def test_meetings_count_the_speech_and_the_summary_replicas():
 def test_small_manifest_small_pool():
     config = JobConfig(job="ocr", input="m.parquet", output="out")
     assert prepare_pool_size(config, 64, 4, rows=6, autoscaling=False) == 3
+
+
+def test_meetings_features_pool_takes_what_the_decoding_pool_leaves_from_the_start():
+    """8 one-hour meetings on a 16-core, 1-GPU host: 4 decoding workers (one per two inputs) and every
+    CPU they and the other actors leave for the features pool, started at once (features are ~80 % of
+    preparing audio); together they fit the host's CPUs. A transcribe job's pool grows from one."""
+    from pipeline.chunk_inputs import BuildChunkInputs
+
+    config = JobConfig(job="meetings", input="m.parquet", output="out")
+    cluster = plan_cluster(config, 16, 1, 8, autoscaling=False)
+    decoders = PrepareWork.resources(config, cluster)
+    features = BuildChunkInputs.resources(config, cluster)
+    assert decoders.pool_size == (4, 4) and features.pool_size[0] == features.pool_size[1] >= 4
+    reserved_besides_features = cluster.reserved_cpus - 1  # its first worker is counted there
+    assert reserved_besides_features + 4 * decoders.num_cpus + features.pool_size[1] <= 16
+    calls = JobConfig(job="transcribe", input="m.parquet", output="out")
+    assert BuildChunkInputs.resources(calls, plan_cluster(calls, 16, 1, 8, autoscaling=False)).pool_size[0] == 1

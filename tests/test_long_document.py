@@ -85,8 +85,10 @@ def test_a_folder_of_mixed_scans_runs_with_the_default_config_every_page_once(ru
     assert record["pages"] == sum(expected.values()) == 70
     # the bound: the vision replica here runs on CPU, so its calls hold 4 pages (on a GPU: 48, the 4 GiB
     # budget at the largest page); the object store holds what the vision pool can take soon (3 calls,
-    # at least 4 GiB) or Ray Data's share of the store, whichever is less; Ray, the driver, the prepare
-    # workers and the tiny model's replicas take ~3 GB. Measured 6.8 GB (136 s, 2 shared cores). With the
-    # old defaults (512-row calls) the same machine stalled with the vision actor at 11.9 GB.
+    # at least 4 GiB) or Ray Data's share of the store, whichever is less. Measured as a user runs it (a
+    # command with its own Ray on 2 cores): 7.9-8.9 GB over four runs, at the peak two decoding workers
+    # of 2.0-2.9 GB each (torch, the processor, a page being prepared; not split further here),
+    # the vision replica 1.8-2.8 GB, 1.5-2.2 GB of it in the object store, the driver 0.6 GB. With the
+    # old defaults (512-row calls) the same machine stalled with the vision actor alone at 11.9 GB.
     print(f"{len(expected)} mixed scans, 70 pages: wall {wall:.0f} s, peak memory (PSS) {peak / 1e9:.2f} GB")
-    assert peak < 9e9
+    assert peak < 10e9

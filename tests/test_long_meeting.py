@@ -49,8 +49,12 @@ def test_three_hour_meeting_is_transcribed_in_order_with_bounded_memory(run_job_
     assert all(s["end_s"] - s["start_s"] <= 30.0 + 1e-6 for s in segments) and len(segments) >= HOURS * 120
     assert asr.duration_s == pytest.approx(duration, abs=0.01)
     # it travelled in parts of at most audio.part_chunks (16) chunks, regrouped once (pipeline/parts.py)
-    regrouped = json.loads((out / "_runs" / "three-hours.json").read_text())["counters"]["RegroupParts"]
+    counters = json.loads((out / "_runs" / "three-hours.json").read_text())["counters"]
+    regrouped, built = counters["RegroupParts"], counters["BuildChunkInputs"]
     assert regrouped["rows_regrouped"] == 1 and regrouped["parts_in"] == math.ceil(len(segments) / 16)
+    # and each part reached the features pool as a block of its own: one call per part, so on a host
+    # with more cores the parts' features are built side by side (jobs/graph.py: part_block_bytes)
+    assert built["chunks_built"] == len(segments) and built["calls"] == regrouped["parts_in"], built
     # the bound: 3 h of 16 kHz float32 is 0.69 GB decoded, the same again as the parts' samples on their
     # way to the features pool, its features ~0.35 GB; Ray, the driver, two decoding workers, the features
     # worker and the model replicas of the tiny checkpoint take ~3 GB. Measured here: see the printed line.
