@@ -85,8 +85,10 @@ def main(argv=None):
     builder = InputBuilder(ckpt, prompt_system_message(None, EXTRACT_SCHEMA))
     built = transcripts(builder, args.tokens, args.distinct, np.random.default_rng(0))
     items = [built[i % len(built)] for i in range(args.items)]
-    batching = BatchingConfig(decoder="static", decode_slots=args.slots, max_batch_size=32,
-                              max_batch_tokens=1 << 20, check_every=16)
+    # prefill batches as the pipeline runs them (max_batch_tokens at its default, 65,536: 16 of these
+    # prompts a batch); the first run lifted it to 1M tokens, and 32 prompts of 3,875 tokens in one
+    # compiled prefill ran out of memory and fell back to `generate`
+    batching = BatchingConfig(decoder="static", decode_slots=args.slots, max_batch_size=32, check_every=16)
     engine = Phi4MMEngine(ckpt, "text", ModelConfig(source=ckpt), batching, model=base)
     meta = {"date": dt.date.today().isoformat(),
             "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "gpus": 1,

@@ -25,7 +25,13 @@ def main(manifest: str, output: str, model: str, report_path: str) -> int:
 
     from jobs.cli import main as cli
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+    # shutdown_at_exit=False: with it, every node added registers a SIGTERM handler, which only the main
+    # thread may do, and the replacement node below is added from the killer thread (it failed there,
+    # so the job ran on without one and, when the lost replica's calls waited for its restart on a GPU
+    # no node had, hung). This process's own `cluster.shutdown()` and the test's kill of its session
+    # clean up instead.
+    cluster = Cluster(initialize_head=True, shutdown_at_exit=False,
+                      head_node_args={"num_cpus": 3, "include_dashboard": False})
     # the driver joins while the head is the only node, so it attaches to the head's raylet (all nodes
     # share one IP here) and the run's counters actor, pinned to the driver's node, stays on the head
     ray.init(address=cluster.address, log_to_driver=False,
@@ -56,6 +62,7 @@ def main(manifest: str, output: str, model: str, report_path: str) -> int:
                                  "speech_actors_on_it": speech.count(victim.node_id)}
             cluster.remove_node(victim, allow_graceful=False)
             cluster.add_node(num_cpus=2, num_gpus=1)  # the replacement node
+            report["replaced"] = True
             return
 
     killer = threading.Thread(target=kill_a_busy_node, daemon=True)

@@ -43,6 +43,7 @@ def test_losing_a_worker_node_mid_run_keeps_every_row_once(tiny_model, tmp_path)
     done = json.loads(report.read_text())
     assert done["removed"] is not None, f"no worker node was removed:\n{tail}"
     assert done["removed"]["speech_actors_on_it"] >= 1 and done["removed"]["speech_rows_in_flight"] >= 1
+    assert done.get("replaced"), f"the replacement node was not added:\n{tail}"
 
     rows = read_output(out).to_pandas()
     assert len(rows) == N_INPUTS and sorted(rows.id) == [f"call_{i:02d}" for i in range(N_INPUTS)]
