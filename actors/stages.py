@@ -16,10 +16,9 @@ import pyarrow.compute as pc
 from actors.engine import Phi4MMEngine
 from pipeline.model_inputs import InputBuilder, max_page_feature_bytes
 from pipeline.model_source import local_model_dir
-from pipeline.prompts import (combine_notes_pieces, combine_pieces, extract_from_notes_pieces, prompt_system_message,
-                             schema_fields)
+from pipeline.prompts import combine_notes_pieces, combine_pieces, extract_from_notes_pieces
 from pipeline.stage import Cluster, Stage, StageContext, StageResources
-from pipeline.from_transcripts import fitted, split_in_sections
+from pipeline.from_transcripts import answer_limits, extract_wording, fitted, split_in_sections
 from schemas.config import JobConfig
 from schemas.tasks import STRUCTURED_TASKS
 from schemas.work_rows import BatchKey, decode_item, set_column
@@ -192,11 +191,8 @@ class TextStage(ModelStage):
     def __init__(self, context: StageContext):
         super().__init__(context)
         self.builder = InputBuilder(local_model_dir(self.config, processor_only=True), self.config.system_prompt)
-        limits = self.config.generation.max_new_tokens
-        self.max_new = {"summarize": limits.get("summarize", 512), "extract": limits.get("extract", 512)}
-        schema = self.config.extract.json_schema
-        self.extract_system = prompt_system_message(self.config.system_prompt, schema) if schema else None
-        self.fields = schema_fields(schema) if schema else ""
+        self.max_new = answer_limits(self.config)
+        self.extract_system, self.fields = extract_wording(self.config)
         self._label_tokens: int | None = None
 
     def process(self, batch: pa.Table) -> pa.Table:

@@ -13,6 +13,25 @@ from schemas.config import JobConfig
 from schemas.work_rows import WORK_COLUMNS, WorkChunk, carried_columns, encode_item, work_row, work_table
 
 
+# the tasks made from whole transcripts, in the order their rows are made
+TRANSCRIPT_TASKS = ("summarize", "extract")
+
+
+def answer_limits(config: JobConfig) -> dict[str, int]:
+    """New tokens per answer of each transcript task (a section's notes and summaries included)."""
+    limits = config.generation.max_new_tokens
+    return {task: limits.get(task, 512) for task in TRANSCRIPT_TASKS}
+
+
+def extract_wording(config: JobConfig) -> tuple[str | None, str]:
+    """(--extract's system message, with the schema; the schema's field names for the notes prompts),
+    or (None, "") without --extract."""
+    schema = config.extract.json_schema
+    if schema is None:
+        return None, ""
+    return prompt_system_message(config.system_prompt, schema), schema_fields(schema)
+
+
 def summary_from_audio(config: JobConfig, duration: float | None) -> bool:
     """Whether this recording's summary comes from its audio (else from its transcript)."""
     return ("summarize" in config.tasks and config.audio.summarize_from_audio and duration is not None
@@ -37,12 +56,9 @@ class PrepareFromTranscripts(Stage):
         one_thread_per_worker()
         self.builder = InputBuilder(local_model_dir(self.config, processor_only=True), self.config.system_prompt)
         self.window = self.config.summary.window_tokens
-        limits = self.config.generation.max_new_tokens
-        self.max_new = {"summarize": limits.get("summarize", 512), "extract": limits.get("extract", 512)}
-        self.tasks = [t for t in ("summarize", "extract") if t in self.config.tasks]
-        schema = self.config.extract.json_schema
-        self.extract_system = prompt_system_message(self.config.system_prompt, schema) if schema else None
-        self.fields = schema_fields(schema) if schema else ""
+        self.max_new = answer_limits(self.config)
+        self.tasks = [t for t in TRANSCRIPT_TASKS if t in self.config.tasks]
+        self.extract_system, self.fields = extract_wording(self.config)
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:

@@ -112,6 +112,17 @@ class ImageConfig(_Strict):
     dynamic_hd: int = Field(36, ge=1, le=64)  # crop cap: fewer crops trade detail for speed
 
 
+def checked_answer_schema(value: dict | None, flag: str) -> dict | None:
+    """A --schema / --extract JSON Schema checked (schemas/structured.py), its columns clear of the result
+    columns; the validator's message, after the flag, when it is not usable."""
+    if value is None:
+        return None
+    try:
+        return check_output_schema(value, reserved=tuple(RESULT_COLUMNS))
+    except SchemaFileError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+
+
 class PromptConfig(_Strict):
     """The prompt job (`phi4mm prompt`): one prompt per manifest row over any mix of its media."""
     # the prompt when a row has no `prompt` column value: `{column}` placeholders are filled from the row
@@ -148,12 +159,7 @@ class PromptConfig(_Strict):
     @field_validator("json_schema")
     @classmethod
     def _schema(cls, value: dict | None) -> dict | None:
-        if value is None:
-            return None
-        try:
-            return check_output_schema(value, reserved=tuple(RESULT_COLUMNS))
-        except SchemaFileError as exc:
-            raise ValueError(f"--schema: {exc}") from None
+        return checked_answer_schema(value, "--schema")
 
 
 class ExtractConfig(_Strict):
@@ -175,12 +181,7 @@ class ExtractConfig(_Strict):
     @field_validator("json_schema")
     @classmethod
     def _schema(cls, value: dict | None) -> dict | None:
-        if value is None:
-            return None
-        try:
-            return check_output_schema(value, reserved=tuple(RESULT_COLUMNS))
-        except SchemaFileError as exc:
-            raise ValueError(f"--extract: {exc}") from None
+        return checked_answer_schema(value, "--extract")
 
 
 # schemes a manifest's uris may use unless the operator says otherwise: local files and the object stores
