@@ -48,7 +48,7 @@ def collate(items: list[dict[str, np.ndarray]], pad_token_id: int) -> dict[str, 
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 
-# A prompt's media (pipeline/model_inputs.py: InputBuilder.prompt_item) keep their leading axis, one entry
+# A prompt's media (pipeline/model/inputs.py: InputBuilder.prompt_item) keep their leading axis, one entry
 # per image or audio of the prompt; the model takes every image (audio) of a batch in one flat list, in
 # prompt order, so a batch is the items' lists concatenated. Their batch key makes the padded shapes
 # equal within a batch, so the padding below adds nothing that a single item would not have had.

@@ -19,7 +19,7 @@ from actors.collate import collate
 from actors.fast_prefill import FastPrefill
 from actors.kv_plan import KvPlan, plan_kv
 from actors.slot_decoder import SlotDecoder, SlotRequest
-from pipeline.model_inputs import load_processor
+from pipeline.model.inputs import load_processor
 from schemas.config import BatchingConfig, ModelConfig
 from schemas.work_rows import BatchKey
 
@@ -103,7 +103,7 @@ def random_model(model_dir: str, device: torch.device, dtype: torch.dtype, attn:
 
 
 class Phi4MMEngine:
-    """Greedy generation over pre-built items (see pipeline/model_inputs.py), for one modality."""
+    """Greedy generation over pre-built items (see pipeline/model/inputs.py), for one modality."""
 
     def __init__(self, model_dir: str, modality: str, model_cfg: ModelConfig, batching: BatchingConfig,
                  device: torch.device | None = None, model=None, random_weights: bool = False):

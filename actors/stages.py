@@ -14,11 +14,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.engine import Phi4MMEngine
-from pipeline.model_inputs import InputBuilder, max_page_feature_bytes
-from pipeline.model_source import local_model_dir
-from pipeline.prompts import combine_notes_pieces, combine_pieces, extract_from_notes_pieces
-from pipeline.stage import Cluster, Stage, StageContext, StageResources
-from pipeline.from_transcripts import answer_limits, extract_wording, fitted, split_in_sections
+from pipeline.model.inputs import InputBuilder, max_page_feature_bytes
+from pipeline.model.source import local_model_dir
+from pipeline.model.prompts import combine_notes_pieces, combine_pieces, extract_from_notes_pieces
+from pipeline.core.stage import Cluster, Stage, StageContext, StageResources
+from pipeline.stages.from_transcripts import answer_limits, extract_wording, fitted, split_in_sections
 from schemas.config import JobConfig
 from schemas.tasks import STRUCTURED_TASKS
 from schemas.work_rows import BatchKey, decode_item, set_column
@@ -74,7 +74,7 @@ class ModelStage(Stage):
         key = {i: (cols["id"][i], cols["task"][i], cols["target_language"][i], cols["page"][i], cols["part"][i])
                for i in rows}
         # rows that were in a call whose worker died (a retried batch): one at a time from here on, so
-        # the one that kills its worker is found and the others finish (pipeline/stage.py: RunCounters)
+        # the one that kills its worker is found and the others finish (pipeline/core/stage.py: RunCounters)
         died = self.journal("deaths", [key[i] for i in rows]) or {}
         groups = [[i] for i in rows] if died else [rows]
         if died:
@@ -179,7 +179,7 @@ class VisionStage(ModelStage):
 
 class TextStage(ModelStage):
     """Summaries and extractions from transcripts. A row with several chunks (the sections of a transcript
-    too long for one window, pipeline/from_transcripts.py) has its sections' answers combined here, in
+    too long for one window, pipeline/stages/from_transcripts.py) has its sections' answers combined here, in
     rounds that each fit the window: a summary's until one summary is left; an extraction's notes until
     the extraction prompt over them fits, and then the fields are extracted from them under the schema's
     grammar. The row then holds that one answer as its only chunk."""
@@ -215,7 +215,7 @@ class TextStage(ModelStage):
         if not todo:
             return batch
         tasks = {i: r["task"] for i, r in todo.items()}
-        # each answer as the ids generated for it (pipeline/model_inputs.py: text_pieces), so a round's
+        # each answer as the ids generated for it (pipeline/model/inputs.py: text_pieces), so a round's
         # prompt length is known without tokenising anything, and its text for the last one
         summaries = {i: [self.builder.prompt_ids(ids) for ids in r["chunk_output_ids"]] for i, r in todo.items()}
         texts = {i: list(r["chunk_text"]) for i, r in todo.items()}
@@ -289,7 +289,7 @@ class TextStage(ModelStage):
 
     @property
     def part_label_tokens(self) -> int:
-        """Tokens of the widest "\n\nPart k: " label between summaries (pipeline/prompts.py), an estimate
+        """Tokens of the widest "\n\nPart k: " label between summaries (pipeline/model/prompts.py), an estimate
         for grouping only: the prompt as built is what is checked against the window."""
         if self._label_tokens is None:
             self._label_tokens = len(self.builder.token_ids("\n\nPart 999: "))

@@ -25,7 +25,7 @@ class CardRecipe:
                  model=None):
         from transformers import AutoModelForCausalLM
 
-        from pipeline.model_inputs import load_processor
+        from pipeline.model.inputs import load_processor
 
         self.processor = load_processor(model_dir)
         if model is None:
@@ -50,7 +50,7 @@ class CardRecipe:
         self.model.set_adapter(name)
 
     def _prompt(self, instruction: str, media: str | None) -> str:
-        from pipeline.prompts import chat_messages
+        from pipeline.model.prompts import chat_messages
 
         return self.processor.apply_chat_template(chat_messages(instruction, media), add_generation_prompt=True,
                                                   tokenize=False)
@@ -106,7 +106,7 @@ class CardRecipe:
                dynamic_hd: int | None = None) -> CardOutput:
         """Any mix, as the card prompts it (images, then audios, then the text; no text: a spoken
         query), with the card's adapter for the mix: vision for any image, speech for audio only."""
-        from pipeline.prompts import prompt_messages
+        from pipeline.model.prompts import prompt_messages
 
         self._use_adapter("vision" if images else "speech" if audios else None)
         text = self.processor.apply_chat_template(prompt_messages(len(images), len(audios), instruction,

@@ -71,8 +71,8 @@ def main(argv=None):
     from actors.engine import Phi4MMEngine
     from actors.stages import answer_grammar
     from bench.real_model import bench_model
-    from pipeline.model_inputs import InputBuilder
-    from pipeline.prompts import prompt_system_message
+    from pipeline.model.inputs import InputBuilder
+    from pipeline.model.prompts import prompt_system_message
     from schemas.config import BatchingConfig, JobConfig, ModelConfig
     from schemas.structured import typed_fields
 

@@ -46,7 +46,7 @@ def main(argv=None):
     from actors.slot_decoder import SlotDecoder
     from bench.real_model import bench_model
     from bench.run_bench import WORKLOADS, Items
-    from pipeline.model_inputs import InputBuilder
+    from pipeline.model.inputs import InputBuilder
     from schemas.config import BatchingConfig, ModelConfig
 
     os.makedirs(args.out, exist_ok=True)

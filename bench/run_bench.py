@@ -23,7 +23,7 @@ import torch
 
 from bench.asr_calls import bench_asr_calls
 from bench.pipeline_jobs import bench_calls_translate, bench_meetings, bench_ocr_docs
-from pipeline.prompts import task_instruction
+from pipeline.model.prompts import task_instruction
 
 WORKLOADS = {
     "asr": {"media": "audio", "seconds": 30.0, "task": "asr", "target": None, "new": 100,
@@ -163,7 +163,7 @@ def decoder_flops(model, prompt: int, new: int) -> float:
 
 def bench_workload(name: str, args, ckpt: str, base, card, rows: list[dict], meta: dict):
     from actors.engine import Phi4MMEngine
-    from pipeline.model_inputs import InputBuilder
+    from pipeline.model.inputs import InputBuilder
     from schemas.config import BatchingConfig, ModelConfig
 
     spec = WORKLOADS[name]

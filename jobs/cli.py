@@ -18,9 +18,9 @@ from actors.tiny_model import build_tiny_model
 from jobs import report, runner
 from jobs.console import native_lines_filtered, quiet_libraries
 from jobs.settings import from_environment
-from pipeline.errors import InputError
-from pipeline.model_source import convert_to_native
-from pipeline.storage import StorageOptions
+from pipeline.core.errors import InputError
+from pipeline.model.source import convert_to_native
+from pipeline.io.storage import StorageOptions
 from schemas.config import DEFAULT_MODEL, JobConfig
 from schemas.manifest import ManifestError
 from schemas.tasks import TASKS

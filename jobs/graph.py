@@ -1,4 +1,4 @@
-"""The Ray Data graph of a job: a flat list of declared stages (pipeline/stage.py), run in order.
+"""The Ray Data graph of a job: a flat list of declared stages (pipeline/core/stage.py), run in order.
 
     PrepareWork (CPU) [-> BuildChunkInputs (CPU)] -> SpeechStage / VisionStage (GPU pools)
         [-> RegroupParts] -> AssembleChunks
@@ -10,7 +10,7 @@ The graph lives here, above both sides, because it is the one place that joins t
 declares its resources and the work-row columns it reads and writes; only the actor stages touch a
 GPU; every stage passes rows it does not own through, so the row count only changes where a stage says
 so (one row per output key and page, +1 summary and +1 extraction per recording). A work row carries its chunks (a long
-recording's row travels in parts that RegroupParts joins after the GPU: pipeline/parts.py), so there is
+recording's row travels in parts that RegroupParts joins after the GPU: pipeline/stages/regroup_parts.py), so there is
 no shuffle: rows stream to Parquet as they finish, and a run that dies half way has written what it
 finished (which --resume then skips).
 """
@@ -19,17 +19,17 @@ from __future__ import annotations
 import pyarrow as pa
 
 from actors.stages import STAGE_FOR_MODALITY, ModelStage, TextStage, call_bytes_bound
-from pipeline.assemble import AssembleChunks
-from pipeline.chunk_inputs import BuildChunkInputs
-from pipeline.media import SAMPLE_RATE
-from pipeline.parts import RegroupParts
-from pipeline.prepare import PrepareWork
-from pipeline.prompt_inputs import PreparePrompts
-from pipeline.result_rows import ResultRows
-from pipeline.structured_output import StructuredAnswers
-from pipeline.tool_calls import ToolCalls
-from pipeline.stage import Cluster, Stage, StageContext
-from pipeline.from_transcripts import PrepareFromTranscripts
+from pipeline.stages.assemble import AssembleChunks
+from pipeline.stages.chunk_features import BuildChunkInputs
+from pipeline.media.audio import SAMPLE_RATE
+from pipeline.stages.regroup_parts import RegroupParts
+from pipeline.stages.prepare import PrepareWork
+from pipeline.stages.prepare_prompts import PreparePrompts
+from pipeline.stages.result_rows import ResultRows
+from pipeline.stages.structured_answers import StructuredAnswers
+from pipeline.stages.tool_calls import ToolCalls
+from pipeline.core.stage import Cluster, Stage, StageContext
+from pipeline.stages.from_transcripts import PrepareFromTranscripts
 from schemas.config import JobConfig
 from schemas.tasks import DERIVED_FROM, MODALITY_FOR_TASK, PROMPT_MODALITIES
 
@@ -68,7 +68,7 @@ def stages_of(config: JobConfig) -> list[type[Stage]]:
         return [PreparePrompts, *prompt_stages_of(config), AssembleChunks, *structured, ResultRows]
     media = media_stages_of(config)
     # a long recording is cut by PrepareWork, its parts' features built by a pool, and its parts joined
-    # after the speech pool (pipeline/chunk_inputs.py, pipeline/parts.py)
+    # after the speech pool (pipeline/stages/chunk_features.py, pipeline/stages/regroup_parts.py)
     speech = any(stage.modality == "speech" for stage in media)
     stages: list[type[Stage]] = [PrepareWork, *([BuildChunkInputs] if speech else []), *media,
                                  *([RegroupParts] if speech else []), AssembleChunks]

@@ -1,6 +1,6 @@
 """Progress a person can follow on a long job: one `phi4mm: progress` line every ~15 s, and a last one.
 
-Read from the run's counters actor (pipeline/stage.py), so it costs the workers nothing: inputs
+Read from the run's counters actor (pipeline/core/stage.py), so it costs the workers nothing: inputs
 prepared and finished out of the manifest's rows, rows written and how many are errors, hours of
 audio or pages done, the rate, and an estimate of the time left. The lines go to stderr, so they show
 on a terminal and in `ray job logs` alike; Ray Data's own progress bars are added on a terminal only.

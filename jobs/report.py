@@ -18,7 +18,7 @@ import sys
 
 from jobs.report_data import build_report, normalize_error, resolve_filesystem
 from jobs.report_html import format_summary, render_html, write_html
-from pipeline.storage import StorageOptions
+from pipeline.io.storage import StorageOptions
 
 __all__ = ["main", "build_report", "normalize_error", "resolve_filesystem", "format_summary", "render_html",
            "write_html"]

@@ -5,7 +5,7 @@ Reads the Hive-partitioned result dataset (`OUTPUT/task=<task>/*.parquet`) and t
 status, error reasons grouped across inputs, GPU throughput per run, tokens, latency percentiles and
 quality scores (`jobs.scoring`) where the manifest carried references.
 
-Reading goes through the pyarrow filesystem the jobs use (`pipeline.storage.pyarrow_filesystem`, or the
+Reading goes through the pyarrow filesystem the jobs use (`pipeline.io.storage.pyarrow_filesystem`, or the
 one passed in), and only the columns a report needs: never `segments`, and `text`/`reference` only for
 rows that carry a reference, so a report over millions of rows stays small in memory.
 """
@@ -25,7 +25,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from jobs import scoring
-from pipeline.storage import StorageOptions, pyarrow_filesystem
+from pipeline.io.storage import StorageOptions, pyarrow_filesystem
 from schemas.results import KEY_COLUMNS, STATUS_OK
 from schemas.tasks import AUDIO_TASKS, TASKS
 
@@ -45,7 +45,7 @@ ERROR_GROUP_MAX_CHARS = 300
 def resolve_filesystem(output: str, filesystem: pafs.FileSystem | None = None,
                        options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for OUTPUT: a given filesystem wins; else the one the jobs write
-    through (`pipeline.storage.pyarrow_filesystem`, with the same `StorageOptions`: endpoint, region,
+    through (`pipeline.io.storage.pyarrow_filesystem`, with the same `StorageOptions`: endpoint, region,
     profile, retries)."""
     if filesystem is not None:
         return filesystem, re.sub(r"^[a-zA-Z][\w+.-]*://", "", output).rstrip("/")

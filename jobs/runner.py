@@ -17,16 +17,16 @@ from jobs.graph import build_dataset, plan_cluster
 from jobs.progress import ProgressReporter
 from jobs.run_record import run_record
 from jobs.settings import Settings, from_environment
-from pipeline.model_inputs import load_processor
-from pipeline.model_source import describe_model, resolve_model
-from pipeline.prompt_inputs import planned_modalities
-from pipeline.read import read_manifest
-from pipeline.resume import drop_superseded, rows_to_redo
-from pipeline.errors import OutputError
-from pipeline.stage import StageContext, start_run_counters
-from pipeline.storage import (StorageOptions, fsspec_filesystem, is_local, pyarrow_filesystem,
+from pipeline.model.inputs import load_processor
+from pipeline.model.source import describe_model, resolve_model
+from pipeline.stages.prepare_prompts import planned_modalities
+from pipeline.io.manifest import read_manifest
+from pipeline.io.resume import drop_superseded, rows_to_redo
+from pipeline.core.errors import OutputError
+from pipeline.core.stage import StageContext, start_run_counters
+from pipeline.io.storage import (StorageOptions, fsspec_filesystem, is_local, pyarrow_filesystem,
                               remove_directory_markers)
-from pipeline.write import (io_cause, probe_output, read_results, slow_local_filesystem, write_results,
+from pipeline.io.output import (io_cause, probe_output, read_results, slow_local_filesystem, write_results,
                             write_run_record)
 from schemas.config import JobConfig
 from schemas.manifest import PROMPT_MEDIA_COLUMNS, ManifestError, passthrough_columns, unknown_target_languages

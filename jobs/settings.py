@@ -1,7 +1,7 @@
 """The process environment, read once, at the entry point: every variable the jobs honour is here.
 
 Nothing below `jobs/` reads the environment for its own settings (storage credentials and endpoints
-are the S3 libraries' own business, and `pipeline/storage.py` fills an unset endpoint on the driver so
+are the S3 libraries' own business, and `pipeline/io/storage.py` fills an unset endpoint on the driver so
 the value travels to the workers). A job's settings that vary per run belong in `JobConfig`.
 """
 from __future__ import annotations

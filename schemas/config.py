@@ -82,7 +82,7 @@ class BatchingConfig(_Strict):
 class AudioConfig(_Strict):
     max_chunk_s: float = Field(30.0, gt=1.0, le=40.0)  # the model is trained on clips up to ~40 s
     grid_s: float = Field(0.5, gt=0.0)  # long audio's cuts prefer points on this grid (fewer distinct lengths)
-    # clips and chunks batch on the GPU by length bucket of this width (pipeline/model_inputs.py:
+    # clips and chunks batch on the GPU by length bucket of this width (pipeline/model/inputs.py:
     # audio_bucket): wider buckets form fuller batches, narrower ones pad less
     batch_bucket_s: float = Field(2.0, gt=0.0, le=40.0)
     split_channels: bool = False  # stereo call recordings: one transcript per channel (agent/customer)
@@ -94,7 +94,7 @@ class AudioConfig(_Strict):
     # and ~1.8 GB of 16 kHz samples to hold), and when the decoded samples pass it otherwise
     max_audio_s: float = Field(4 * 3600.0, gt=0.0)
     # chunks per work row: a longer recording's row travels in parts of this many chunks (~1 MB of
-    # features each), regrouped after the GPU (pipeline/parts.py), so no Ray object holds an hour
+    # features each), regrouped after the GPU (pipeline/stages/regroup_parts.py), so no Ray object holds an hour
     part_chunks: int = Field(16, ge=1)
 
 
@@ -171,7 +171,7 @@ class ExtractConfig(_Strict):
     # the JSON Schema (an object at the top) of what to extract; None: no extract rows
     json_schema: dict | None = None
     # what to ask for, before the transcript (`--extract-prompt`); None: the project's wording
-    # (pipeline/prompts.py: EXTRACT_TRANSCRIPT_PROMPT)
+    # (pipeline/model/prompts.py: EXTRACT_TRANSCRIPT_PROMPT)
     instruction: str | None = None
     # bounds the grammar adds where the schema sets none (as the prompt job's: a wandering model still
     # ends within its tokens)
@@ -206,7 +206,7 @@ class InputsConfig(_Strict):
     connect_timeout_s: float = Field(10.0, gt=0.0)  # to open a connection to S3 / an HTTP server
     read_timeout_s: float = Field(60.0, gt=0.0)  # with no byte arriving from an open connection
     # the whole fetch of one input, retries included; past it the row is an error and the read is left
-    # to its thread (at most `pipeline.fetch.MAX_STALLED_READS` of them per worker)
+    # to its thread (at most `pipeline.io.fetch.MAX_STALLED_READS` of them per worker)
     fetch_timeout_s: float = Field(300.0, gt=0.0)
 
     @field_validator("allowed_schemes")

@@ -47,7 +47,7 @@ KINDS = ("audio", "image", "document", "meeting")
 
 # the prompt job's further media columns (each optional, any mix per row; a row with none of them and no
 # uri/data is a text prompt): `images` a list of uris in prompt order, `audio` one uri or a list, `video`
-# one uri. The reader (pipeline/read.py) makes them lists of uris, relative ones resolved like `uri`.
+# one uri. The reader (pipeline/io/manifest.py) makes them lists of uris, relative ones resolved like `uri`.
 PROMPT_MEDIA_COLUMNS: tuple[str, ...] = ("images", "audio", "video")
 PROMPT = "prompt"  # the prompt job: a row's own prompt text (else the job's --prompt template)
 

@@ -36,7 +36,7 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("processed_at", pa.timestamp("us", tz="UTC")),
     # which weights wrote the row (appended: the columns above keep their order). The layout the
     # checkpoint came in ("native", or "remote-code": the hub's main branch, converted on load) and a
-    # fingerprint of its weight files (pipeline/checkpoint_layout.py: FINGERPRINT_METHOD), equal for
+    # fingerprint of its weight files (pipeline/model/checkpoint_layout.py: FINGERPRINT_METHOD), equal for
     # every copy of the same weights, local, s3:// or hub
     pa.field("model_layout", pa.string()),
     pa.field("model_weights_sha", pa.string()),

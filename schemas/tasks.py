@@ -23,7 +23,7 @@ AUDIO_TASKS: tuple[str, ...] = ("asr", "translate", "summarize", "extract")
 MODALITY_FOR_TASK: dict[str, str] = {"asr": "speech", "translate": "speech", "ocr": "vision",
                                      "summarize": "text", "extract": "text"}
 # a prompt row's pool is its own mix of media (speech LoRA for audio only, vision LoRA for images with or
-# without audio, base weights for text), decided per row (pipeline/prompt_inputs.py: prompt_modality)
+# without audio, base weights for text), decided per row (pipeline/stages/prepare_prompts.py: prompt_modality)
 PROMPT_MODALITIES: tuple[str, ...] = ("speech", "vision", "text")
 
 # a task made from another task's finished row rather than from the input: the summary of a recording

@@ -3,7 +3,7 @@
 One work row is one future output row: (id, task, target language, page). It carries its chunks as
 lists (one entry per audio chunk; one entry for a page or a text prompt); a long recording's row travels
 in parts of a bounded number of chunks, joined again after the GPU by one actor that holds them
-(pipeline/parts.py), so there is no shuffle barrier and results stream to Parquet as rows finish. A bad
+(pipeline/stages/regroup_parts.py), so there is no shuffle barrier and results stream to Parquet as rows finish. A bad
 input becomes one error row per output key instead, so every input still yields a row for every task.
 
 A chunk's model inputs travel as one pickled dict of numpy arrays (`encode_item` / `decode_item`), which
@@ -25,7 +25,7 @@ class BatchKey(NamedTuple):
 
     Audio: clips of any length may share a batch (the GPU side masks the audio encoder's padding,
     actors/audio_padding.py, so each clip's output is its unbatched one); the key is the clip's length
-    bucket (pipeline/model_inputs.py: audio_bucket), so a batch pads each clip by less than one bucket.
+    bucket (pipeline/model/inputs.py: audio_bucket), so a batch pads each clip by less than one bucket.
     Images: one crop count per batch. Text prompts are left-padded and masked, so they share one key.
     """
     kind: str  # "audio" | "image" | "text"; "samples": audio whose model inputs are not built yet
@@ -42,7 +42,7 @@ WORK_FIELDS: list[pa.Field] = [
     *(_RESULT[n] for n in ("id", "task", "target_language", "language", "page", "pages", "duration_s",
                            "summary_sections", "summary_from")),
     pa.field("modality", pa.string()),  # speech | vision | text | none (nothing to generate)
-    # a long recording's row travels in parts of at most audio.part_chunks chunks (pipeline/parts.py):
+    # a long recording's row travels in parts of at most audio.part_chunks chunks (pipeline/stages/regroup_parts.py):
     # part k of parts, regrouped before assembly; null for a row in one piece
     pa.field("part", pa.int32()),
     pa.field("parts", pa.int32()),
@@ -60,7 +60,7 @@ WORK_FIELDS: list[pa.Field] = [
     pa.field("chunk_output_ids", pa.list_(pa.list_(pa.int32()))),
     pa.field("chunk_latency_s", pa.list_(pa.float64())),
     pa.field("chunk_error", pa.list_(pa.string())),
-    # filled by assembly (pipeline/assemble.py)
+    # filled by assembly (pipeline/stages/assemble.py)
     *(_RESULT[n] for n in ("text", "segments", "input_tokens", "output_tokens", "latency_s")),
 ]
 WORK_SCHEMA = pa.schema(WORK_FIELDS)
@@ -69,7 +69,7 @@ WORK_COLUMNS = [f.name for f in WORK_FIELDS]
 # The manifest's pass-through columns ride along in a work table under this prefix (`agent_id` travels
 # as `manifest:agent_id`), a namespace of their own: a manifest column named `modality` or `chunk_text`
 # can neither overwrite nor be overwritten by the work row's column of that name. ResultRows
-# (pipeline/result_rows.py) restores the names.
+# (pipeline/stages/result_rows.py) restores the names.
 PASSTHROUGH_PREFIX = "manifest:"
 assert not any(c.startswith(PASSTHROUGH_PREFIX) for c in WORK_COLUMNS)
 

@@ -9,7 +9,7 @@ OUT=${OUT:-out/demo}
 MODEL=${PHI4MM_MODEL:-microsoft/Phi-4-multimodal-instruct}
 EXTRA=()
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 \
-   && $PY -c "from pipeline.model_source import resolve_model; resolve_model('$MODEL', revision=None if '$MODEL' != 'microsoft/Phi-4-multimodal-instruct' else 'refs/pr/70')" >/dev/null 2>&1; then
+   && $PY -c "from pipeline.model.source import resolve_model; resolve_model('$MODEL', revision=None if '$MODEL' != 'microsoft/Phi-4-multimodal-instruct' else 'refs/pr/70')" >/dev/null 2>&1; then
   echo "== GPU and weights found: running $MODEL"
 else
   cat <<'BANNER'

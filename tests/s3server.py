@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pipeline.storage import StorageOptions
+from pipeline.io.storage import StorageOptions
 
 __all__ = ["s3_server", "s3", "S3Env", "FaultProxy", "free_port", "FAKE_AWS_ENV"]
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.prompts import task_instruction
+from pipeline.model.prompts import task_instruction
 from tests.conftest import MAX_NEW
 
 MAX = int(MAX_NEW)
@@ -21,7 +21,7 @@ SECONDS = [3.1, 3.9, 7.77, 12.3, 13.5, 29.9, 45.0]  # pairs share a 2 s bucket
 
 @pytest.fixture(scope="module")
 def builder(tiny_model):
-    from pipeline.model_inputs import InputBuilder
+    from pipeline.model.inputs import InputBuilder
 
     return InputBuilder(tiny_model)
 

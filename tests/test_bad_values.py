@@ -56,8 +56,8 @@ def test_result_column_in_the_manifest_fails_before_ray_with_one_line(run_job, s
 
 
 def test_prepare_makes_only_the_translation_of_a_bad_target_an_error_row(tiny_model):
-    from pipeline.prepare import PrepareWork
-    from pipeline.stage import StageContext
+    from pipeline.stages.prepare import PrepareWork
+    from pipeline.core.stage import StageContext
     from schemas.config import JobConfig
     from tests.conftest import SAMPLES
 

@@ -1,7 +1,7 @@
 """Checkpoints as users hold them: the main-branch (remote-code) layout, mirrored copies, offline caches.
 
 The main-branch checkpoint is rebuilt here from the native tiny one, written out under the remote code's
-names with the adapters inline, by a mapping written independently of pipeline/checkpoint_layout.py (the
+names with the adapters inline, by a mapping written independently of pipeline/model/checkpoint_layout.py (the
 inverse of transformers' convert_phi4_multimodal_weights_to_hf.py, by hand). Converted, it must generate
 token for token what the native tiny model generates, for speech, image and text prompts, whether it
 comes from a local folder, an s3:// prefix or the hub cache offline. Every refusal names what is
@@ -163,8 +163,8 @@ PROMPTS = {"speech": "Transcribe the audio clip into text.",
 def _generations(model_dir: str) -> dict[str, list[int]]:
     """Greedy tokens of the engine (the pipeline's loader: adapters merged) for one prompt per modality."""
     from actors.engine import Phi4MMEngine
-    from pipeline.media import decode_audio
-    from pipeline.model_inputs import InputBuilder
+    from pipeline.media.audio import decode_audio
+    from pipeline.model.inputs import InputBuilder
     from schemas.config import BatchingConfig, ModelConfig
     from tests.conftest import SAMPLES
 
@@ -194,7 +194,7 @@ def _assert_same(native: dict, converted: dict) -> None:
 
 
 def test_converted_main_branch_generates_as_native(remote_model, tiny_model, native_generations, tmp_path):
-    from pipeline.model_source import COMPLETE_MARKER, describe_model, resolve_model
+    from pipeline.model.source import COMPLETE_MARKER, describe_model, resolve_model
 
     info = describe_model(remote_model)
     assert info["layout"] == "remote-code" and len(info["weights_sha"]) == 64
@@ -217,7 +217,7 @@ def test_converted_main_branch_generates_as_native(remote_model, tiny_model, nat
 def test_conversion_runs_once_per_node_under_the_lock(remote_model, tmp_path, monkeypatch):
     import time
 
-    import pipeline.model_source as model_source
+    import pipeline.model.source as model_source
     from tests.conftest import run_concurrently
 
     calls = []
@@ -240,7 +240,7 @@ def test_conversion_runs_once_per_node_under_the_lock(remote_model, tmp_path, mo
 
 def test_convert_checkpoint_command(remote_model, tmp_path, capsys):
     from jobs.cli import main
-    from pipeline.model_source import describe_model
+    from pipeline.model.source import describe_model
 
     dst = tmp_path / "native"
     assert main(["convert-checkpoint", remote_model, str(dst)]) == 0
@@ -254,7 +254,7 @@ def test_convert_checkpoint_command(remote_model, tmp_path, capsys):
 
 def test_main_branch_through_s3(s3, remote_model, native_generations, tmp_path, capsys):
     from jobs.cli import main
-    from pipeline.model_source import describe_model, resolve_model
+    from pipeline.model.source import describe_model, resolve_model
 
     for f in sorted(Path(remote_model).rglob("*")):
         if f.is_file():
@@ -288,7 +288,7 @@ def _fake_hub_cache(cache: Path, repo: str, source: str, commit: str = "01234567
 
 
 def test_main_branch_from_hub_cache_offline(remote_model, native_generations, tmp_path, monkeypatch):
-    from pipeline.model_source import describe_model, resolve_model
+    from pipeline.model.source import describe_model, resolve_model
 
     hub_cache = tmp_path / "hub"
     _fake_hub_cache(hub_cache, "someone/phi4mm-mirror", remote_model)
@@ -321,7 +321,7 @@ def _edit_json(path: Path, **changes) -> None:
 
 
 def _refusal(folder) -> str:
-    from pipeline.model_source import CheckpointError, describe_model
+    from pipeline.model.source import CheckpointError, describe_model
 
     with pytest.raises(CheckpointError) as info:
         describe_model(str(folder))
@@ -391,7 +391,7 @@ def test_refuses_a_gated_hub_id_without_a_token(monkeypatch):
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError
 
-    from pipeline.model_source import CheckpointError, describe_model
+    from pipeline.model.source import CheckpointError, describe_model
 
     def gated(self, repo_id, revision=None, **kwargs):
         request = httpx.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
@@ -430,7 +430,7 @@ def test_layout_of_weights_and_config_must_agree(remote_model, tiny_model, tmp_p
 
 
 def test_placeholder_ids_fall_back_to_the_remote_code_constants():
-    from pipeline.checkpoint_layout import CheckpointError, placeholder_ids
+    from pipeline.model.checkpoint_layout import CheckpointError, placeholder_ids
 
     tokenizer_json = {"added_tokens": [{"id": 200010, "content": "<|endoftext10|>"},
                                        {"id": 200011, "content": "<|endoftext11|>"}]}
@@ -446,7 +446,7 @@ def test_placeholder_ids_fall_back_to_the_remote_code_constants():
 def test_job_on_main_branch_checkpoint_records_its_provenance(run_job, remote_model, tiny_model, tmp_path):
     import pandas as pd
 
-    from pipeline.model_source import describe_model
+    from pipeline.model.source import describe_model
     from tests.conftest import SAMPLES, read_output
 
     manifest = tmp_path / "m.csv"

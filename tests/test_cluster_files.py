@@ -266,7 +266,7 @@ def test_runtime_env_yaml_is_accepted_by_ray(monkeypatch):
         pytest.fail(f"RuntimeEnv refuses runtime_env.yaml: {e}")
     assert parsed.working_dir() == "."
     env_vars = parsed.env_vars()
-    # pipeline/model_source.py reads PHI4MM_CACHE; huggingface_hub reads HF_HOME.
+    # pipeline/model/source.py reads PHI4MM_CACHE; huggingface_hub reads HF_HOME.
     for key in ("HF_HOME", "PHI4MM_CACHE"):
         assert env_vars.get(key), f"{key} should point at the node-local model cache"
     assert all(isinstance(v, str) for v in env_vars.values())
@@ -285,7 +285,7 @@ def test_node_setup_caches_match_runtime_env(cluster):
     for key in ("HF_HOME", "PHI4MM_CACHE"):
         assert key in exported, f"cluster.yaml setup_commands should export {key}"
         assert exported[key].replace("$HOME", "${HOME}") == env_vars[key], f"{key} differs from runtime_env.yaml"
-    assert "resolve_model" in setup, "setup_commands should prefetch the checkpoint through pipeline.model_source"
+    assert "resolve_model" in setup, "setup_commands should prefetch the checkpoint through pipeline.model.source"
 
 # ------------------------------------------------------------------------------ upload / .rayignore
 
@@ -313,7 +313,7 @@ def test_rayignore_excludes_vcs_envs_weights_and_outputs():
     ):
         assert _ray_would_skip(rel, both), f"{rel} would be uploaded with the working dir"
     for rel in (
-        "jobs/transcribe.py", "pipeline/read.py", "schemas/results.py", "pyproject.toml",
+        "jobs/transcribe.py", "pipeline/io/manifest.py", "schemas/results.py", "pyproject.toml",
         "samples/call.wav", "samples/manifest.parquet", "bench/RESULTS.md", "runtime_env.yaml",
     ):
         assert not _ray_would_skip(rel, both), f"{rel} would be left out of the working dir"

@@ -11,10 +11,10 @@ import pytest
 import soundfile as sf
 
 from jobs.graph import plan_cluster, prepare_pool_size, stages_of
-from pipeline.assemble import AssembleChunks
-from pipeline.prepare import PrepareWork
-from pipeline.result_rows import ResultRows
-from pipeline.stage import StageContext
+from pipeline.stages.assemble import AssembleChunks
+from pipeline.stages.prepare import PrepareWork
+from pipeline.stages.result_rows import ResultRows
+from pipeline.core.stage import StageContext
 from schemas.config import JobConfig
 from schemas.manifest import validate_manifest
 from tests.conftest import SAMPLES

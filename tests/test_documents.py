@@ -10,9 +10,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image, TiffImagePlugin
 
-from pipeline.media import count_pages, decode_pages, open_pages, sniff_kind
-from pipeline.prepare import DOCUMENT_BLOCK_BYTES, PrepareWork
-from pipeline.stage import Stage, StageContext
+from pipeline.media.kind import sniff_kind
+from pipeline.media.pages import count_pages, decode_pages, open_pages
+from pipeline.stages.prepare import DOCUMENT_BLOCK_BYTES, PrepareWork
+from pipeline.core.stage import Stage, StageContext
 from schemas.config import JobConfig
 from schemas.manifest import validate_manifest
 from bench.documents import LETTER_150_DPI, encoded, scan, text_pdf
@@ -159,8 +160,8 @@ def test_run_record_counts_pages_read_not_error_rows():
 def test_vision_calls_are_sized_by_features_bytes_and_speech_keeps_its_rows():
     from actors.stages import SpeechStage, VisionStage, rows_per_call
     from jobs.graph import queued_features_limit
-    from pipeline.model_inputs import max_page_feature_bytes
-    from pipeline.stage import Cluster
+    from pipeline.model.inputs import max_page_feature_bytes
+    from pipeline.core.stage import Cluster
 
     cluster = Cluster(cpus=16, gpus=1)
     ocr = JobConfig(job="ocr", input="m", output="o")
@@ -178,7 +179,7 @@ def test_vision_calls_are_sized_by_features_bytes_and_speech_keeps_its_rows():
     assert 3 * 4 * max_page_feature_bytes(36) < queued_features_limit(ocr, on_cpu) == 4 << 30  # the floor
     # speech and meetings: as before (30 s chunks, ~1 MB each)
     assert SpeechStage.resources(JobConfig(job="transcribe", input="m", output="o"), cluster).batch_size == 512
-    # (a meetings row is one part of up to 16 chunks: 32 rows, ~512 chunks, pipeline/parts.py)
+    # (a meetings row is one part of up to 16 chunks: 32 rows, ~512 chunks, pipeline/stages/regroup_parts.py)
     assert SpeechStage.resources(JobConfig(job="meetings", input="m", output="o"), cluster).batch_size == 32
     assert queued_features_limit(JobConfig(job="transcribe", input="m", output="o"), cluster) is None
 

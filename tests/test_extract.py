@@ -12,8 +12,8 @@ import pytest
 from jsonschema import validate
 
 from actors.stages import TextStage
-from pipeline.from_transcripts import PrepareFromTranscripts
-from pipeline.stage import StageContext
+from pipeline.stages.from_transcripts import PrepareFromTranscripts
+from pipeline.core.stage import StageContext
 from schemas.config import JobConfig
 from schemas.work_rows import work_table
 from tests.conftest import read_output
@@ -106,8 +106,8 @@ def extract_context(tiny_model: str) -> StageContext:
 def test_a_long_transcript_is_read_in_sections_then_extracted_from_the_notes(tiny_model):
     """80 segments do not fit one window: notes per section (free text), combined while they are too long
     for one extraction prompt, then one constrained call; every call within the window."""
-    from pipeline.assemble import assemble
-    from pipeline.structured_output import StructuredAnswers
+    from pipeline.stages.assemble import assemble
+    from pipeline.stages.structured_answers import StructuredAnswers
 
     context = extract_context(tiny_model)
     table = work_table([transcript_row(80), transcript_row(1) | {"id": "short"}], None)

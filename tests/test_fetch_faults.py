@@ -13,11 +13,11 @@ import pyarrow as pa
 import pytest
 from fsspec.spec import AbstractFileSystem
 
-from pipeline.errors import InputError
-from pipeline.fetch import check_allowed, fetch_bytes, start_fetch
-from pipeline.prepare import PrepareWork
-from pipeline.stage import StageContext
-from pipeline.storage import StorageOptions
+from pipeline.core.errors import InputError
+from pipeline.io.fetch import check_allowed, fetch_bytes, start_fetch
+from pipeline.stages.prepare import PrepareWork
+from pipeline.core.stage import StageContext
+from pipeline.io.storage import StorageOptions
 from schemas.config import InputsConfig, JobConfig
 from schemas.manifest import validate_manifest
 from tests.conftest import SAMPLES

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from bench.card_recipe import CardRecipe
-from pipeline.media import decode_audio, decode_pages
-from pipeline.prompts import task_instruction
+from pipeline.media.audio import decode_audio
+from pipeline.media.pages import decode_pages
+from pipeline.model.prompts import task_instruction
 from tests.conftest import MAX_NEW, read_output
 
 MAX = int(MAX_NEW)
@@ -59,7 +60,7 @@ def assert_same_or_tie(pipeline_text: str, ref, engine, built_inputs, what: str,
 
 
 def test_speech_tasks_match_card_recipe(transcribe_run, meetings_run, card, engines, tiny_model):
-    from pipeline.model_inputs import InputBuilder
+    from pipeline.model.inputs import InputBuilder
 
     builder = InputBuilder(tiny_model)
     stats = {"equal": 0, "ties": 0}
@@ -85,9 +86,9 @@ def test_speech_tasks_match_card_recipe(transcribe_run, meetings_run, card, engi
 
 def test_summaries_match_card_recipe(transcribe_run, card, engines, tiny_model):
     """The card's chain, one item at a time: its transcript of each chunk, those ids into the summary
-    prompt (as the pipeline builds it: pipeline/from_transcripts.py), its summary of that prompt."""
-    from pipeline.model_inputs import InputBuilder
-    from pipeline.prompts import summary_pieces
+    prompt (as the pipeline builds it: pipeline/stages/from_transcripts.py), its summary of that prompt."""
+    from pipeline.model.inputs import InputBuilder
+    from pipeline.model.prompts import summary_pieces
 
     builder = InputBuilder(tiny_model)
     samples, good, _, out = transcribe_run
@@ -111,7 +112,7 @@ def test_summaries_match_card_recipe(transcribe_run, card, engines, tiny_model):
 
 
 def test_ocr_matches_card_recipe(ocr_run, card, engines, tiny_model):
-    from pipeline.model_inputs import InputBuilder
+    from pipeline.model.inputs import InputBuilder
 
     builder = InputBuilder(tiny_model, dynamic_hd=4)
     samples, manifest, _, out = ocr_run
@@ -129,7 +130,7 @@ def test_ocr_matches_card_recipe(ocr_run, card, engines, tiny_model):
 
 def test_batched_equals_unbatched_for_equal_length_audio(engines, tiny_model):
     """The engine's batches (equal-length audio, left-padded prompts) give the single-item tokens."""
-    from pipeline.model_inputs import InputBuilder
+    from pipeline.model.inputs import InputBuilder
 
     builder = InputBuilder(tiny_model)
     rng = np.random.default_rng(7)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.prompts import task_instruction
+from pipeline.model.prompts import task_instruction
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -30,7 +30,7 @@ def generate_both_ways(tiny_model, modality: str, built: list, new: int, slots: 
 
 def test_cuda_graph_decoder_equals_generate_on_tiny_model(tiny_model):
     """The captured decode step and the compiled prefill must give generate's tokens exactly."""
-    from pipeline.model_inputs import InputBuilder
+    from pipeline.model.inputs import InputBuilder
 
     builder = InputBuilder(tiny_model)
     rng = np.random.default_rng(11)
@@ -43,7 +43,7 @@ def test_cuda_graph_decoder_equals_generate_on_tiny_model(tiny_model):
 
 def test_compiled_prefill_with_left_padding_equals_generate(tiny_model):
     """Prompts of different lengths share a prefill batch (left padding, masked attention)."""
-    from pipeline.model_inputs import InputBuilder
+    from pipeline.model.inputs import InputBuilder
 
     builder = InputBuilder(tiny_model)
     texts = [builder.text(task_instruction("summarize", transcript="word " * (4 + 13 * k))) for k in range(6)]

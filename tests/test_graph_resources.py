@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from jobs.graph import gpu_stages_of, plan_cluster, prepare_pool_size
-from pipeline.prepare import PrepareWork
-from pipeline.stage import Cluster
+from pipeline.stages.prepare import PrepareWork
+from pipeline.core.stage import Cluster
 from schemas.config import JobConfig
 
 ROWS = 100_000  # a large manifest: the pool is bounded by the CPUs, not the rows
@@ -60,7 +60,7 @@ def test_meetings_features_pool_takes_what_the_decoding_pool_leaves_from_the_sta
     """8 one-hour meetings on a 16-core, 1-GPU host: 4 decoding workers (one per two inputs) and every
     CPU they and the other actors leave for the features pool, started at once (features are ~80 % of
     preparing audio); together they fit the host's CPUs. A transcribe job's pool grows from one."""
-    from pipeline.chunk_inputs import BuildChunkInputs
+    from pipeline.stages.chunk_features import BuildChunkInputs
 
     config = JobConfig(job="meetings", input="m.parquet", output="out")
     cluster = plan_cluster(config, 16, 1, 8, autoscaling=False)

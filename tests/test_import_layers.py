@@ -65,8 +65,8 @@ def test_no_two_folders_import_each_other():
 
 def test_the_check_sees_an_upward_import():
     """The check itself can fail: an import from schemas/ of pipeline/ is flagged."""
-    edges = {("schemas", "pipeline"): ["schemas/config.py -> pipeline.prompts"]}
-    assert upward(edges) == ["schemas/config.py -> pipeline.prompts"]
+    edges = {("schemas", "pipeline"): ["schemas/config.py -> pipeline.model.prompts"]}
+    assert upward(edges) == ["schemas/config.py -> pipeline.model.prompts"]
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def test_engine_runs_short_and_long_prompts_in_their_own_caches_and_refuses_what
     import numpy as np
 
     from actors.engine import Phi4MMEngine
-    from pipeline.model_inputs import InputBuilder
+    from pipeline.model.inputs import InputBuilder
     from schemas.config import BatchingConfig, ModelConfig
 
     builder = InputBuilder(tiny_model)

@@ -48,7 +48,7 @@ def test_three_hour_meeting_is_transcribed_in_order_with_bounded_memory(run_job_
     assert all(a["end_s"] == b["start_s"] for a, b in zip(segments, segments[1:]))  # in order, no gap
     assert all(s["end_s"] - s["start_s"] <= 30.0 + 1e-6 for s in segments) and len(segments) >= HOURS * 120
     assert asr.duration_s == pytest.approx(duration, abs=0.01)
-    # it travelled in parts of at most audio.part_chunks (16) chunks, regrouped once (pipeline/parts.py)
+    # it travelled in parts of at most audio.part_chunks (16) chunks, regrouped once (pipeline/stages/regroup_parts.py)
     counters = json.loads((out / "_runs" / "three-hours.json").read_text())["counters"]
     regrouped, built = counters["RegroupParts"], counters["BuildChunkInputs"]
     assert regrouped["rows_regrouped"] == 1 and regrouped["parts_in"] == math.ceil(len(segments) / 16)

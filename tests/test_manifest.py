@@ -12,7 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.read import manifest_format, read_manifest
+from pipeline.io.manifest import manifest_format, read_manifest
 from schemas.manifest import (KNOWN_COLUMNS, KNOWN_FIELDS, PASSTHROUGH_EXCLUDE, ManifestError,
                               passthrough_columns, validate_manifest)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.cli import main
-from pipeline.read import read_manifest
+from pipeline.io.manifest import read_manifest
 from schemas.manifest import ManifestError
 
 GOOD = "id,uri,language\na,a.wav,en\nb,b.wav,en\nc,c.wav,en\nd,d.wav,en\n"

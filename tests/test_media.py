@@ -13,15 +13,10 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from pipeline.media import (
-    SAMPLE_RATE,
-    count_pages,
-    decode_audio,
-    decode_audio_channels,
-    decode_pages,
-    sniff_kind,
-)
-from pipeline.errors import InputError
+from pipeline.media.audio import SAMPLE_RATE, decode_audio, decode_audio_channels
+from pipeline.media.kind import sniff_kind
+from pipeline.media.pages import count_pages, decode_pages
+from pipeline.core.errors import InputError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 HAS_MP3 = "MP3" in sf.available_formats()

@@ -13,10 +13,12 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from pipeline.errors import InputError
-from pipeline.media import SAMPLE_RATE, decode_audio, decode_audio_channels, decode_pages, sniff_kind
-from pipeline.prepare import PrepareWork
-from pipeline.stage import StageContext
+from pipeline.core.errors import InputError
+from pipeline.media.audio import SAMPLE_RATE, decode_audio, decode_audio_channels
+from pipeline.media.kind import sniff_kind
+from pipeline.media.pages import decode_pages
+from pipeline.stages.prepare import PrepareWork
+from pipeline.core.stage import StageContext
 from schemas.config import JobConfig
 from schemas.manifest import validate_manifest
 from tests.conftest import SAMPLES
@@ -70,7 +72,7 @@ def test_max_duration_is_a_limit_not_a_cut():
 
 
 def test_without_a_length_in_the_header_decoding_stops_at_the_limit(monkeypatch):
-    import pipeline.media as media
+    import pipeline.media.audio as media
 
     monkeypatch.setattr(media, "_UNKNOWN_FRAMES", 1)  # every header's frame count taken as "not known"
     data = encode(tone(10.0), SAMPLE_RATE, "FLAC")

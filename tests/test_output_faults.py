@@ -17,9 +17,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import OutputError
-from pipeline.storage import pyarrow_filesystem, remove_directory_markers
-from pipeline.write import probe_output, write_results
+from pipeline.core.errors import OutputError
+from pipeline.io.storage import pyarrow_filesystem, remove_directory_markers
+from pipeline.io.output import probe_output, write_results
 from tests.conftest import SAMPLES, read_output
 from tests.s3server import FaultProxy
 

@@ -1,10 +1,10 @@
-"""Long recordings travel in parts (pipeline/parts.py): regrouped in order, once, whatever the retries."""
+"""Long recordings travel in parts (pipeline/stages/regroup_parts.py): regrouped in order, once, whatever the retries."""
 from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline.parts import PartsStore, RegroupParts, split_in_parts
-from pipeline.stage import StageContext
+from pipeline.stages.regroup_parts import PartsStore, RegroupParts, split_in_parts
+from pipeline.core.stage import StageContext
 from schemas.config import JobConfig
 from schemas.work_rows import BatchKey, WorkChunk, work_row, work_table
 

@@ -1,7 +1,7 @@
 """A poison input: one that kills its GPU worker process every time it runs.
 
 Ray restarts a dead actor and retries its call without limit, so such an input used to be retried
-forever. The run's journal (pipeline/stage.py: RunCounters) sees the rows of a call whose worker died
+forever. The run's journal (pipeline/core/stage.py: RunCounters) sees the rows of a call whose worker died
 come back; their batch is then run one row at a time, and a row that killed its worker while alone
 `resources.poison_after_deaths` times becomes an error row without running again. The test input
 kills its worker through the test-only hook `benchmark.exit_worker_on_ids` (os._exit in the stage).
@@ -13,7 +13,7 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline.stage import RunCounters
+from pipeline.core.stage import RunCounters
 from tests.conftest import read_output
 
 MAX_NEW = "6"

@@ -106,10 +106,11 @@ def engines(tiny_model):
 
 def test_every_mix_matches_card_recipe(prompt_run, engines, tiny_model):
     from bench.card_recipe import CardRecipe
-    from pipeline.media import decode_audio, decode_pages
-    from pipeline.model_inputs import InputBuilder
-    from pipeline.prompt_inputs import prompt_modality
-    from pipeline.video import sample_frames
+    from pipeline.media.audio import decode_audio
+    from pipeline.media.pages import decode_pages
+    from pipeline.model.inputs import InputBuilder
+    from pipeline.stages.prepare_prompts import prompt_modality
+    from pipeline.media.video import sample_frames
 
     folder, out = prompt_run
     rows = read_output(out).to_pandas().set_index("id")
@@ -135,8 +136,8 @@ def test_every_mix_matches_card_recipe(prompt_run, engines, tiny_model):
 def test_template_fills_columns_and_a_missing_one_is_an_error_row(tiny_model):
     """The --prompt template's {column}s come from the row; a row without one is an error row naming it
     (the stage on a hand-made table: one row out per row in)."""
-    from pipeline.prompt_inputs import PreparePrompts
-    from pipeline.stage import StageContext
+    from pipeline.stages.prepare_prompts import PreparePrompts
+    from pipeline.core.stage import StageContext
     from schemas.config import JobConfig
 
     def run(template: str, table: pa.Table) -> list[dict]:
@@ -150,7 +151,7 @@ def test_template_fills_columns_and_a_missing_one_is_an_error_row(tiny_model):
     assert [r["id"] for r in rows] == ["a", "b", "c"]
     assert [r["error"] is None for r in rows] == [True, False, True]
     assert "'topic'" in rows[1]["error"] and rows[0]["modality"] == "text"
-    from pipeline.model_inputs import load_processor
+    from pipeline.model.inputs import load_processor
     from schemas.work_rows import decode_item
 
     tokenizer = load_processor(tiny_model).tokenizer

@@ -103,7 +103,7 @@ def test_superseded_rows_of_a_run_whose_name_extends_this_one_are_dropped(tmp_pa
     """Run ids "nightly-2" then "nightly": the older run's files are not this run's files."""
     import pyarrow.fs as pafs
 
-    from pipeline.resume import drop_superseded
+    from pipeline.io.resume import drop_superseded
 
     _write_rows(tmp_path, "asr", "nightly-2", [{"id": "x", "status": "error", "error": "x.wav: not found"},
                                                {"id": "y", "text": "hello"}])
@@ -117,8 +117,8 @@ def test_superseded_rows_of_a_run_whose_name_extends_this_one_are_dropped(tmp_pa
 def test_rows_with_their_own_target_language_are_not_redone(tmp_path):
     """A manifest row's target_language overrides the job's --translate-to; once that one translation
     is written ok, resume has nothing left to do for the row."""
-    from pipeline.resume import rows_to_redo
-    from pipeline.storage import StorageOptions
+    from pipeline.io.resume import rows_to_redo
+    from pipeline.io.storage import StorageOptions
     from schemas.config import JobConfig
 
     _write_rows(tmp_path, "asr", "first", [{"id": "a"}, {"id": "b"}, {"id": "c"}])

@@ -14,8 +14,8 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline.model_source import COMPLETE_MARKER
-from pipeline.storage import pyarrow_filesystem
+from pipeline.model.source import COMPLETE_MARKER
+from pipeline.io.storage import pyarrow_filesystem
 from tests.conftest import SAMPLES
 from schemas.results import KEY_COLUMNS
 

@@ -1,4 +1,4 @@
-"""pipeline.segment: chunks tile the audio, stay short, cut in silence, land on the batching grid."""
+"""pipeline.media.segment: chunks tile the audio, stay short, cut in silence, land on the batching grid."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.media import SAMPLE_RATE, decode_audio
-from pipeline.segment import AudioSpan, SpeechSegmenter
+from pipeline.media.audio import SAMPLE_RATE, decode_audio
+from pipeline.media.segment import AudioSpan, SpeechSegmenter
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 

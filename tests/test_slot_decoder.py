@@ -10,12 +10,12 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.prompts import task_instruction
+from pipeline.model.prompts import task_instruction
 
 
 @pytest.fixture(scope="module")
 def builder(tiny_model):
-    from pipeline.model_inputs import InputBuilder
+    from pipeline.model.inputs import InputBuilder
 
     return InputBuilder(tiny_model, dynamic_hd=2)
 

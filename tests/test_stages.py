@@ -10,12 +10,12 @@ import pytest
 
 from actors.stages import SpeechStage
 from jobs.graph import stages_of
-from pipeline.assemble import AssembleChunks
-from pipeline.prepare import PrepareWork
-from pipeline.result_rows import ResultRows
-from pipeline.stage import Cluster, StageContext
-from pipeline.from_transcripts import PrepareFromTranscripts
-from pipeline.write import RunFilenames, read_results, write_run_record
+from pipeline.stages.assemble import AssembleChunks
+from pipeline.stages.prepare import PrepareWork
+from pipeline.stages.result_rows import ResultRows
+from pipeline.core.stage import Cluster, StageContext
+from pipeline.stages.from_transcripts import PrepareFromTranscripts
+from pipeline.io.output import RunFilenames, read_results, write_run_record
 from schemas.config import JobConfig
 from schemas.manifest import KNOWN_COLUMNS, validate_manifest
 from schemas.results import RESULT_COLUMNS, result_schema

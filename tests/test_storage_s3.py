@@ -13,12 +13,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.model_source as model_source
-from pipeline.model_source import COMPLETE_MARKER, DEFAULT_MODEL, DEFAULT_REVISION, resolve_model
-from pipeline.errors import InputError
-from pipeline.fetch import fetch_bytes
-from pipeline.read import read_manifest
-from pipeline.storage import StorageOptions, fsspec_filesystem, pyarrow_filesystem
+import pipeline.model.source as model_source
+from pipeline.model.source import COMPLETE_MARKER, DEFAULT_MODEL, DEFAULT_REVISION, resolve_model
+from pipeline.core.errors import InputError
+from pipeline.io.fetch import fetch_bytes
+from pipeline.io.manifest import read_manifest
+from pipeline.io.storage import StorageOptions, fsspec_filesystem, pyarrow_filesystem
 from schemas.manifest import ManifestError
 from tests.conftest import run_concurrently
 from tests.s3server import FaultProxy, free_port

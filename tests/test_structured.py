@@ -102,7 +102,7 @@ def test_static_decoder_constrained_steps_equal_generate(tiny_model):
     from actors.engine import Phi4MMEngine
     from actors.grammar import json_schema_grammar
     from jsonschema import validate
-    from pipeline.model_inputs import InputBuilder
+    from pipeline.model.inputs import InputBuilder
     from schemas.config import BatchingConfig, ModelConfig
     from schemas.structured import generation_schema
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from actors.stages import TextStage
-from pipeline.stage import StageContext
-from pipeline.from_transcripts import PrepareFromTranscripts, split_in_sections
+from pipeline.core.stage import StageContext
+from pipeline.stages.from_transcripts import PrepareFromTranscripts, split_in_sections
 from schemas.config import JobConfig
 from schemas.work_rows import work_row, work_table
 from tests.conftest import read_output
@@ -98,8 +98,8 @@ def test_a_transcript_goes_into_its_summary_prompt_as_the_ids_generated_for_it(t
     is the transcript's generated length plus the wording, and nothing long is tokenised again."""
     import random
 
-    from pipeline.model_inputs import InputBuilder
-    from pipeline.prompts import summary_pieces
+    from pipeline.model.inputs import InputBuilder
+    from pipeline.model.prompts import summary_pieces
     from schemas.work_rows import decode_item
 
     builder = InputBuilder(tiny_model)

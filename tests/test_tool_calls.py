@@ -5,7 +5,7 @@ import json
 
 import pyarrow as pa
 
-from pipeline.tool_calls import ToolCalls, parse_tool_calls
+from pipeline.stages.tool_calls import ToolCalls, parse_tool_calls
 
 TOOLS = [{"name": "get_order_status", "description": "Look up an order",
           "parameters": {"order_id": {"type": "string", "description": "the order number"}}}]
@@ -21,7 +21,7 @@ def test_calls_are_parsed_and_words_are_not():
 
 
 def test_tool_calls_column():
-    from pipeline.stage import StageContext
+    from pipeline.core.stage import StageContext
     from schemas.config import JobConfig
 
     batch = pa.table({"task": ["prompt"] * 3, "error": [None, None, "id c: bad"],
@@ -33,9 +33,9 @@ def test_tool_calls_column():
 
 
 def test_tools_go_in_the_system_message_the_cards_way(tiny_model):
-    from pipeline.model_inputs import load_processor
-    from pipeline.prompt_inputs import PreparePrompts
-    from pipeline.stage import StageContext
+    from pipeline.model.inputs import load_processor
+    from pipeline.stages.prepare_prompts import PreparePrompts
+    from pipeline.core.stage import StageContext
     from schemas.config import JobConfig
     from schemas.work_rows import decode_item
 

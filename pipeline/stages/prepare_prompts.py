@@ -2,7 +2,7 @@
 
 A row's media: `uri`/`data` (one item, its kind inferred as in the other jobs: audio, an image, or a
 document whose pages become images), `images` (uris, in prompt order), `audio` (uris), `video` (frames
-sampled by pipeline/video.py). Its prompt: the row's `prompt` value, else the job's template with
+sampled by pipeline/media/video.py). Its prompt: the row's `prompt` value, else the job's template with
 `{column}` filled from the row. Which pool serves the row is its mix, as the model's reference
 implementation switches adapters (shared/design/NOTES-phi4mm.md, Adapters): the speech LoRA for audio
 only, the vision LoRA for images with or without audio, the base weights for text only.
@@ -17,12 +17,14 @@ import string
 
 import pyarrow as pa
 
-from pipeline.errors import InputError
-from pipeline.fetch import PendingFetch, start_fetch
-from pipeline.media import SAMPLE_RATE, decode_audio, decode_pages, sniff_kind
-from pipeline.prepare import PrepareWork
-from pipeline.prompts import prompt_system_message
-from pipeline.video import sample_frames
+from pipeline.core.errors import InputError
+from pipeline.io.fetch import PendingFetch, start_fetch
+from pipeline.media.audio import SAMPLE_RATE, decode_audio
+from pipeline.media.kind import sniff_kind
+from pipeline.media.pages import decode_pages
+from pipeline.stages.prepare import PrepareWork
+from pipeline.model.prompts import prompt_system_message
+from pipeline.media.video import sample_frames
 from schemas.manifest import PROMPT, PROMPT_MEDIA_COLUMNS, passthrough_columns
 from schemas.work_rows import WorkChunk, encode_item, work_row, work_table
 
@@ -81,7 +83,7 @@ def planned_modalities(manifest: pa.Table) -> list[str]:
 
 class PreparePrompts(PrepareWork):
     """Manifest rows -> prompt work rows (task `prompt`, page 1), one per row, with the model inputs of
-    its media and prompt built (pipeline/model_inputs.py: InputBuilder.prompt_item), or an error row."""
+    its media and prompt built (pipeline/model/inputs.py: InputBuilder.prompt_item), or an error row."""
 
     reads = PrepareWork.reads + PROMPT_MEDIA_COLUMNS + (PROMPT,)  # and the template's columns
 

@@ -2,7 +2,7 @@
 
 A nightly job reads hundreds of thousands of objects from one bucket prefix, so S3 will throttle it
 (SlowDown / 503) and the network will drop a few connections. Those are retried here with exponential
-backoff and jitter, on top of the client's own per-request retries (see `pipeline.storage`), because a
+backoff and jitter, on top of the client's own per-request retries (see `pipeline.io.storage`), because a
 transient failure must not turn a good recording into an error row. A missing object or a denied one
 will not get better by asking again, so it fails at once. Every failure ends as `InputError`, which the
 prepare stage turns into an error row whose message names the uri and the cause.
@@ -16,7 +16,7 @@ A read can also block: a FIFO or a device named as a local path, a stalled NFS/F
   fetch beyond that is an error row at once instead of one more stuck thread;
 - a local path is read only when it is a regular file (`stat`, then `open(O_NONBLOCK)` and `fstat`, so a
   FIFO swapped in between is still never read);
-- S3 and HTTP clients get connect and read timeouts (`pipeline.storage.StorageOptions`), so most stalls
+- S3 and HTTP clients get connect and read timeouts (`pipeline.io.storage.StorageOptions`), so most stalls
   end as a retryable timeout well before the deadline;
 - with `rules` (`schemas.config.InputsConfig`), a uri whose scheme or location the operator did not allow
   is refused before anything is opened.
@@ -42,8 +42,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from pipeline.errors import InputError
-from pipeline.storage import StorageOptions, fsspec_filesystem, local_path, protocol_of
+from pipeline.core.errors import InputError
+from pipeline.io.storage import StorageOptions, fsspec_filesystem, local_path, protocol_of
 from schemas.config import InputsConfig
 
 __all__ = ["fetch_bytes", "start_fetch", "PendingFetch", "check_allowed", "MAX_STALLED_READS",

@@ -3,7 +3,7 @@
 Feature extraction is ~80 % of preparing audio (on this project's 2-core machine a 20-minute recording
 took 0.6 s to decode, 2 s of VAD and 7.9 s of features). A call is one chunk and is prepared whole by
 one PrepareWork worker; a long recording is one input but hundreds of chunks, so PrepareWork only
-decodes and cuts it, its parts (pipeline/parts.py) carry the chunks' samples, and this pool builds the
+decodes and cuts it, its parts (pipeline/stages/regroup_parts.py) carry the chunks' samples, and this pool builds the
 features block by block (a part each) on as many workers as the CPUs allow: an hour is prepared by all of them.
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.model_inputs import InputBuilder
-from pipeline.model_source import local_model_dir
-from pipeline.prompts import task_instruction
-from pipeline.stage import Cluster, Stage, StageContext, StageResources, one_thread_per_worker
+from pipeline.model.inputs import InputBuilder
+from pipeline.model.source import local_model_dir
+from pipeline.model.prompts import task_instruction
+from pipeline.core.stage import Cluster, Stage, StageContext, StageResources, one_thread_per_worker
 from schemas.config import JobConfig
 from schemas.work_rows import BatchKey, decode_item, encode_item, set_column
 
@@ -49,7 +49,7 @@ class BuildChunkInputs(Stage):
         that grows from one worker trailed the parts: 8 one-hour meetings' features took 32 s on a
         16-core host); for `transcribe`, where most inputs are calls prepared whole by PrepareWork and
         only the long ones come here, it grows from one worker as parts come."""
-        from pipeline.prepare import PrepareWork
+        from pipeline.stages.prepare import PrepareWork
 
         decoders = PrepareWork.resources(config, cluster).pool_size[1]
         high = max(1, int(cluster.cpus - cluster.reserved_cpus - decoders) + 1)

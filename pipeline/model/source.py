@@ -7,7 +7,7 @@ killed copy never leaves a half-written folder that a later actor would load.
 
 A checkpoint in the hub's main-branch layout (the one the model card loads with trust_remote_code) is
 converted to the native layout once per node, into the same cache and under the same lock-staging-marker
-scheme (pipeline/checkpoint_layout.py does the conversion, without running the checkpoint's code). The
+scheme (pipeline/model/checkpoint_layout.py does the conversion, without running the checkpoint's code). The
 driver calls `describe_model` first: it refuses a checkpoint the pipeline cannot use, before Ray
 starts, and says what was loaded (layout and a fingerprint of the weights) for the run record and rows.
 """
@@ -24,9 +24,9 @@ from urllib.parse import quote
 
 from filelock import FileLock
 
-from pipeline.checkpoint_layout import (FINGERPRINT_METHOD, CheckpointError, convert_checkpoint,
+from pipeline.model.checkpoint_layout import (FINGERPRINT_METHOD, CheckpointError, convert_checkpoint,
                                         inspect_checkpoint, is_remote_code_config)
-from pipeline.storage import StorageOptions, find_files, fsspec_filesystem, is_local
+from pipeline.io.storage import StorageOptions, find_files, fsspec_filesystem, is_local
 from schemas.config import DEFAULT_MODEL, DEFAULT_REVISION, JobConfig
 
 __all__ = ["resolve_model", "local_model_dir", "describe_model", "DEFAULT_MODEL", "DEFAULT_REVISION",

@@ -5,7 +5,7 @@ a small frozen pydantic model, so it pickles and travels to Ray tasks and actors
 on the driver, where the environment (AWS_ENDPOINT_URL_S3, ...) is known, and ship it.
 
 Two views of the same storage:
-- `fsspec_filesystem` (s3fs for S3): listing, globbing, whole-object reads (`pipeline.fetch`), copies.
+- `fsspec_filesystem` (s3fs for S3): listing, globbing, whole-object reads (`pipeline.io.fetch`), copies.
 - `pyarrow_filesystem`: what pyarrow and Ray Data take as `filesystem=` for Parquet reads and writes.
   For S3 it is pyarrow's native C++ client (`pyarrow.fs.S3FileSystem`): it reads and writes Parquet
   without the GIL and in parallel, and it is the client Ray Data itself uses for s3:// paths. It works
@@ -16,7 +16,7 @@ Two views of the same storage:
 
 Retries: S3 requests are retried inside the client (botocore / the AWS C++ SDK, "standard" mode:
 SlowDown, 503, 500, throttling, connection errors, exponential backoff with jitter) `retries` times.
-s3fs's own retry loop is set to a single try so the layers do not multiply; `pipeline.fetch` adds an
+s3fs's own retry loop is set to a single try so the layers do not multiply; `pipeline.io.fetch` adds an
 outer loop around whole-object reads for what escapes the client (broken bodies, timeouts).
 """
 from __future__ import annotations

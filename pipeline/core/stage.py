@@ -73,7 +73,7 @@ class StageContext:
     config_json: str
     passthrough_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
     counters_actor: str | None = None  # the run's RunCounters actor; None: counters stay local
-    # what the driver found the checkpoint to be (pipeline/model_source.py: describe_model): source,
+    # what the driver found the checkpoint to be (pipeline/model/source.py: describe_model): source,
     # revision, layout, weights_sha; None outside a job (unit tests)
     model_provenance: dict | None = None
 
@@ -182,7 +182,7 @@ def one_thread_per_worker() -> None:
 class RunCounters:
     """Sums of every stage worker's counters for one run (a Ray actor: see `start_run_counters`), the
     run's journal of GPU calls in flight (`begin` / `end` / `deaths`), and the parts of long recordings'
-    work rows waiting for their last part (`hold_part`, pipeline/parts.py).
+    work rows waiting for their last part (`hold_part`, pipeline/stages/regroup_parts.py).
 
     The journal is how a poison input is found: Ray restarts a GPU actor whose process died mid-call
     and retries that call without limit, so an input that kills its worker every time would be retried
@@ -197,9 +197,9 @@ class RunCounters:
         self.in_flight: dict[tuple, int] = {}  # (stage, key) -> rows in the call it is in
         self.died: Counter = Counter()  # (stage, key) -> worker deaths while it was in flight
         self.died_alone: Counter = Counter()  # ... while it was in flight alone
-        from pipeline.parts import PartsStore
+        from pipeline.stages.regroup_parts import PartsStore
 
-        self.parts = PartsStore()  # parts of long recordings' rows until the last comes (pipeline/parts.py)
+        self.parts = PartsStore()  # parts of long recordings' rows until the last comes (pipeline/stages/regroup_parts.py)
 
     def deaths(self, stage: str, keys: list) -> dict:
         """{key: (deaths, deaths alone)} of the keys whose worker died mid-call (now or before): a key
@@ -227,7 +227,7 @@ class RunCounters:
             self.in_flight.pop((stage, tuple(key)), None)
 
     def hold_part(self, stage: str, key: tuple, part: int, parts: int, row: bytes) -> list[bytes] | None:
-        """A part row kept until its row's last part comes; then all of them (pipeline/parts.py)."""
+        """A part row kept until its row's last part comes; then all of them (pipeline/stages/regroup_parts.py)."""
         return self.parts.add(key, part, parts, row)
 
     def calls_in_flight(self, stage: str) -> int:

@@ -11,18 +11,20 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from pipeline.chunk_inputs import samples_item
-from pipeline.errors import InputError
-from pipeline.fetch import PendingFetch, start_fetch
-from pipeline.media import SAMPLE_RATE, PageSource, decode_audio, decode_audio_channels, open_pages, sniff_kind
-from pipeline.model_inputs import InputBuilder
-from pipeline.model_source import local_model_dir
-from pipeline.parts import split_in_parts
-from pipeline.prompts import task_instruction
-from pipeline.segment import SpeechSegmenter
-from pipeline.stage import Cluster, Stage, StageContext, StageResources, one_thread_per_worker
-from pipeline.storage import StorageOptions
-from pipeline.from_transcripts import summary_from_audio
+from pipeline.stages.chunk_features import samples_item
+from pipeline.core.errors import InputError
+from pipeline.io.fetch import PendingFetch, start_fetch
+from pipeline.media.audio import SAMPLE_RATE, decode_audio, decode_audio_channels
+from pipeline.media.kind import sniff_kind
+from pipeline.media.pages import PageSource, open_pages
+from pipeline.model.inputs import InputBuilder
+from pipeline.model.source import local_model_dir
+from pipeline.stages.regroup_parts import split_in_parts
+from pipeline.model.prompts import task_instruction
+from pipeline.media.segment import SpeechSegmenter
+from pipeline.core.stage import Cluster, Stage, StageContext, StageResources, one_thread_per_worker
+from pipeline.io.storage import StorageOptions
+from pipeline.stages.from_transcripts import summary_from_audio
 from schemas.config import JobConfig
 from schemas.manifest import passthrough_columns
 from schemas.languages import is_known_language, unknown_language_message
@@ -111,7 +113,7 @@ class PrepareWork(Stage):
     @staticmethod
     def part_blocks(table: pa.Table, parts: list[int]) -> Iterator[pa.Table]:
         """The rows in one piece as one block, then each part of a long recording as a block of its own,
-        so the BuildChunkInputs pool builds the parts' features side by side (pipeline/chunk_inputs.py)."""
+        so the BuildChunkInputs pool builds the parts' features side by side (pipeline/stages/chunk_features.py)."""
         whole = sorted(set(range(table.num_rows)) - set(parts))
         if whole:
             yield table.take(whole)
@@ -202,7 +204,7 @@ class PrepareWork(Stage):
                          for chunk in self.segmenter.split(audio)), key=lambda p: (p[0].start_s, p[1] or ""))
         rows = self.audio_summary_rows(row, channels, duration)
         # a recording of several parts is only cut here: its chunks carry their samples, and the
-        # BuildChunkInputs pool builds their features part by part on every CPU (pipeline/chunk_inputs.py)
+        # BuildChunkInputs pool builds their features part by part on every CPU (pipeline/stages/chunk_features.py)
         deferred = len(pieces) > cfg.part_chunks
         for key in self.input_keys(row):
             instruction = task_instruction(key.task, key.target_language)
@@ -215,7 +217,7 @@ class PrepareWork(Stage):
                 built = self.builder.audio(piece.audio, instruction)
                 chunks.append(WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens,
                                         piece.start_s, piece.end_s, speaker))
-            # a long recording in parts (pipeline/parts.py): no row holds more than part_chunks chunks
+            # a long recording in parts (pipeline/stages/regroup_parts.py): no row holds more than part_chunks chunks
             parts = split_in_parts(chunks, cfg.part_chunks)
             for k, part in enumerate(parts, start=1):
                 rows.append(work_row(row["id"], key.task, chunks=part, target_language=key.target_language,

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.media import SAMPLE_RATE
-from pipeline.prompts import chat_messages, prompt_messages
+from pipeline.media.audio import SAMPLE_RATE
+from pipeline.model.prompts import chat_messages, prompt_messages
 from schemas.work_rows import BatchKey
 
 FEATURE_FRAMES_PER_S = 100  # the feature extractor's hop: 160 samples at 16 kHz

@@ -8,7 +8,7 @@ them back together, in order, once their features are spent (only texts and coun
 assembly. A part row never reaches the output.
 
 Regrouping needs state across calls: parts of one recording arrive in different blocks. The parts
-wait in the run's `RunCounters` actor (pipeline/stage.py), which lives on the driver's node, not in
+wait in the run's `RunCounters` actor (pipeline/core/stage.py), which lives on the driver's node, not in
 the regrouping actor: that actor may be on a worker node that is lost, and Ray Data then retries the
 lost call's block, which must neither lose the parts that came before nor make the row twice.
 """
@@ -21,7 +21,7 @@ from collections import OrderedDict
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.stage import Cluster, Stage, StageResources
+from pipeline.core.stage import Cluster, Stage, StageResources
 from schemas.config import JobConfig
 
 log = logging.getLogger(__name__)

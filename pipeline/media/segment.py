@@ -6,7 +6,7 @@ Why this shape:
 - Cuts land on multiples of `grid_s` from the chunk start whenever the chosen silence holds such a
   point, so chunk lengths take few distinct values. The GPU side batches clips of any length exactly
   (actors/audio_padding.py masks the audio encoder's padding) by length bucket
-  (pipeline/model_inputs.py: audio_bucket); the grid only keeps the lengths tidy.
+  (pipeline/model/inputs.py: audio_bucket); the grid only keeps the lengths tidy.
 - Chunks tile the audio exactly (no sample lost or duplicated) and are views into it, so timestamps
   stitch back without arithmetic and an hour of audio is never copied per chunk.
 - The VAD runs once over the whole signal, in a batch of rows (each row a stretch of the recording
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.media import SAMPLE_RATE
+from pipeline.media.audio import SAMPLE_RATE
 
 __all__ = ["AudioSpan", "SpeechSegmenter"]
 

@@ -12,7 +12,7 @@ import re
 
 import pyarrow as pa
 
-from pipeline.stage import Cluster, Stage, StageResources
+from pipeline.core.stage import Cluster, Stage, StageResources
 from schemas.config import JobConfig
 from schemas.results import TOOL_CALL_TYPE
 

@@ -10,7 +10,7 @@ import io
 
 from PIL import Image
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 
 def sample_frames(data: bytes, source: str, *, fps: float = 1.0, max_frames: int = 64, max_side: int = 448,

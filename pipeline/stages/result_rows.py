@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.stage import Cluster, Stage, StageContext, StageResources
+from pipeline.core.stage import Cluster, Stage, StageContext, StageResources
 from schemas.config import JobConfig
 from schemas.results import RESULT_COLUMNS, STATUS_ERROR, STATUS_OK, result_schema
 from schemas.structured import TYPED_PREFIX, typed_fields
@@ -56,7 +56,7 @@ class ResultRows(Stage):
             # a result column from the work row's own column; a pass-through column from its carried
             # copy (schemas/work_rows.py: PASSTHROUGH_PREFIX), never from a work column of the same name
             source = field.name if field.name in RESULT_COLUMNS else carried_name(field.name)
-            if field.name in self.typed:  # a --schema property (pipeline/structured_output.py)
+            if field.name in self.typed:  # a --schema property (pipeline/stages/structured_answers.py)
                 source = TYPED_PREFIX + field.name
             if field.name in columns:
                 arrays.append(columns[field.name])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline.model_inputs import InputBuilder
-from pipeline.model_source import local_model_dir
-from pipeline.prompts import (extract_pieces, extract_section_pieces, prompt_system_message, schema_fields,
+from pipeline.model.inputs import InputBuilder
+from pipeline.model.source import local_model_dir
+from pipeline.model.prompts import (extract_pieces, extract_section_pieces, prompt_system_message, schema_fields,
                               section_pieces, summary_pieces)
-from pipeline.stage import Cluster, Stage, StageContext, StageResources, one_thread_per_worker
+from pipeline.core.stage import Cluster, Stage, StageContext, StageResources, one_thread_per_worker
 from schemas.config import JobConfig
 from schemas.work_rows import WORK_COLUMNS, WorkChunk, carried_columns, encode_item, work_row, work_table
 

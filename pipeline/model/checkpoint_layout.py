@@ -462,7 +462,7 @@ def convert_checkpoint(src: str, dst: str, weights: bool = True) -> dict:
 
     `weights=False`: only the config, tokenizer and processor files (what CPU stages need). Returns a
     summary {"tensors", "bytes", "adapters"}. `dst` must be empty or absent; callers that need an atomic
-    result write to a staging folder and rename it (pipeline/model_source.py)."""
+    result write to a staging folder and rename it (pipeline/model/source.py)."""
     from safetensors import safe_open
 
     config = _load_json(os.path.join(src, "config.json"))

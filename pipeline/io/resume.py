@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.storage import pyarrow_filesystem
+from pipeline.io.storage import pyarrow_filesystem
 from schemas.config import JobConfig
 from schemas.results import KEY_COLUMNS as KEY, STATUS_OK
 from schemas.tasks import output_keys
@@ -34,7 +34,7 @@ def _files(output: str, fs) -> list[str]:
 
 
 def _written_by(path: str, run_id: str) -> bool:
-    """Whether `path` is a file of run `run_id`: `part-<run_id>-<write uuid, 32 hex>-...` (pipeline.write).
+    """Whether `path` is a file of run `run_id`: `part-<run_id>-<write uuid, 32 hex>-...` (pipeline.io.output).
     A plain prefix test would also claim the files of a run named `<run_id>-2` as this run's."""
     name = path.rsplit("/", 1)[-1]
     prefix = f"part-{run_id}-"

@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from ray.data.datasource import FilenameProvider
 
-from pipeline.errors import OutputError
+from pipeline.core.errors import OutputError
 
 log = logging.getLogger(__name__)
 

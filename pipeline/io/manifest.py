@@ -38,7 +38,7 @@ import pyarrow.dataset as pads
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from pipeline.storage import StorageOptions, find_files, fsspec_filesystem, is_file_entry, protocol_of
+from pipeline.io.storage import StorageOptions, find_files, fsspec_filesystem, is_file_entry, protocol_of
 from schemas.manifest import KNOWN_FIELDS, PROMPT_MEDIA_COLUMNS, ManifestError, validate_manifest
 
 __all__ = ["read_manifest", "manifest_format"]

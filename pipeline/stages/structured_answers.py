@@ -12,7 +12,7 @@ import json
 
 import pyarrow as pa
 
-from pipeline.stage import Cluster, Stage, StageContext, StageResources
+from pipeline.core.stage import Cluster, Stage, StageContext, StageResources
 from schemas.config import JobConfig
 from schemas.structured import TYPED_PREFIX, typed_fields, typed_values
 from schemas.work_rows import set_column

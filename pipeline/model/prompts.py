@@ -34,7 +34,7 @@ EXTRACT_FROM_NOTES_PROMPT = ("{instruction}\n\nThe conversation was too long to 
                              "its consecutive parts.\n\n{summaries}")
 
 
-# Summary prompts as pieces (pipeline/model_inputs.py: InputBuilder.text_pieces): the wording's text around
+# Summary prompts as pieces (pipeline/model/inputs.py: InputBuilder.text_pieces): the wording's text around
 # the transcript or the summaries, which go in as the token ids the model generated
 Pieces = list  # of str | list[int]
 

@@ -1,13 +1,13 @@
 """Chunks back into records: a work row's chunk results stitched into its text and time-stamped segments.
 
 A plain map over work rows: a row holds all of its chunks by now (a long recording's parts were joined
-by pipeline/parts.py: RegroupParts), so rows stream on to Parquet.
+by pipeline/stages/regroup_parts.py: RegroupParts), so rows stream on to Parquet.
 """
 from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline.stage import Cluster, Stage, StageResources
+from pipeline.core.stage import Cluster, Stage, StageResources
 from schemas.config import JobConfig
 from schemas.tasks import SPEECH_TASKS
 from schemas.work_rows import set_column
