@@ -11,19 +11,23 @@ import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+if TYPE_CHECKING:  # imported where used: `phi4mm --help` must answer at once, without torch or pyarrow
+    from schemas.config import JobConfig
 
-from actors.tiny_model import build_tiny_model
-from jobs import report, runner
-from jobs.console import native_lines_filtered, quiet_libraries
-from jobs.settings import from_environment
-from pipeline.core.errors import InputError
-from pipeline.model.source import convert_to_native
-from pipeline.io.storage import StorageOptions
-from schemas.config import DEFAULT_MODEL, JobConfig
-from schemas.manifest import ManifestError
-from schemas.tasks import TASKS
+# every subcommand, with what it does (`phi4mm --help`)
+COMMANDS = {
+    "transcribe": "speech to text over call recordings, with --translate-to, --summarize, --extract",
+    "meetings": "transcript and summary of long recordings (hours), with --extract",
+    "ocr": "page text as Markdown from images, scans and PDFs",
+    "prompt": "any prompt over each row's audio, images and video, with --schema and --tools",
+    "report": "counts, throughput, scores and plots of an output folder, as HTML",
+    "tiny-model": "build a tiny random checkpoint offline (tests, demos)",
+    "run": "run any of the jobs from a config file (JOB.yaml)",
+    "convert-checkpoint": "convert a main-branch checkpoint into the native transformers layout",
+}
+JOB_COMMANDS = ("transcribe", "ocr", "meetings", "prompt")
 
 
 class ConfigFileError(ValueError):
@@ -58,6 +62,8 @@ def _local_abspath(value: str) -> str:
 
 
 def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
+    from schemas.config import DEFAULT_MODEL
+
     parser.add_argument("input", help="manifest (Parquet file/folder/glob, CSV, JSON Lines) or a media prefix")
     parser.add_argument("output", help="output dataset folder (local or s3://)")
     parser.add_argument("--model", default=None,
@@ -70,7 +76,9 @@ def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
     parser.add_argument("--suffix", action="append", dest="suffixes", default=None,
                         help="with a media prefix as input: only keys ending so (repeatable)")
     parser.add_argument("--modified-since", default=None, help="with a media prefix: ISO date/time")
-    parser.add_argument("--batch-size", type=int, default=None, help="sequences decoded together")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="items (chunks, pages, prompts) prefilled together in one batch on the GPU "
+                             "(batching.max_batch_size); how many are decoded together is batching.decode_slots")
     parser.add_argument("--gpus-per-replica", type=float, default=None, help="0.5: two replicas per GPU")
     parser.add_argument("--max-replicas", type=int, default=None)
     parser.add_argument("--accelerator-type", default=None, help="GPU type for the actor pools, e.g. L40S")
@@ -105,6 +113,9 @@ def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
 
 
 def config_from_args(job: str, args: argparse.Namespace) -> JobConfig:
+    from schemas.config import DEFAULT_MODEL, JobConfig
+    from schemas.tasks import TASKS
+
     data: dict = load_yaml_mapping(args.config) if args.config else {}
     data.update(job=job, input=_local_abspath(args.input), output=_local_abspath(args.output))
     model = dict(data.get("model", {}))
@@ -207,7 +218,7 @@ def _nested(data: dict, section: str, key: str, value) -> None:
 
 
 def run_job_main(job: str, argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"phi4mm {job}")
+    parser = argparse.ArgumentParser(prog=f"phi4mm {job}", description=COMMANDS[job])
     add_job_arguments(parser, job)
     args = parser.parse_args(argv)
     return execute(lambda: config_from_args(job, args), quiet=args.quiet)
@@ -215,6 +226,14 @@ def run_job_main(job: str, argv: list[str] | None = None) -> int:
 
 def execute(make_config, quiet: bool = False) -> int:
     """Build and validate the config, run it, print where the output is. Errors: one clear line."""
+    from pydantic import ValidationError
+
+    from jobs import runner
+    from jobs.console import native_lines_filtered, quiet_libraries
+    from jobs.settings import from_environment
+    from pipeline.core.errors import InputError
+    from schemas.manifest import ManifestError
+
     settings = from_environment()
     if quiet:
         settings = dataclasses.replace(settings, progress=False)
@@ -243,6 +262,10 @@ def execute(make_config, quiet: bool = False) -> int:
 def convert_checkpoint_main(argv: list[str]) -> int:
     """`phi4mm convert-checkpoint SRC DST`: the main-branch (remote-code) checkpoint in the native layout,
     ahead of the jobs (which otherwise convert it once per node on first use)."""
+    from jobs.settings import from_environment
+    from pipeline.io.storage import StorageOptions
+    from pipeline.model.source import convert_to_native
+
     parser = argparse.ArgumentParser(
         prog="phi4mm convert-checkpoint",
         description="Convert a Phi-4-multimodal-instruct checkpoint in the hub's main-branch (remote-code) "
@@ -267,31 +290,67 @@ def convert_checkpoint_main(argv: list[str]) -> int:
     return 0
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("phi4mm-batch")
+    except PackageNotFoundError:  # a checkout that was not installed: the version pyproject.toml declares
+        import re
+
+        pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+        with open(pyproject, encoding="utf-8") as f:
+            return re.search(r'^version = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()]
+    return ("usage: phi4mm COMMAND [ARGS ...]   (phi4mm COMMAND --help for its arguments)\n\n"
+            "Phi-4-multimodal-instruct over recordings, documents and prompts on a Ray cluster, written as "
+            "partitioned Parquet.\n\ncommands:\n" + "\n".join(lines) + "\n\noptions:\n  -h, --help  this list\n"
+            "  --version   the installed version\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = ("transcribe", "ocr", "meetings", "prompt", "report", "tiny-model", "run", "convert-checkpoint")
-    if not argv or argv[0] not in commands:
-        print(f"usage: phi4mm {{{','.join(commands)}}} ...", file=sys.stderr)
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage(), end="")
+        return 0
+    if argv and argv[0] == "--version":
+        print(f"phi4mm {version()}")
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        if argv:
+            print(f"phi4mm: unknown command {argv[0]!r}", file=sys.stderr)
+        print(usage(), end="", file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
-    if command in ("transcribe", "ocr", "meetings", "prompt"):
+    if command in JOB_COMMANDS:
         return run_job_main(command, rest)
     if command == "report":
+        from jobs import report
+
         return report.main(rest) or 0
     if command == "tiny-model":
-        parser = argparse.ArgumentParser(prog="phi4mm tiny-model")
+        parser = argparse.ArgumentParser(prog="phi4mm tiny-model", description=COMMANDS[command])
         parser.add_argument("dir")
         args = parser.parse_args(rest)
+        from actors.tiny_model import build_tiny_model
+
         print(build_tiny_model(args.dir))
         return 0
     if command == "convert-checkpoint":
         return convert_checkpoint_main(rest)
-    parser = argparse.ArgumentParser(prog="phi4mm run")
+    parser = argparse.ArgumentParser(prog="phi4mm run", description=COMMANDS[command])
     parser.add_argument("job_yaml")
     parser.add_argument("--quiet", action="store_true", help="no progress lines or bars")
     args = parser.parse_args(rest)
 
     def from_yaml() -> JobConfig:
+        from schemas.config import JobConfig
+
         data = load_yaml_mapping(args.job_yaml)
         for key in ("input", "output"):
             if key in data:

@@ -1,6 +1,6 @@
 """Progress a person can follow on a long job: one `phi4mm: progress` line every ~15 s, and a last one.
 
-Read from the run's counters actor (pipeline/core/stage.py), so it costs the workers nothing: inputs
+Read from the run's state actor (pipeline/core/run_state.py), so it costs the workers nothing: inputs
 prepared and finished out of the manifest's rows, rows written and how many are errors, hours of
 audio or pages done, the rate, and an estimate of the time left. The lines go to stderr, so they show
 on a terminal and in `ray job logs` alike; Ray Data's own progress bars are added on a terminal only.
@@ -12,8 +12,10 @@ import threading
 import time
 
 
-def progress_line(counters: dict, total_inputs: int, elapsed_s: float) -> str:
-    prepared = counters.get("PrepareWork", {}).get("rows_in", 0)
+def progress_line(counters: dict, total_inputs: int, elapsed_s: float, inputs_stage: str) -> str:
+    """`inputs_stage`: the stage whose rows in are the inputs prepared (the job's first, declared with
+    `counts_inputs`: PrepareAudio, PreparePages or PreparePrompts)."""
+    prepared = counters.get(inputs_stage, {}).get("rows_in", 0)
     written = counters.get("ResultRows", {})
     done = written.get("inputs_done", 0)
     rows, errors = written.get("rows_out", 0), written.get("error_rows", 0)
@@ -34,8 +36,9 @@ class ProgressReporter:
     """A daemon thread printing `progress_line` every `every_s` seconds until `stop()` (which prints
     the last line)."""
 
-    def __init__(self, counters_actor, total_inputs: int, every_s: float, stream=None):
-        self.actor, self.total, self.every_s = counters_actor, total_inputs, every_s
+    def __init__(self, run_state, total_inputs: int, every_s: float, stream=None, *, inputs_stage: str):
+        self.actor, self.total, self.every_s = run_state, total_inputs, every_s
+        self.inputs_stage = inputs_stage
         self.stream = stream or sys.stderr
         self.started = time.monotonic()
         self._stop = threading.Event()
@@ -56,7 +59,8 @@ class ProgressReporter:
             counters = ray.get(self.actor.snapshot.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - progress is best effort; the job goes on without it
             return
-        print(progress_line(counters, self.total, time.monotonic() - self.started), file=self.stream, flush=True)
+        print(progress_line(counters, self.total, time.monotonic() - self.started, self.inputs_stage),
+              file=self.stream, flush=True)
 
     def stop(self) -> None:
         self._stop.set()

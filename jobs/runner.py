@@ -11,25 +11,23 @@ import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from pyarrow.fs import LocalFileSystem
-
-from jobs.graph import build_dataset, plan_cluster
+from jobs.dataset_write import write_results
+from jobs.graph import build_dataset, plan_cluster, stages_of
 from jobs.progress import ProgressReporter
 from jobs.run_record import run_record
 from jobs.settings import Settings, from_environment
-from pipeline.model.inputs import load_processor
-from pipeline.model.source import describe_model, resolve_model
-from pipeline.stages.prepare_prompts import planned_modalities
-from pipeline.io.manifest import read_manifest
-from pipeline.io.resume import drop_superseded, rows_to_redo
+from jobs.specs import job_spec
+from pipeline.context import RunContext, run_storage
 from pipeline.core.errors import OutputError
-from pipeline.core.stage import StageContext, start_run_counters
-from pipeline.io.storage import (StorageOptions, fsspec_filesystem, is_local, pyarrow_filesystem,
-                              remove_directory_markers)
-from pipeline.io.output import (io_cause, probe_output, read_results, slow_local_filesystem, write_results,
-                            write_run_record)
+from pipeline.core.run_state import start_run_state
+from pipeline.io.manifest import read_manifest
+from pipeline.io.output import io_cause, probe_output, read_results, write_run_record
+from pipeline.io.resume import drop_superseded, rows_to_redo
+from pipeline.io.storage import StorageOptions, is_local, locate, remove_directory_markers
+from pipeline.model.inputs import load_processor
+from pipeline.model.source import describe_model
 from schemas.config import JobConfig
-from schemas.manifest import PROMPT_MEDIA_COLUMNS, ManifestError, passthrough_columns, unknown_target_languages
+from schemas.manifest import ManifestError, passthrough_columns, unknown_target_languages
 from schemas.results import RESULT_SCHEMA
 from schemas.structured import typed_fields
 
@@ -73,10 +71,12 @@ def with_driver_settings(config: JobConfig, storage: StorageOptions, settings: S
 def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
     settings = settings or from_environment()
     started = datetime.now(timezone.utc)
-    storage = StorageOptions(endpoint_url=config.s3_endpoint)
-    config = with_driver_settings(config, storage, settings)
+    config = with_driver_settings(config, StorageOptions(endpoint_url=config.s3_endpoint), settings)
+    # the run's storage, resolved once: every read below, and every worker's, goes through these options
+    storage = run_storage(config)
+    spec = job_spec(config)
     manifest = read_manifest(config.input, storage, suffixes=config.manifest_suffixes,
-                             modified_since=config.modified_since, **manifest_rules(config))
+                             modified_since=config.modified_since, **spec.manifest_rules)
     # on the console whatever the log level: the first thing to compare with what the manifest should hold
     print(f"phi4mm: manifest {config.input}: {manifest.num_rows} rows read", file=sys.stderr, flush=True)
     # the checkpoint is checked where it lies (config, adapters, safetensors headers: a few MB read) and
@@ -86,25 +86,21 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
                                 cache_dir=config.model.cache_dir, options=storage,
                                 need_weights=not config.benchmark.random_weights)
     # the driver only checks the processor loads (a wrong --model fails here, before any GPU starts)
-    model_dir = resolve_model(config.model.source, revision=config.model.resolved_revision(),
-                              cache_dir=config.model.cache_dir, options=storage, processor_only=True)
-    _check_processor(model_dir)
+    _check_processor(RunContext.for_run(config, storage).model_dir(processor_only=True))
     _report_bad_values(manifest, config)
     clash = sorted({f.name for f in typed_fields(config.output_schema)} & set(manifest.column_names))
     if clash:
         raise ManifestError(f"manifest column(s) {clash} have the names of --schema properties (typed result "
                             "columns); rename the columns or the properties")
-    if config.job == "prompt":  # only the pools the manifest's media need (a text-only run starts one)
-        config = config.model_copy(update={"prompt": config.prompt.model_copy(
-            update={"modalities": planned_modalities(manifest)})})
-    # the output is probed before Ray starts: an unwritable one fails now, not after the GPU work
-    out_fs, out_path = pyarrow_filesystem(config.output, storage)
+    config = spec.plan(config, manifest)
+    # the output, located once and probed before Ray starts: an unwritable one fails now, not after the GPU work
     with _output_errors(config.output):
-        probe_output(config.output, out_fs, out_path, config.run_id)
-        remove_directory_markers(config.output, storage)
+        output = locate(config.output, storage)
+        probe_output(output, config.run_id)
+        remove_directory_markers(output)
     passthrough_schema = manifest.select(passthrough_columns(manifest.schema)).schema
     if config.resume:
-        manifest = rows_to_redo(manifest, config, storage)
+        manifest = rows_to_redo(manifest, config, output)
         log.info("resume: %d input rows left to process", manifest.num_rows)
         if not manifest.num_rows:  # said on the console: the run record follows, Ray is not started
             print(f"phi4mm: resume: every row of {config.input} is already done in {config.output}; "
@@ -119,46 +115,37 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
 
         cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         gpus = float(ray.cluster_resources().get("GPU", 0))
-        name, counters_actor = start_run_counters(config.run_id)
-        context = StageContext(config.model_dump_json(), passthrough_schema, counters_actor=name,
-                               model_provenance=provenance)
+        name, run_state = start_run_state(config.run_id)
+        context = RunContext.for_run(config, storage, provenance=provenance, passthrough_schema=passthrough_schema,
+                                     run_state=name)
         cluster = plan_cluster(config, cpus, gpus, manifest.num_rows, settings.autoscaling)
-        progress = ProgressReporter(counters_actor, manifest.num_rows, settings.progress_every_s).start() \
-            if settings.progress else None
+        inputs_stage = next(s.stage.stage_name for s in stages_of(config) if s.stage.counts_inputs)
+        progress = ProgressReporter(run_state, manifest.num_rows, settings.progress_every_s,
+                                    inputs_stage=inputs_stage).start() if settings.progress else None
         try:
-            write_fs = out_fs
-            if config.benchmark.write_delay_s and isinstance(out_fs, LocalFileSystem):  # fault tests only
-                write_fs = slow_local_filesystem(config.benchmark.write_delay_s)
-            stages = write_results(build_dataset(config, manifest, cluster, context), out_path, config.run_id,
-                                   filesystem=write_fs, uri=config.output)
-            counters = ray.get(counters_actor.snapshot.remote())
+            stages = write_results(build_dataset(config, manifest, cluster, context), output, config.run_id,
+                                   write_delay_s=config.benchmark.write_delay_s)
+            counters = ray.get(run_state.snapshot.remote())
         finally:
             if progress is not None:
                 progress.stop()
-            ray.kill(counters_actor)
+            ray.kill(run_state)
     with _output_errors(config.output):
         if config.resume:
-            drop_superseded(out_path, out_fs, config.run_id)
-        rows = read_results(out_path, out_fs, run_id=config.run_id) if manifest.num_rows \
+            drop_superseded(output.path, output.fs, config.run_id)
+        rows = read_results(output.path, output.fs, run_id=config.run_id) if manifest.num_rows \
             else RESULT_SCHEMA.empty_table()
         record = run_record(config.model_dump(mode="json"), rows, started, datetime.now(timezone.utc), gpus,
                             counters, model=provenance)
         record["stages"] = stages
-        write_run_record(config.output, record, fsspec_filesystem(config.output, storage)[0])
-        remove_directory_markers(config.output, storage)  # what deletes on S3 re-created (resume)
+        write_run_record(output, record)
+        remove_directory_markers(output)  # what deletes on S3 re-created (resume)
     return record
-
-
-def manifest_rules(config: JobConfig) -> dict:
-    """read_manifest's options for the job: the prompt job takes media lists and rows without a uri."""
-    if config.job != "prompt":
-        return {}
-    return {"media_lists": PROMPT_MEDIA_COLUMNS, "require_media": False}
 
 
 def _report_bad_values(manifest, config: JobConfig) -> None:
     """Bad values found on the driver that cost one output of their row each (an error row naming the
-    value, made by PrepareWork), not the run: said once, here, before Ray starts."""
+    value, made by the first stage), not the run: said once, here, before Ray starts."""
     if "translate" not in config.tasks:
         return
     for code, ids in unknown_target_languages(manifest).items():

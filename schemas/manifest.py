@@ -152,7 +152,7 @@ def unknown_target_languages(table: pa.Table) -> dict[str, list[str]]:
     code the jobs know (schemas/languages.py).
 
     Not a reason to refuse the manifest: it is a bad value in one row, and it costs only that row's
-    translation (PrepareWork writes an error row naming the code for it, and the row's other outputs
+    translation (the first CPU stage writes an error row naming the code for it, and the row's other outputs
     are made as usual); the driver reports these rows before Ray starts."""
     codes = table[TARGET_LANGUAGE]
     known = pa.array(sorted(LANGUAGE_NAMES))

@@ -11,4 +11,10 @@ fi
 if ! command -v java >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null) || echo "java not installed" >&2
 fi
-exec .venv/bin/python -m pytest -q "$@"
+# With arguments: one pytest run with them (e.g. `-m realsize` for the real-size tier alone, or a file).
+# Without: the fast tier first (fails first), then the real-size tier (pyproject.toml's markers).
+if [ "$#" -gt 0 ]; then
+  exec .venv/bin/python -m pytest -q "$@"
+fi
+.venv/bin/python -m pytest -q --durations=25
+exec .venv/bin/python -m pytest -q -m realsize --durations=0

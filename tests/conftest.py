@@ -28,6 +28,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+# fixtures that make a test real-size (a Ray of its own, a job as a separate command with its memory measured)
+REALSIZE_FIXTURES = {"run_job_alone"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that runs a job as a command of its own belongs to the real-size tier: refuse it unmarked."""
+    unmarked = [item.nodeid for item in items
+                if REALSIZE_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("realsize")]
+    if unmarked:
+        raise pytest.UsageError("tests using run_job_alone must be marked realsize: " + ", ".join(unmarked))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     from actors.tiny_model import build_tiny_model

@@ -56,8 +56,8 @@ def test_result_column_in_the_manifest_fails_before_ray_with_one_line(run_job, s
 
 
 def test_prepare_makes_only_the_translation_of_a_bad_target_an_error_row(tiny_model):
-    from pipeline.stages.prepare import PrepareWork
-    from pipeline.core.stage import StageContext
+    from pipeline.stages.prepare_audio import PrepareAudio
+    from pipeline.context import RunContext
     from schemas.config import JobConfig
     from tests.conftest import SAMPLES
 
@@ -68,7 +68,7 @@ def test_prepare_makes_only_the_translation_of_a_bad_target_an_error_row(tiny_mo
     ]))
     config = JobConfig(job="transcribe", input="m.csv", output="out", translate_to=["fr"], summarize=True,
                        model={"source": tiny_model})
-    out = PrepareWork(StageContext(config.model_dump_json()))(table).to_pylist()
+    out = PrepareAudio(RunContext.for_tests(config))(table).to_pylist()
     rows = {(r["id"], r["task"], r["target_language"]): r for r in out}
     # the summary is made later from the asr row, which is a normal speech row here
     assert sorted(rows) == [("odd", "asr", None), ("odd", "translate", "../../etc"),

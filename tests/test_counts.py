@@ -12,9 +12,9 @@ import soundfile as sf
 
 from jobs.graph import plan_cluster, prepare_pool_size, stages_of
 from pipeline.stages.assemble import AssembleChunks
-from pipeline.stages.prepare import PrepareWork
+from pipeline.stages.prepare_audio import PrepareAudio
 from pipeline.stages.result_rows import ResultRows
-from pipeline.core.stage import StageContext
+from pipeline.context import RunContext
 from schemas.config import JobConfig
 from schemas.manifest import validate_manifest
 from tests.conftest import SAMPLES
@@ -39,8 +39,8 @@ def test_error_rows_keep_the_duration_decoded(tiny_model):
     ]))
     config = JobConfig(job="transcribe", input="m.csv", output="out", translate_to=["fr"],
                        model={"source": tiny_model}, generation={"max_new_tokens": {"asr": 4, "translate": 4}})
-    context = StageContext(config.model_dump_json())
-    work = PrepareWork(context)(table)
+    context = RunContext.for_tests(config)
+    work = PrepareAudio(context)(table)
     # what a user reads: the result rows (no generation needed for error rows; the ok ones are not here)
     errors = work.filter(pa.compute.is_valid(work["error"]))
     rows = ResultRows(context)(AssembleChunks(context)(errors)).to_pylist()
@@ -113,12 +113,12 @@ def test_a_small_machine_decodes_on_every_core_and_every_actor_still_fits():
     cluster = plan_cluster(config, 4, 0, 1000, False)
     demand = sum(s.resources(config, cluster).pool_size[1] * s.resources(config, cluster).num_cpus
                  for s in stages_of(config))
-    assert demand <= 4 and PrepareWork.resources(config, cluster).num_cpus > 0
+    assert demand <= 4 and PrepareAudio.resources(config, cluster).num_cpus > 0
     # a 16-CPU, 1-GPU host keeps its pool (11 workers of one CPU each, beside the driver, the replica,
     # ResultRows, the long recordings' features pool and two quarter-CPU actors): the rule only lifts
     # small ones
     big = plan_cluster(config, 16, 1, 1000, False)
-    assert PrepareWork.resources(config, big).pool_size == (11, 11)
-    assert PrepareWork.resources(config, big).num_cpus == 1.0
+    assert PrepareAudio.resources(config, big).pool_size == (11, 11)
+    assert PrepareAudio.resources(config, big).num_cpus == 1.0
     # and a manifest of two rows still gets one worker
     assert prepare_pool_size(config, 4, 0, 2, autoscaling=False) == 1

@@ -1,4 +1,4 @@
-"""Documents page by page: PrepareWork streams a document's pages in small blocks, a bad page is its own
+"""Documents page by page: PreparePages streams a document's pages in small blocks, a bad page is its own
 error row, `image.max_pages` says what it left unread, pyramidal TIFFs' overviews are not pages, the run
 record counts the pages read, and the vision pool's calls are sized by the bytes they carry."""
 from __future__ import annotations
@@ -12,16 +12,17 @@ from PIL import Image, TiffImagePlugin
 
 from pipeline.media.kind import sniff_kind
 from pipeline.media.pages import count_pages, decode_pages, open_pages
-from pipeline.stages.prepare import DOCUMENT_BLOCK_BYTES, PrepareWork
-from pipeline.core.stage import Stage, StageContext
+from pipeline.stages.prepare_pages import DOCUMENT_BLOCK_BYTES, PreparePages
+from pipeline.context import RunContext
+from pipeline.core.stage import Stage
 from schemas.config import JobConfig
 from schemas.manifest import validate_manifest
 from bench.documents import LETTER_150_DPI, encoded, scan, text_pdf
 
 
-def ocr_stage(tiny_model, **image) -> PrepareWork:
+def ocr_stage(tiny_model, **image) -> PreparePages:
     config = JobConfig(job="ocr", input="m.csv", output="out", model={"source": tiny_model}, image=image)
-    return PrepareWork(StageContext(config.model_dump_json(), pa.schema([])))
+    return PreparePages(RunContext.for_tests(config, pa.schema([])))
 
 
 def pyramidal_tiff(pages: int, levels: int = 2, thumbnail: bool = True) -> bytes:
@@ -63,7 +64,7 @@ def test_page_source_renders_each_page_alone_and_knows_the_count_first():
         assert pages.render(0).size == pages.render(4).size
 
 
-# -- PrepareWork: streamed, a row per page -----------------------------------------------------------
+# -- PreparePages: streamed, a row per page -----------------------------------------------------------
 
 def test_a_document_streams_in_blocks_every_page_once_with_its_page_count(tiny_model):
     stage = ocr_stage(tiny_model)
@@ -133,7 +134,7 @@ class _Splitter(Stage):
 
 
 def test_a_streaming_stage_counts_every_block_it_yields():
-    stage = _Splitter(StageContext(JobConfig(job="ocr", input="m", output="o").model_dump_json()))
+    stage = _Splitter(RunContext.for_tests(JobConfig(job="ocr", input="m", output="o")))
     blocks = list(stage(pa.table({"x": list(range(5))})))
     assert [b.num_rows for b in blocks] == [2, 2, 1]
     assert stage.counters["calls"] == 1 and stage.counters["rows_in"] == 5
@@ -158,19 +159,19 @@ def test_run_record_counts_pages_read_not_error_rows():
 # -- GPU calls sized by what they carry ----------------------------------------------------------------
 
 def test_vision_calls_are_sized_by_features_bytes_and_speech_keeps_its_rows():
-    from actors.stages import SpeechStage, VisionStage, rows_per_call
-    from jobs.graph import queued_features_limit
+    from actors.model_stage import SpeechStage, VisionStage, call_rows
+    from jobs.graph import queued_features_limit, stages_of
     from pipeline.model.inputs import max_page_feature_bytes
     from pipeline.core.stage import Cluster
 
     cluster = Cluster(cpus=16, gpus=1)
     ocr = JobConfig(job="ocr", input="m", output="o")
     rows = VisionStage.resources(ocr, cluster).batch_size
-    assert rows == rows_per_call(ocr, "vision") == 48  # 4 GiB / 89 MB, the largest page at dynamic_hd 36
+    assert rows == call_rows(ocr, "vision") == 48  # 4 GiB / 89 MB, the largest page at dynamic_hd 36
     assert rows * max_page_feature_bytes(36) <= ocr.batching.vision_call_bytes
     assert 31_000_000 * rows < 1.6e9  # what a call of Letter pages (13 crops, ~31 MB) carries
     fewer_crops = ocr.model_copy(update={"image": ocr.image.model_copy(update={"dynamic_hd": 12})})
-    assert rows_per_call(fewer_crops, "vision") == 136  # smaller pages: more of them per call
+    assert call_rows(fewer_crops, "vision") == 136  # smaller pages: more of them per call
     # the object store holds at most 3 such calls per replica of prepared pages
     assert queued_features_limit(ocr, cluster) == 3 * rows * max_page_feature_bytes(36)
     # a replica on CPU (the tiny model): a few pages a call, and so a few in the object store
@@ -180,7 +181,9 @@ def test_vision_calls_are_sized_by_features_bytes_and_speech_keeps_its_rows():
     # speech and meetings: as before (30 s chunks, ~1 MB each)
     assert SpeechStage.resources(JobConfig(job="transcribe", input="m", output="o"), cluster).batch_size == 512
     # (a meetings row is one part of up to 16 chunks: 32 rows, ~512 chunks, pipeline/stages/regroup_parts.py)
-    assert SpeechStage.resources(JobConfig(job="meetings", input="m", output="o"), cluster).batch_size == 32
+    meetings = JobConfig(job="meetings", input="m", output="o")
+    speech = next(s for s in stages_of(meetings) if s.stage is SpeechStage)  # the meetings job's own size
+    assert speech.resources(meetings, cluster).batch_size == 32
     assert queued_features_limit(JobConfig(job="transcribe", input="m", output="o"), cluster) is None
 
 

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 from jsonschema import validate
 
-from actors.stages import TextStage
+from actors.text_stage import TextStage
 from pipeline.stages.from_transcripts import PrepareFromTranscripts
-from pipeline.core.stage import StageContext
+from pipeline.context import RunContext
 from schemas.config import JobConfig
 from schemas.work_rows import work_table
 from tests.conftest import read_output
@@ -96,11 +96,11 @@ WINDOW = 1200
 NEW = 160  # the tiny model's constrained answer to SCHEMA takes up to ~110 tokens
 
 
-def extract_context(tiny_model: str) -> StageContext:
+def extract_context(tiny_model: str) -> RunContext:
     config = JobConfig(job="meetings", input="m", output="o", model={"source": tiny_model},
                        generation={"max_new_tokens": {"asr": NEW, "summarize": NEW, "extract": NEW}},
                        summary={"window_tokens": WINDOW}, extract={"json_schema": SCHEMA})
-    return StageContext(config.model_dump_json())
+    return RunContext.for_tests(config)
 
 
 def test_a_long_transcript_is_read_in_sections_then_extracted_from_the_notes(tiny_model):

@@ -15,8 +15,8 @@ from fsspec.spec import AbstractFileSystem
 
 from pipeline.core.errors import InputError
 from pipeline.io.fetch import check_allowed, fetch_bytes, start_fetch
-from pipeline.stages.prepare import PrepareWork
-from pipeline.core.stage import StageContext
+from pipeline.stages.prepare_audio import PrepareAudio
+from pipeline.context import RunContext
 from pipeline.io.storage import StorageOptions
 from schemas.config import InputsConfig, JobConfig
 from schemas.manifest import validate_manifest
@@ -144,12 +144,12 @@ def test_s3_endpoint_that_never_answers_times_out(silent_server, monkeypatch):
     assert time.monotonic() - started < 4
 
 
-# -- PrepareWork: one row's stall is that row's error, never the batch's --------------------------------
+# -- PrepareAudio: one row's stall is that row's error, never the batch's --------------------------------
 
-def _context(tiny_model: str, **inputs) -> StageContext:
+def _context(tiny_model: str, **inputs) -> RunContext:
     config = JobConfig(job="transcribe", input="m.csv", output="out", model={"source": tiny_model},
                        inputs=inputs)
-    return StageContext(config.model_dump_json(), pa.schema([]))
+    return RunContext.for_tests(config, pa.schema([]))
 
 
 def test_prepare_writes_every_row_beside_a_fifo_and_a_stalled_read(tiny_model, tmp_path):
@@ -161,7 +161,7 @@ def test_prepare_writes_every_row_beside_a_fifo_and_a_stalled_read(tiny_model, t
         {"id": "stalled2", "uri": "stall://mount/call2.wav"},
         {"id": "also_good", "uri": good},
     ]))
-    stage = PrepareWork(_context(tiny_model, allowed_schemes=["file", "stall"], fetch_timeout_s=1,
+    stage = PrepareAudio(_context(tiny_model, allowed_schemes=["file", "stall"], fetch_timeout_s=1,
                                  connect_timeout_s=0.5))
     started = time.monotonic()
     out = stage(manifest)
@@ -242,7 +242,7 @@ def test_file_uri_is_percent_decoded(tmp_path):
 
 # -- the whole job: every row written, the blocking ones as errors ---------------------------------------
 
-@pytest.mark.slow
+@pytest.mark.realsize
 def test_job_with_a_fifo_and_forbidden_uris_writes_every_row(run_job, samples_copy, tmp_path):
     import pandas as pd
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.graph import gpu_stages_of, plan_cluster, prepare_pool_size
-from pipeline.stages.prepare import PrepareWork
+from jobs.graph import gpu_stages_of, plan_cluster, prepare_pool_size, stages_of
+from pipeline.stages.prepare_audio import PrepareAudio
 from pipeline.core.stage import Cluster
 from schemas.config import JobConfig
 
@@ -20,12 +20,12 @@ def cpu_demand(config: JobConfig, cpus: int, gpus: int) -> tuple[int, int]:
     """(CPUs the graph's actors reserve, GPU replicas) when the job runs alone on a host."""
     prepare = prepare_pool_size(config, cpus, gpus, ROWS, autoscaling=False)
     cluster = plan_cluster(config, cpus, gpus, ROWS, autoscaling=False)
-    per_worker = PrepareWork.resources(config, cluster).num_cpus  # a fraction each when the pool is lifted
+    per_worker = PrepareAudio.resources(config, cluster).num_cpus  # a fraction each when the pool is lifted
     replicas = 0
     for stage in gpu_stages_of(config):
         replicas += stage.resources(config, Cluster(cpus=cpus, gpus=gpus)).pool_size[1]
     # ResultRows, PrepareFromTranscripts (one CPU each), AssembleChunks (a quarter CPU after each GPU stage);
-    # for audio: the first BuildChunkInputs worker (one CPU) and RegroupParts (a quarter)
+    # for audio: the first BuildChunkFeatures worker (one CPU) and RegroupParts (a quarter)
     single_actors = 1 + (1.5 if "summarize" in config.tasks else 0.25) + (1.25 if config.job != "ocr" else 0)
     return prepare * per_worker + replicas + single_actors, replicas
 
@@ -60,14 +60,19 @@ def test_meetings_features_pool_takes_what_the_decoding_pool_leaves_from_the_sta
     """8 one-hour meetings on a 16-core, 1-GPU host: 4 decoding workers (one per two inputs) and every
     CPU they and the other actors leave for the features pool, started at once (features are ~80 % of
     preparing audio); together they fit the host's CPUs. A transcribe job's pool grows from one."""
-    from pipeline.stages.chunk_features import BuildChunkInputs
-
     config = JobConfig(job="meetings", input="m.parquet", output="out")
     cluster = plan_cluster(config, 16, 1, 8, autoscaling=False)
-    decoders = PrepareWork.resources(config, cluster)
-    features = BuildChunkInputs.resources(config, cluster)
+    decoders = PrepareAudio.resources(config, cluster)
+    features = features_pool(config, cluster)
     assert decoders.pool_size == (4, 4) and features.pool_size[0] == features.pool_size[1] >= 4
     reserved_besides_features = cluster.reserved_cpus - 1  # its first worker is counted there
     assert reserved_besides_features + 4 * decoders.num_cpus + features.pool_size[1] <= 16
     calls = JobConfig(job="transcribe", input="m.parquet", output="out")
-    assert BuildChunkInputs.resources(calls, plan_cluster(calls, 16, 1, 8, autoscaling=False)).pool_size[0] == 1
+    assert features_pool(calls, plan_cluster(calls, 16, 1, 8, autoscaling=False)).pool_size[0] == 1
+
+
+def features_pool(config: JobConfig, cluster: Cluster):
+    """The features pool as the job's spec declares it (with the job's options)."""
+    from pipeline.stages.chunk_features import BuildChunkFeatures
+
+    return next(s for s in stages_of(config) if s.stage is BuildChunkFeatures).resources(config, cluster)

@@ -41,7 +41,7 @@ def _head_logs(ray_tmp: str, tail: int = 1500) -> str:
     return "".join(parts)
 
 
-@pytest.mark.slow
+@pytest.mark.realsize
 def test_job_submit_to_a_local_head(tiny_model, tmp_path):
     if shutil.which(RAY) is None:
         pytest.skip(f"no ray command next to {sys.executable}")

@@ -63,14 +63,14 @@ def test_transcribe_translate_summarize_keeps_every_row(transcribe_run):
     assert wer is not None and wer >= 0 and record["scores"]["asr"]["with_reference"] == len(good)
     # where the time went: every stage of the graph, the speech pool busy for part of the run
     stages = {s["stage"].split("(")[-1].rstrip(")"): s for s in record["stages"]}
-    assert {"PrepareWork", "SpeechStage", "ResultRows"} <= set(stages), list(stages)
+    assert {"PrepareAudio", "SpeechStage", "ResultRows"} <= set(stages), list(stages)
     speech = stages["SpeechStage"]
     assert 0 < speech["busy_s"] <= record["wall_s"] and speech["calls"] >= 1
     # what each stage counted: every input seen once, the bad ones named as such, every row written,
     # and the engine's split of its time between prefill and decode
     counters = record["counters"]
-    assert counters["PrepareWork"]["rows_in"] == len(good) + len(bad)
-    assert counters["PrepareWork"]["bad_inputs"] == len(bad)
+    assert counters["PrepareAudio"]["rows_in"] == len(good) + len(bad)
+    assert counters["PrepareAudio"]["bad_inputs"] == len(bad)
     assert counters["ResultRows"]["rows_out"] == record["rows"]
     assert counters["ResultRows"]["error_rows"] == sum(c["error"] for c in record["counts"].values())
     assert counters["SpeechStage"]["items"] >= 3 * len(good)  # asr + two translations, a chunk or more each

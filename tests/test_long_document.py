@@ -14,7 +14,7 @@ from bench.documents import text_pdf
 PAGES = 300
 
 
-@pytest.mark.slow
+@pytest.mark.realsize
 def test_a_300_page_pdf_streams_page_by_page_with_bounded_memory(run_job_alone, tmp_path):
     pdf = tmp_path / "manual.pdf"
     pdf.write_bytes(text_pdf(PAGES, title="Operator manual"))
@@ -34,7 +34,7 @@ def test_a_300_page_pdf_streams_page_by_page_with_bounded_memory(run_job_alone, 
     # last was made: ~100 MB a page (measured on the old code: 20 / 40 / 72 pages took 2.8 / 4.5 / 9.5 GB,
     # 311 pages passed 12.5 GB before any page was sent on), so ~30 GB here, more than this machine has.
     # Streamed, the prepare worker holds one page (~31 MB of features, ~100 MB while it is made) and a
-    # block of two; the object store holds what Ray Data lets PrepareWork run ahead (backpressured at
+    # block of two; the object store holds what Ray Data lets PrepareAudio run ahead (backpressured at
     # ~1.6 GB here); the vision replica on CPU takes 4 pages a call; Ray, the driver (this pytest process)
     # and the tiny model's replicas take ~3 GB. None of it grows with the page count. Measured 6.8 GB
     # (2 cores shared with other jobs, 368 s); with the 48-page calls of a GPU replica on this CPU the
@@ -43,7 +43,7 @@ def test_a_300_page_pdf_streams_page_by_page_with_bounded_memory(run_job_alone, 
     assert peak < 8e9
 
 
-@pytest.mark.slow
+@pytest.mark.realsize
 def test_a_folder_of_mixed_scans_runs_with_the_default_config_every_page_once(run_job_alone, tmp_path):
     """A scanning room's folder: PNG, JPEG, TIFF (one pyramidal, with overviews) and WebP pages at Letter
     and A4 sizes, and multi-page PDFs of 3 to 12 pages, through `phi4mm ocr` with the default config

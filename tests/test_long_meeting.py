@@ -29,7 +29,7 @@ def write_long_recording(path, hours: float) -> float:
     return total / RATE
 
 
-@pytest.mark.slow
+@pytest.mark.realsize
 def test_three_hour_meeting_is_transcribed_in_order_with_bounded_memory(run_job_alone, tmp_path):
     audio = tmp_path / "board-meeting.flac"
     duration = write_long_recording(audio, HOURS)
@@ -50,7 +50,7 @@ def test_three_hour_meeting_is_transcribed_in_order_with_bounded_memory(run_job_
     assert asr.duration_s == pytest.approx(duration, abs=0.01)
     # it travelled in parts of at most audio.part_chunks (16) chunks, regrouped once (pipeline/stages/regroup_parts.py)
     counters = json.loads((out / "_runs" / "three-hours.json").read_text())["counters"]
-    regrouped, built = counters["RegroupParts"], counters["BuildChunkInputs"]
+    regrouped, built = counters["RegroupParts"], counters["BuildChunkFeatures"]
     assert regrouped["rows_regrouped"] == 1 and regrouped["parts_in"] == math.ceil(len(segments) / 16)
     # and each part reached the features pool as a block of its own: one call per part, so on a host
     # with more cores the parts' features are built side by side (jobs/graph.py: part_block_bytes)

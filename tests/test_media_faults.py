@@ -17,8 +17,8 @@ from pipeline.core.errors import InputError
 from pipeline.media.audio import SAMPLE_RATE, decode_audio, decode_audio_channels
 from pipeline.media.kind import sniff_kind
 from pipeline.media.pages import decode_pages
-from pipeline.stages.prepare import PrepareWork
-from pipeline.core.stage import StageContext
+from pipeline.stages.prepare_audio import PrepareAudio
+from pipeline.context import RunContext
 from schemas.config import JobConfig
 from schemas.manifest import validate_manifest
 from tests.conftest import SAMPLES
@@ -123,7 +123,7 @@ def test_complete_and_streamed_wavs_are_not_truncated():
     assert len(decode_audio(bytes(data), "a.wav")) == SAMPLE_RATE
 
 
-# -- through PrepareWork: error rows for those inputs only -------------------------------------------------
+# -- through PrepareAudio: error rows for those inputs only -------------------------------------------------
 
 def test_prepare_turns_long_and_truncated_audio_into_error_rows(tiny_model):
     good = (SAMPLES / "audio" / "call_0001.wav").read_bytes()
@@ -135,7 +135,7 @@ def test_prepare_turns_long_and_truncated_audio_into_error_rows(tiny_model):
     ]))
     config = JobConfig(job="transcribe", input="m.csv", output="out", model={"source": tiny_model},
                        translate_to=["fr"], audio={"max_audio_s": 3600})
-    out = PrepareWork(StageContext(config.model_dump_json(), pa.schema([])))(table)
+    out = PrepareAudio(RunContext.for_tests(config, pa.schema([])))(table)
     assert out.num_rows == 3 * 2  # asr and translate for each of the three inputs
     errors = {(r["id"], r["task"]): r["error"] for r in out.to_pylist()}
     assert errors[("good", "asr")] is None and errors[("good", "translate")] is None

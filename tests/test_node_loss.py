@@ -17,7 +17,7 @@ from tests.conftest import SAMPLES, job_subprocess_env, kill_session, read_outpu
 N_INPUTS = 8
 
 
-@pytest.mark.slow
+@pytest.mark.realsize
 def test_losing_a_worker_node_mid_run_keeps_every_row_once(tiny_model, tmp_path):
     clips = sorted((SAMPLES / "audio").glob("call_000*"))
     manifest = tmp_path / "calls.csv"

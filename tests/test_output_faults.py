@@ -13,13 +13,13 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.errors import OutputError
-from pipeline.io.storage import pyarrow_filesystem, remove_directory_markers
-from pipeline.io.output import probe_output, write_results
+from jobs.dataset_write import write_results
+from pipeline.io.output import probe_output
+from pipeline.io.storage import locate, pyarrow_filesystem, remove_directory_markers
 from tests.conftest import SAMPLES, read_output
 from tests.s3server import FaultProxy
 
@@ -40,9 +40,9 @@ def test_probe_names_the_path_and_the_cause(tmp_path):
     (tmp_path / "a_file").write_text("in the way")
     out = tmp_path / "a_file" / "out"
     with pytest.raises(OutputError) as err:
-        probe_output(str(out), pafs.LocalFileSystem(), str(out), "r1")
+        probe_output(locate(str(out)), "r1")
     assert str(out) in str(err.value) and "cannot create the output folder" in str(err.value)
-    probe_output(str(tmp_path / "ok"), pafs.LocalFileSystem(), str(tmp_path / "ok"), "r1")
+    probe_output(locate(str(tmp_path / "ok")), "r1")
     assert [p.name for p in (tmp_path / "ok").iterdir()] == []  # the marker is gone again
 
 
@@ -66,7 +66,7 @@ def test_a_write_that_fails_mid_run_is_one_output_error(ray_session, tmp_path):
     (out / "task=asr").write_text("a file where the partition folder goes")
     ds = ray.data.from_items([{"id": "a", "task": "asr", "text": "x"}])
     with pytest.raises(OutputError) as err:
-        write_results(ds, str(out), "r1", filesystem=pafs.LocalFileSystem())
+        write_results(ds, locate(str(out)), "r1")
     assert str(out) in str(err.value) and "writing the results failed" in str(err.value)
 
 
@@ -77,13 +77,13 @@ def test_markers_are_removed_and_objects_kept(s3):
     s3.put("calls", "out/task=asr/", b"")
     s3.put("calls", "out/task=asr/part-1.parquet", b"PAR1")
     s3.put("calls", "outside/", b"")
-    removed = remove_directory_markers("s3://calls/out", s3.options)
+    removed = remove_directory_markers(locate("s3://calls/out", s3.options))
     assert sorted(removed) == ["out/", "out/task=asr/"]
     assert s3.keys("calls") == ["out/task=asr/part-1.parquet", "outside/"]
-    assert remove_directory_markers(str(Path("/tmp")), s3.options) == []
+    assert remove_directory_markers(locate(str(Path("/tmp")), s3.options)) == []
 
 
-@pytest.mark.slow
+@pytest.mark.realsize
 def test_s3_run_keeps_every_row_and_reads_in_every_reader(run_job, s3, tmp_path, caplog):
     """A run to s3://calls/out through a proxy that throttles the result writes and one recording's
     reads (retried: nothing lost) and fails another recording's reads with 500s every time (retried,
@@ -183,7 +183,7 @@ def _polars(endpoint: str) -> pd.DataFrame:
 
 # -- the local output: DuckDB and Spark read the same rows and types as pyarrow -------------------------
 
-@pytest.mark.slow
+@pytest.mark.realsize
 def test_local_output_reads_the_same_in_duckdb_and_spark(transcribe_run):
     _, _, _, out = transcribe_run
     want = read_output(out).to_pandas()

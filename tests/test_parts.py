@@ -4,7 +4,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from pipeline.stages.regroup_parts import PartsStore, RegroupParts, split_in_parts
-from pipeline.core.stage import StageContext
+from pipeline.context import RunContext
 from schemas.config import JobConfig
 from schemas.work_rows import BatchKey, WorkChunk, work_row, work_table
 
@@ -39,7 +39,7 @@ def test_parts_store_hands_a_row_back_once_and_again_only_to_a_retry_of_its_comp
 
 def test_regroup_joins_parts_across_blocks_and_passes_other_rows_through(tiny_model):
     config = JobConfig(job="meetings", input="m", output="o", model={"source": tiny_model})
-    stage = RegroupParts(StageContext(config.model_dump_json()))
+    stage = RegroupParts(RunContext.for_tests(config))
     long_rows = _part_rows("board", 40, 16)  # 3 parts
     short = _part_rows("standup", 5, 16)  # 1 part: a row in one piece
     assert [r["part"] for r in long_rows] == [1, 2, 3] and short[0]["parts"] is None

@@ -1,7 +1,7 @@
 """A poison input: one that kills its GPU worker process every time it runs.
 
 Ray restarts a dead actor and retries its call without limit, so such an input used to be retried
-forever. The run's journal (pipeline/core/stage.py: RunCounters) sees the rows of a call whose worker died
+forever. The run's journal (pipeline/core/run_state.py: RunState) sees the rows of a call whose worker died
 come back; their batch is then run one row at a time, and a row that killed its worker while alone
 `resources.poison_after_deaths` times becomes an error row without running again. The test input
 kills its worker through the test-only hook `benchmark.exit_worker_on_ids` (os._exit in the stage).
@@ -13,14 +13,14 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline.core.stage import RunCounters
+from pipeline.core.run_state import RunState
 from tests.conftest import read_output
 
 MAX_NEW = "6"
 
 
 def test_journal_counts_deaths_alone_and_in_company():
-    journal = RunCounters()
+    journal = RunState()
     a, b = ("a", "asr", None, 1), ("b", "asr", None, 1)
     assert journal.deaths("S", [a, b]) == {}
     journal.begin("S", [a, b])  # ... and the worker dies: no end()
@@ -33,7 +33,7 @@ def test_journal_counts_deaths_alone_and_in_company():
     assert journal.snapshot()["S"]["rows_in_dead_calls"] == 3
 
 
-@pytest.mark.slow
+@pytest.mark.realsize
 def test_an_input_that_kills_its_worker_ends_as_an_error_row(run_job, samples_copy):
     calls = pd.read_csv(samples_copy / "transcribe.csv")
     manifest = samples_copy / "poison.csv"

@@ -8,12 +8,12 @@ from tests.conftest import MAX_NEW
 
 
 def test_progress_line_says_inputs_rows_audio_rate_and_time_left():
-    counters = {"PrepareWork": {"rows_in": 10}, "ResultRows": {"inputs_done": 4, "rows_out": 8, "error_rows": 1,
+    counters = {"PrepareAudio": {"rows_in": 10}, "ResultRows": {"inputs_done": 4, "rows_out": 8, "error_rows": 1,
                                                                 "audio_s_done": 7200.0}}
-    line = progress_line(counters, 20, 60.0)
+    line = progress_line(counters, 20, 60.0, "PrepareAudio")
     assert line == ("phi4mm: progress 1m00s: inputs 10/20 prepared, 4/20 done, 8 rows written (1 errors), "
                     "2.00 h of audio (120x real time), about 4m00s left")
-    assert "pages" not in line and "left" not in progress_line({}, 20, 5.0)
+    assert "pages" not in line and "left" not in progress_line({}, 20, 5.0, "PrepareAudio")
 
 
 def test_jobs_show_progress_by_default_and_not_with_quiet(run_job, samples_copy, tmp_path, capsys, monkeypatch):

@@ -137,13 +137,13 @@ def test_template_fills_columns_and_a_missing_one_is_an_error_row(tiny_model):
     """The --prompt template's {column}s come from the row; a row without one is an error row naming it
     (the stage on a hand-made table: one row out per row in)."""
     from pipeline.stages.prepare_prompts import PreparePrompts
-    from pipeline.core.stage import StageContext
+    from pipeline.context import RunContext
     from schemas.config import JobConfig
 
     def run(template: str, table: pa.Table) -> list[dict]:
         config = JobConfig(job="prompt", input="x", output="y", model={"source": tiny_model},
                            prompt={"template": template})
-        return PreparePrompts(StageContext(config.model_dump_json()))(table).to_pylist()
+        return PreparePrompts(RunContext.for_tests(config))(table).to_pylist()
 
     table = pa.table({"id": ["a", "b", "c"], "uri": pa.nulls(3, pa.string()), "data": pa.nulls(3, pa.binary()),
                       "topic": ["cats", None, "dogs"], "prompt": [None, None, "Own prompt wins."]})

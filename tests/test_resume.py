@@ -118,7 +118,7 @@ def test_rows_with_their_own_target_language_are_not_redone(tmp_path):
     """A manifest row's target_language overrides the job's --translate-to; once that one translation
     is written ok, resume has nothing left to do for the row."""
     from pipeline.io.resume import rows_to_redo
-    from pipeline.io.storage import StorageOptions
+    from pipeline.io.storage import locate
     from schemas.config import JobConfig
 
     _write_rows(tmp_path, "asr", "first", [{"id": "a"}, {"id": "b"}, {"id": "c"}])
@@ -127,7 +127,7 @@ def test_rows_with_their_own_target_language_are_not_redone(tmp_path):
     manifest = validate_manifest(pa.table({"id": ["a", "b", "c"], "uri": ["a.wav", "b.wav", "c.wav"],
                                            "target_language": ["es", None, None]}))
     config = JobConfig(job="transcribe", input="m.csv", output=str(tmp_path), translate_to=["fr"], resume=True)
-    todo = rows_to_redo(manifest, config, StorageOptions())
+    todo = rows_to_redo(manifest, config, locate(str(tmp_path)))
     assert todo["id"].to_pylist() == ["c"]  # c lacks its translation; a (es) and b (fr) are complete
 
 
@@ -166,7 +166,7 @@ def _plant_killed_write(out: Path, manifest: pd.DataFrame, done_ids: list[str], 
     torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
 
 
-@pytest.mark.slow
+@pytest.mark.realsize
 def test_killed_run_resumes_to_every_row_once(tiny_model, tmp_path):
     clips = tmp_path / "audio"
     shutil.copytree(REPO / "samples" / "audio", clips)

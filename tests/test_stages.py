@@ -8,14 +8,17 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from actors.stages import SpeechStage
+from actors.model_stage import SpeechStage
 from jobs.graph import stages_of
 from pipeline.stages.assemble import AssembleChunks
-from pipeline.stages.prepare import PrepareWork
+from pipeline.stages.prepare_audio import PrepareAudio
 from pipeline.stages.result_rows import ResultRows
-from pipeline.core.stage import Cluster, StageContext
+from pipeline.context import RunContext
+from pipeline.core.stage import Cluster
 from pipeline.stages.from_transcripts import PrepareFromTranscripts
-from pipeline.io.output import RunFilenames, read_results, write_run_record
+from jobs.dataset_write import RunFilenames
+from pipeline.io.output import read_results, write_run_record
+from pipeline.io.storage import locate
 from schemas.config import JobConfig
 from schemas.manifest import KNOWN_COLUMNS, validate_manifest
 from schemas.results import RESULT_COLUMNS, result_schema
@@ -25,11 +28,11 @@ from tests.conftest import SAMPLES
 
 
 def context_for(tiny_model: str, job: str = "transcribe", passthrough: pa.Schema | None = None,
-                **fields) -> StageContext:
+                **fields) -> RunContext:
     config = JobConfig(job=job, input="m.csv", output="out", model={"source": tiny_model},
                        generation={"max_new_tokens": {"asr": 6, "translate": 6, "ocr": 6, "summarize": 6}},
                        **fields)
-    return StageContext(config.model_dump_json(), passthrough or pa.schema([]))
+    return RunContext.for_tests(config, passthrough or pa.schema([]))
 
 
 def manifest(rows: list[dict]) -> pa.Table:
@@ -43,13 +46,13 @@ def call_bytes() -> bytes:
 
 @pytest.fixture(scope="module")
 def prepared(tiny_model, call_bytes):
-    """PrepareWork over a good call (with its own target language), one with the job's targets, junk."""
+    """PrepareAudio over a good call (with its own target language), one with the job's targets, junk."""
     table = manifest([
         {"id": "own", "data": call_bytes, "target_language": "es", "agent": "a1"},
         {"id": "job", "data": call_bytes, "agent": "a2"},
         {"id": "junk", "data": b"RIFF....not a wave" * 8, "agent": "a3"},
     ])
-    stage = PrepareWork(context_for(tiny_model, translate_to=["fr", "de"], summarize=True))
+    stage = PrepareAudio(context_for(tiny_model, translate_to=["fr", "de"], summarize=True))
     return stage, stage(table)
 
 
@@ -158,19 +161,46 @@ def test_work_rows_round_trip_their_chunks_and_batch_keys():
     assert work_row("y", "asr", error="e")["modality"] == "none"  # nothing to generate
 
 
-@pytest.mark.parametrize("job,extra", [("transcribe", {}), ("transcribe", {"translate_to": ["fr"], "summarize": True}),
-                                       ("ocr", {}), ("meetings", {})])
+@pytest.mark.parametrize("job,extra", [
+    ("transcribe", {}), ("transcribe", {"translate_to": ["fr"], "summarize": True}),
+    ("transcribe", {"extract": {"json_schema": {"type": "object", "properties": {"n": {"type": "integer"}}}}}),
+    ("ocr", {}), ("meetings", {}),
+    ("prompt", {"prompt": {"template": "Describe {id}"}}),
+    ("prompt", {"prompt": {"json_schema": {"type": "object", "properties": {"n": {"type": "integer"}}},
+                           "tools": [{"name": "f", "description": "d", "parameters": {"type": "object"}}]}})])
 def test_each_stage_reads_only_columns_an_earlier_stage_wrote(job, extra):
-    """The graph read column by column: the manifest's columns, then what each stage writes."""
+    """Every job's declared graph (jobs/specs.py), read column by column: the manifest's columns, then
+    what each stage writes; the result rows' columns are all there at the end."""
     config = JobConfig(job=job, input="m", output="o", **extra)
-    available = set(KNOWN_COLUMNS)
-    for stage in stages_of(config):
-        missing = set(stage.reads) - available
-        assert not missing, f"{stage.__name__} reads {sorted(missing)} that no earlier stage wrote"
-        available |= set(stage.writes)
-        res = stage.resources(config, Cluster(cpus=8, gpus=1, input_rows=100))
+    available = set(KNOWN_COLUMNS) | ({"prompt", "images", "audio", "video"} if job == "prompt" else set())
+    specs = stages_of(config)
+    assert specs[0].stage.counts_inputs and specs[-1].stage is ResultRows
+    for spec in specs:
+        missing = set(spec.stage.reads) - available
+        assert not missing, f"{spec.stage.__name__} reads {sorted(missing)} that no earlier stage wrote"
+        available |= set(spec.stage.writes)
+        res = spec.resources(config, Cluster(cpus=8, gpus=1, input_rows=100))
         assert res.pool_size[0] >= 1 and (res.batch_size is None or res.batch_size >= 1)
     assert set(RESULT_COLUMNS) <= available
+
+
+def test_every_job_is_one_spec_and_no_module_asks_which_job_runs():
+    """A job is one entry of jobs/specs.py: nothing outside the CLI, schemas/ and the specs tests the
+    job's name (adding a job must not mean hunting for `config.job == ...` in the stages)."""
+    import re
+
+    from jobs.specs import JOBS
+    from tests.conftest import REPO
+
+    assert set(JOBS) == {"transcribe", "meetings", "ocr", "prompt"}
+    allowed = {"jobs/cli.py", "jobs/specs.py"}
+    asks = re.compile(r"\.job\s*(==|!=|in\b|not in\b)|\bjob\s*(==|!=)\s*[\"']")
+    found = [f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+             for folder in ("pipeline", "actors", "jobs", "bench")
+             for path in sorted((REPO / folder).rglob("*.py"))
+             if str(path.relative_to(REPO)) not in allowed
+             for n, line in enumerate(path.read_text().splitlines(), start=1) if asks.search(line)]
+    assert not found, "the job's name tested outside its spec:\n" + "\n".join(found)
 
 
 def test_stage_counters_count_calls_rows_and_time(tiny_model):
@@ -193,7 +223,7 @@ def test_written_files_are_named_by_run_and_read_back_per_run(tmp_path, tiny_mod
     back = read_results(str(tmp_path), run_id="run-7")
     assert back.num_rows == 1 and back["task"].to_pylist() == ["asr"]
     assert read_results(str(tmp_path), run_id="other").num_rows == 0
-    path = write_run_record(str(tmp_path), {"run_id": "run-7", "counts": {}})
+    path = write_run_record(locate(str(tmp_path)), {"run_id": "run-7", "counts": {}})
     assert path.endswith("_runs/run-7.json")
 
 

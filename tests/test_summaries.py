@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from actors.stages import TextStage
-from pipeline.core.stage import StageContext
+from actors.text_stage import TextStage
+from pipeline.context import RunContext
 from pipeline.stages.from_transcripts import PrepareFromTranscripts, split_in_sections
 from schemas.config import JobConfig
 from schemas.work_rows import work_row, work_table
@@ -17,11 +17,11 @@ WINDOW = 256
 NEW = 8
 
 
-def context(tiny_model: str, window: int = WINDOW) -> StageContext:
+def context(tiny_model: str, window: int = WINDOW) -> RunContext:
     config = JobConfig(job="meetings", input="m", output="o", model={"source": tiny_model},
                        generation={"max_new_tokens": {"asr": NEW, "summarize": NEW}},
                        summary={"window_tokens": window})
-    return StageContext(config.model_dump_json())
+    return RunContext.for_tests(config)
 
 
 def transcript_row(n_segments: int) -> dict:

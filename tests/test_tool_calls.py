@@ -21,26 +21,26 @@ def test_calls_are_parsed_and_words_are_not():
 
 
 def test_tool_calls_column():
-    from pipeline.core.stage import StageContext
+    from pipeline.context import RunContext
     from schemas.config import JobConfig
 
     batch = pa.table({"task": ["prompt"] * 3, "error": [None, None, "id c: bad"],
                       "text": ['[{"name": "get_order_status", "arguments": {"order_id": "9"}}]', "Hello.",
                                '[{"name": "x", "arguments": {}}]']})
     config = JobConfig(job="prompt", input="x", output="y", prompt={"tools": TOOLS})
-    calls = ToolCalls(StageContext(config.model_dump_json()))(batch)["tool_calls"].to_pylist()
+    calls = ToolCalls(RunContext.for_tests(config))(batch)["tool_calls"].to_pylist()
     assert calls == [[{"name": "get_order_status", "arguments": '{"order_id": "9"}'}], None, None]
 
 
 def test_tools_go_in_the_system_message_the_cards_way(tiny_model):
     from pipeline.model.inputs import load_processor
     from pipeline.stages.prepare_prompts import PreparePrompts
-    from pipeline.core.stage import StageContext
+    from pipeline.context import RunContext
     from schemas.config import JobConfig
     from schemas.work_rows import decode_item
 
     config = JobConfig(job="prompt", input="x", output="y", model={"source": tiny_model}, prompt={"tools": TOOLS})
-    stage = PreparePrompts(StageContext(config.model_dump_json()))
+    stage = PreparePrompts(RunContext.for_tests(config))
     rows = stage(pa.table({"id": ["a"], "uri": pa.nulls(1, pa.string()), "data": pa.nulls(1, pa.binary()),
                            "prompt": ["Where is order 9?"]})).to_pylist()
     said = load_processor(tiny_model).tokenizer.decode(decode_item(rows[0]["chunk_inputs"][0])["input_ids"])

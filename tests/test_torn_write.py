@@ -37,7 +37,7 @@ def _torn(path: Path) -> bool:
     return not _whole(path) and path.exists() and path.stat().st_size > 0
 
 
-@pytest.mark.slow
+@pytest.mark.realsize
 def test_kill_during_the_write_leaves_a_torn_file_that_resume_replaces(tiny_model, run_job, tmp_path):
     clips = sorted((SAMPLES / "audio").glob("call_000*"))
     ids = [f"call_{i:02d}" for i in range(N_INPUTS)]

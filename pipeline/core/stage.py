@@ -12,9 +12,11 @@ Every step of a job's graph (jobs/graph.py), on the CPU side or the GPU side, is
   still being rendered, so memory does not grow with the page count); `__call__` wraps it with the
   stage's counters either way (Ray Data iterates a batch function's generator, block by block).
 
-Counters (rows in and out, calls, busy seconds, and whatever the stage counts itself) go to one
-`RunCounters` actor per run, named in the context, and end up in `_runs/<run_id>.json`. Without Ray (a
-unit test calling a stage on a hand-made table) they stay on the stage object.
+Every stage is built with the run's `RunContext` (pipeline/context.py: the config, the storage options
+and output location resolved once on the driver, the model reference, the run state actor's name).
+Counters (rows in and out, calls, busy seconds, and whatever the stage counts itself) go to the run's
+`RunState` actor (pipeline/core/run_state.py) and end up in `_runs/<run_id>.json` under the stage's
+`stage_name`. Without Ray (a unit test calling a stage on a hand-made table) they stay on the stage object.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import pyarrow as pa
@@ -43,6 +45,8 @@ class Cluster:
     # CPUs the graph's other actors hold (one per GPU replica, the single-actor CPU stages, the driver):
     # the decoding pool takes the rest (jobs/graph.py fills this from the other stages' declarations)
     reserved_cpus: float = 0.0
+    # workers of the decoding pool (the stage whose cpu_share is "rest"), filled by jobs/graph.py
+    prepare_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,34 +71,24 @@ class StageResources:
         return args
 
 
-@dataclass(frozen=True)
-class StageContext:
-    """What every stage is constructed with, on every worker (pickled by Ray)."""
-    config_json: str
-    passthrough_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
-    counters_actor: str | None = None  # the run's RunCounters actor; None: counters stay local
-    # what the driver found the checkpoint to be (pipeline/model/source.py: describe_model): source,
-    # revision, layout, weights_sha; None outside a job (unit tests)
-    model_provenance: dict | None = None
-
-    @property
-    def config(self) -> JobConfig:
-        return JobConfig.model_validate_json(self.config_json)
-
-
 class Stage:
     """One declared step of the graph. Subclasses set `reads`/`writes`, `resources` and `process`."""
 
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
     stage_name: ClassVar[str] = "Stage"  # the class's own name, also under Ray Data's private wrapper
+    # how the graph counts its CPUs (jobs/graph.py): "declared" (what `resources` says is reserved),
+    # "rest" (the decoding pool: the CPUs everything else leaves), "spare" (one worker reserved; it grows
+    # into what the decoding pool leaves)
+    cpu_share: ClassVar[str] = "declared"
+    counts_inputs: ClassVar[bool] = False  # its rows in are the progress line's "inputs prepared"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if not cls.__name__.startswith("_"):  # Ray Data subclasses an actor class as _SingleThreadedWrapper
             cls.stage_name = cls.__name__
 
-    def __init__(self, context: StageContext):
+    def __init__(self, context):  # a pipeline/context.py RunContext (core/ imports no other pipeline package)
         self.context = context
         self.config = context.config
         self.counters: Counter = Counter()  # this worker's totals since it started
@@ -102,8 +96,14 @@ class Stage:
         self._actor = None
 
     @classmethod
-    def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
+    def resources(cls, config: JobConfig, cluster: Cluster, **options) -> StageResources:
+        """What Ray Data must give the stage; `options` are a job's own settings for it (jobs/specs.py)."""
         return StageResources(batch_size=None)
+
+    @classmethod
+    def dataset_block_bytes(cls, config: JobConfig) -> int | None:
+        """The dataset's target block size this stage needs (None: Ray Data's default)."""
+        return None
 
     def process(self, batch: pa.Table) -> pa.Table | Iterator[pa.Table]:
         raise NotImplementedError
@@ -135,14 +135,14 @@ class Stage:
         self.push_counters()
 
     def journal(self, method: str, *args):
-        """Call the run's journal (RunCounters: `deaths`, `begin`, `end`) synchronously; None without
-        a counters actor (a unit test calling a stage on a hand-made table)."""
-        if self.context.counters_actor is None:
+        """Call the run's state actor (RunState: `deaths`, `begin`, `end`, `hold_part`) synchronously;
+        None without one (a unit test calling a stage on a hand-made table)."""
+        if self.context.run_state is None:
             return None
         return self._call_counters(method, *args)
 
     def _call_counters(self, method: str, *args):
-        """One synchronous call to the run's counters actor. If it cannot be reached (its node was lost
+        """One synchronous call to the run's state actor. If it cannot be reached (its node was lost
         and it is restarting), the call is skipped with a warning: counts and journal entries are
         bookkeeping, and never worth failing a batch of rows over."""
         import ray
@@ -150,18 +150,18 @@ class Stage:
 
         try:
             if self._actor is None:
-                self._actor = ray.get_actor(self.context.counters_actor)
+                self._actor = ray.get_actor(self.context.run_state)
             return ray.get(getattr(self._actor, method).remote(self.stage_name, *args), timeout=60)
         except (RayActorError, ActorUnavailableError, GetTimeoutError, ValueError) as exc:
-            log.warning("%s: the run's counters actor is unreachable, %s skipped (%s)", self.stage_name, method,
+            log.warning("%s: the run's state actor is unreachable, %s skipped (%s)", self.stage_name, method,
                         type(exc).__name__)
             self._actor = None
             return None
 
     def push_counters(self) -> None:
-        """Send what changed since the last push to the run's counters actor (synchronously: a worker
+        """Send what changed since the last push to the run's state actor (synchronously: a worker
         Ray kills right after its last call must not lose that call's counts)."""
-        if self.context.counters_actor is None:
+        if self.context.run_state is None:
             return
         delta = {k: v - self._pushed.get(k, 0) for k, v in self.counters.items()
                  if k not in self._pushed or v != self._pushed[k]}
@@ -177,79 +177,3 @@ def one_thread_per_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
-
-
-class RunCounters:
-    """Sums of every stage worker's counters for one run (a Ray actor: see `start_run_counters`), the
-    run's journal of GPU calls in flight (`begin` / `end` / `deaths`), and the parts of long recordings'
-    work rows waiting for their last part (`hold_part`, pipeline/stages/regroup_parts.py).
-
-    The journal is how a poison input is found: Ray restarts a GPU actor whose process died mid-call
-    and retries that call without limit, so an input that kills its worker every time would be retried
-    forever. A GPU stage records the work-row keys of a call before it runs (`begin`) and clears them
-    after (`end`); keys still recorded when the same rows come back were in a call whose worker died.
-    The stage then runs that batch's rows one at a time, and a row whose worker died while it ran alone
-    `poison_after_deaths` times becomes an error row without running again (actors/stages.py).
-    """
-
-    def __init__(self):
-        self.totals: dict[str, Counter] = {}
-        self.in_flight: dict[tuple, int] = {}  # (stage, key) -> rows in the call it is in
-        self.died: Counter = Counter()  # (stage, key) -> worker deaths while it was in flight
-        self.died_alone: Counter = Counter()  # ... while it was in flight alone
-        from pipeline.stages.regroup_parts import PartsStore
-
-        self.parts = PartsStore()  # parts of long recordings' rows until the last comes (pipeline/stages/regroup_parts.py)
-
-    def deaths(self, stage: str, keys: list) -> dict:
-        """{key: (deaths, deaths alone)} of the keys whose worker died mid-call (now or before): a key
-        still in flight when it is looked up again was in a call that never ended."""
-        out, found = {}, 0
-        for key in keys:
-            sk = (stage, tuple(key))
-            size = self.in_flight.pop(sk, None)
-            if size is not None:
-                found += 1
-                self.died[sk] += 1
-                self.died_alone[sk] += size == 1
-            if self.died[sk]:
-                out[tuple(key)] = (self.died[sk], self.died_alone[sk])
-        if found:
-            self.totals.setdefault(stage, Counter()).update(rows_in_dead_calls=found)
-        return out
-
-    def begin(self, stage: str, keys: list) -> None:
-        for key in keys:
-            self.in_flight[(stage, tuple(key))] = len(keys)
-
-    def end(self, stage: str, keys: list) -> None:
-        for key in keys:
-            self.in_flight.pop((stage, tuple(key)), None)
-
-    def hold_part(self, stage: str, key: tuple, part: int, parts: int, row: bytes) -> list[bytes] | None:
-        """A part row kept until its row's last part comes; then all of them (pipeline/stages/regroup_parts.py)."""
-        return self.parts.add(key, part, parts, row)
-
-    def calls_in_flight(self, stage: str) -> int:
-        """How many work rows of `stage` are in a call now (for monitoring and fault tests)."""
-        return sum(1 for s, _ in self.in_flight if s == stage)
-
-    def add(self, stage: str, delta: dict) -> bool:
-        self.totals.setdefault(stage, Counter()).update(delta)
-        return True
-
-    def snapshot(self) -> dict[str, dict]:
-        return {stage: {k: round(v, 3) if isinstance(v, float) else v for k, v in sorted(c.items())}
-                for stage, c in self.totals.items()}
-
-
-def start_run_counters(run_id: str):
-    """The run's counters actor (its name goes into every StageContext); kill it after reading it."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    name = f"phi4mm-counters-{run_id}"
-    # on the driver's node: losing a worker node must not lose the run's counters and journal
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return name, ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(RunCounters).options(
-        name=name, scheduling_strategy=here).remote()

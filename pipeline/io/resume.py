@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io.storage import pyarrow_filesystem
+from pipeline.io.storage import Location
 from schemas.config import JobConfig
 from schemas.results import KEY_COLUMNS as KEY, STATUS_OK
 from schemas.tasks import output_keys
@@ -68,11 +68,10 @@ def existing_keys(output: str, fs) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def rows_to_redo(manifest: pa.Table, config: JobConfig, storage) -> pa.Table:
+def rows_to_redo(manifest: pa.Table, config: JobConfig, output: Location) -> pa.Table:
     """The manifest rows that lack an `ok` row for one of their output keys (schemas/tasks.py), or
     have an error row: those are redone whole (their ok rows are replaced, never duplicated)."""
-    fs, path = pyarrow_filesystem(config.output, storage)
-    done = existing_keys(path, fs)
+    done = existing_keys(output.path, output.fs)
     if done.num_rows == 0:
         return manifest
     if "target_language" not in done.column_names:

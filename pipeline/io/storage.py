@@ -22,6 +22,7 @@ outer loop around whole-object reads for what escapes the client (broken bodies,
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -30,8 +31,8 @@ import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["StorageOptions", "fsspec_filesystem", "pyarrow_filesystem", "protocol_of", "is_local",
-           "local_path", "find_files", "is_file_entry", "remove_directory_markers", "ENDPOINT_ENV_VARS"]
+__all__ = ["StorageOptions", "Location", "locate", "fsspec_filesystem", "pyarrow_filesystem", "protocol_of",
+           "is_local", "local_path", "find_files", "is_file_entry", "remove_directory_markers", "ENDPOINT_ENV_VARS"]
 
 # Read, in this order, when `endpoint_url` is not given (the AWS SDKs' own names for the setting).
 ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -44,13 +45,14 @@ class StorageOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 (MinIO, moto); None: AWS
-    region: str | None = None  # None: the SDK's default chain (AWS_DEFAULT_REGION, config file)
-    profile: str | None = None  # a named profile from ~/.aws; None: the default credential chain
-    anon: bool = False  # unsigned requests (public buckets)
-    retries: int = Field(4, ge=0, le=20)  # retries of one S3 request inside the client
-    connect_timeout_s: float = Field(10.0, gt=0)
-    read_timeout_s: float = Field(60.0, gt=0)
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000 "
+                                     "(MinIO, moto); None: AWS (or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    region: str | None = Field(None, description="None: the SDK's default chain (AWS_DEFAULT_REGION, config file)")
+    profile: str | None = Field(None, description="a named profile from ~/.aws; None: the default credential chain")
+    anon: bool = Field(False, description="unsigned requests (public buckets)")
+    retries: int = Field(4, ge=0, le=20, description="retries of one S3 request inside the client")
+    connect_timeout_s: float = Field(10.0, gt=0, description="seconds to open a connection to the object store")
+    read_timeout_s: float = Field(60.0, gt=0, description="seconds a read may wait for the next bytes")
 
     @model_validator(mode="before")
     @classmethod
@@ -160,7 +162,29 @@ def find_files(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict]:
     return {p: i for p, i in fs.find(path, detail=True).items() if is_file_entry(p, i)}
 
 
-def remove_directory_markers(uri: str, options: StorageOptions | None = None) -> list[str]:
+@dataclass(frozen=True)
+class Location:
+    """A folder uri resolved once (datatrove's `DataFolder`, both views): the pyarrow filesystem and path
+    that Parquet reads and writes and Ray Data take, and the fsspec filesystem and path for listings,
+    small files and S3 markers, both made from the same `options`. Built on the driver by `locate`;
+    every later use of the output goes through it instead of resolving the uri again (an S3 region
+    lookup each time)."""
+    uri: str
+    options: StorageOptions
+    fs: pafs.FileSystem
+    path: str
+    fsspec_fs: fsspec.AbstractFileSystem
+    fsspec_path: str
+
+
+def locate(uri: str, options: StorageOptions | None = None) -> Location:
+    options = options or StorageOptions()
+    fs, path = pyarrow_filesystem(uri, options)
+    fsspec_fs, fsspec_path = fsspec_filesystem(uri, options)
+    return Location(uri, options, fs, path, fsspec_fs, fsspec_path)
+
+
+def remove_directory_markers(location: Location) -> list[str]:
     """Delete the zero-byte "directory" objects (`out/`, `out/task=asr/`) under an S3 prefix; returns
     their keys. No-op elsewhere.
 
@@ -169,10 +193,9 @@ def remove_directory_markers(uri: str, options: StorageOptions | None = None) ->
     Polars) then take `out/task=asr/` for a file and fail with FileNotFoundError. S3 has no folders:
     the objects below a prefix are all a reader needs.
     """
-    if protocol_of(uri) not in _S3_PROTOCOLS:
+    if protocol_of(location.uri) not in _S3_PROTOCOLS:
         return []
-    fs, path = fsspec_filesystem(uri, options)
-    path = path.rstrip("/")
+    fs, path = location.fsspec_fs, location.fsspec_path.rstrip("/")
     bucket, _, prefix = path.partition("/")
     try:
         entries = fs.find(path, detail=True, withdirs=True)

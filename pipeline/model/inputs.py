@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.media.audio import SAMPLE_RATE
 from pipeline.model.prompts import chat_messages, prompt_messages
-from schemas.work_rows import BatchKey
+from schemas.work_rows import BatchKey, encode_item
 
 FEATURE_FRAMES_PER_S = 100  # the feature extractor's hop: 160 samples at 16 kHz
 DEFAULT_AUDIO_BUCKET_S = 2.0  # schemas/config.py AudioConfig.batch_bucket_s
@@ -158,3 +158,12 @@ def audio_bucket(frames: int, bucket_frames: int) -> int:
     are exact because the GPU side masks the audio encoder's padding (actors/audio_padding.py); the
     grid bounds the padding a batch carries (at most one bucket's width per clip)."""
     return -(-frames // bucket_frames) * bucket_frames
+
+
+SAMPLES = "samples"  # BatchKey kind of a chunk that still holds its audio samples
+
+
+def samples_item(audio: np.ndarray) -> tuple[BatchKey, bytes]:
+    """A chunk's audio as it travels to BuildChunkFeatures (float32 16 kHz samples, exact)."""
+    audio = np.ascontiguousarray(audio, dtype=np.float32)
+    return BatchKey(SAMPLES, int(audio.shape[0])), encode_item({"samples": audio})

@@ -13,6 +13,8 @@ starts, and says what was loaded (layout and a fingerprint of the weights) for t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import hashlib
 import json
 import logging
@@ -29,7 +31,7 @@ from pipeline.model.checkpoint_layout import (FINGERPRINT_METHOD, CheckpointErro
 from pipeline.io.storage import StorageOptions, find_files, fsspec_filesystem, is_local
 from schemas.config import DEFAULT_MODEL, DEFAULT_REVISION, JobConfig
 
-__all__ = ["resolve_model", "local_model_dir", "describe_model", "DEFAULT_MODEL", "DEFAULT_REVISION",
+__all__ = ["resolve_model", "ModelRef", "describe_model", "DEFAULT_MODEL", "DEFAULT_REVISION",
            "COMPLETE_MARKER", "default_cache_root", "CheckpointError"]
 
 log = logging.getLogger(__name__)
@@ -231,14 +233,26 @@ def _from_hub(repo_id: str, revision: str | None, cache_dir: str | None, process
                              ignore_patterns=ignore)
 
 
-def local_model_dir(config: JobConfig, processor_only: bool = False) -> str:
-    """A local folder holding the job's checkpoint (hub snapshot, s3:// copy, or the folder given).
+@dataclass(frozen=True)
+class ModelRef:
+    """The job's checkpoint as the driver found it: where it is (`source`, `revision` with the default
+    model's native-format revision filled in, `cache_dir`) and what it is (`provenance`: describe_model's
+    layout and weights_sha, written into every row; None in unit tests)."""
+    source: str
+    revision: str | None = None
+    cache_dir: str | None = None
+    provenance: dict | None = None
 
-    CPU stages ask for `processor_only`: the tokenizer and processor files, not the ~11 GB of weights.
-    """
-    return resolve_model(config.model.source, revision=config.model.resolved_revision(),
-                         cache_dir=config.model.cache_dir, options=StorageOptions(endpoint_url=config.s3_endpoint),
-                         processor_only=processor_only)
+    @classmethod
+    def of(cls, config: JobConfig, provenance: dict | None = None) -> "ModelRef":
+        return cls(config.model.source, config.model.resolved_revision(), config.model.cache_dir, provenance)
+
+    def local_dir(self, options: StorageOptions, processor_only: bool = False) -> str:
+        """A local folder holding the checkpoint (hub snapshot, s3:// copy made once per node, or the
+        folder given), read with the run's storage options (its timeouts included). CPU stages ask for
+        `processor_only`: the tokenizer and processor files, not the ~11 GB of weights."""
+        return resolve_model(self.source, revision=self.revision, cache_dir=self.cache_dir, options=options,
+                             processor_only=processor_only)
 
 
 # -- what the driver checks and records ---------------------------------------------------------------

@@ -18,11 +18,10 @@ import string
 import pyarrow as pa
 
 from pipeline.core.errors import InputError
-from pipeline.io.fetch import PendingFetch, start_fetch
 from pipeline.media.audio import SAMPLE_RATE, decode_audio
 from pipeline.media.kind import sniff_kind
 from pipeline.media.pages import decode_pages
-from pipeline.stages.prepare import PrepareWork
+from pipeline.stages.manifest_stage import MANIFEST_READS, ManifestStage
 from pipeline.model.prompts import prompt_system_message
 from pipeline.media.video import sample_frames
 from schemas.manifest import PROMPT, PROMPT_MEDIA_COLUMNS, passthrough_columns
@@ -81,11 +80,11 @@ def planned_modalities(manifest: pa.Table) -> list[str]:
     return [m for m in ("speech", "vision", "text") if m in needed]
 
 
-class PreparePrompts(PrepareWork):
+class PreparePrompts(ManifestStage):
     """Manifest rows -> prompt work rows (task `prompt`, page 1), one per row, with the model inputs of
     its media and prompt built (pipeline/model/inputs.py: InputBuilder.prompt_item), or an error row."""
 
-    reads = PrepareWork.reads + PROMPT_MEDIA_COLUMNS + (PROMPT,)  # and the template's columns
+    reads = MANIFEST_READS + PROMPT_MEDIA_COLUMNS + (PROMPT,)  # and the template's columns
 
     def __init__(self, context):
         super().__init__(context)
@@ -100,10 +99,6 @@ class PreparePrompts(PrepareWork):
             out_rows.extend(self.rows_or_errors(row, lambda: [self.prompt_row(row, pending)]))
         keep = passthrough_columns(batch.schema)
         return work_table(out_rows, batch.select(keep) if keep else None)
-
-    def fetch(self, uri: str) -> PendingFetch:
-        inputs = self.config.inputs
-        return start_fetch(uri, self.storage, timeout_s=inputs.fetch_timeout_s, rules=inputs)
 
     def start_media(self, row: dict) -> dict[str, list]:
         """{column: [(uri, pending fetch)]} for every uri the row names; `uri` only when it has no data."""

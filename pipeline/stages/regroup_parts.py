@@ -2,13 +2,13 @@
 
 An hour of audio is ~120 chunks of ~1 MB of features; as one work row it is a 120 MB Ray object that
 no block split can cut, that one GPU call must take whole, and that a worker must hold whole. So
-PrepareWork cuts a long recording's work row into parts (`part` k of `parts`, each with its own
+PrepareAudio cuts a long recording's work row into parts (`part` k of `parts`, each with its own
 chunks, in time order), which flow through the GPU pool like any other rows, and `RegroupParts` puts
 them back together, in order, once their features are spent (only texts and counts are left), before
 assembly. A part row never reaches the output.
 
 Regrouping needs state across calls: parts of one recording arrive in different blocks. The parts
-wait in the run's `RunCounters` actor (pipeline/core/stage.py), which lives on the driver's node, not in
+wait in the run's `RunState` actor (pipeline/core/run_state.py), which lives on the driver's node, not in
 the regrouping actor: that actor may be on a worker node that is lost, and Ray Data then retries the
 lost call's block, which must neither lose the parts that came before nor make the row twice.
 """
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.core.run_state import PartsStore
 from pipeline.core.stage import Cluster, Stage, StageResources
 from schemas.config import JobConfig
 
@@ -41,47 +41,10 @@ def part_key(row: dict) -> tuple:
     return row["id"], row["task"], row["target_language"], row["page"]
 
 
-class PartsStore:
-    """The parts of each row that came so far, and the rows made from them lately (held by RunCounters).
-
-    `add` is idempotent: a part sent again (its call was retried) replaces itself. When the last part of
-    a row comes, the row's parts are handed back, in order, and kept a while (up to `keep_bytes`) under
-    `released`, with the part that completed it. That part sent again means the call it completed died
-    before its output was kept (a dead call makes nothing), so the row is handed back again; any other
-    part of a released row sent again came from a retried call that did not complete it: nothing."""
-
-    def __init__(self, keep_bytes: int = 256 * 2**20):
-        self.waiting: dict[tuple, dict[int, bytes]] = {}
-        self.released: OrderedDict[tuple, tuple[int, list[bytes]]] = OrderedDict()
-        self.released_bytes = 0
-        self.keep_bytes = keep_bytes
-
-    def add(self, key: tuple, part: int, parts: int, row: bytes) -> list[bytes] | None:
-        key = tuple(key)
-        if key in self.released:
-            completed_by, done = self.released[key]
-            return done if part == completed_by else None
-        have = self.waiting.setdefault(key, {})
-        have[part] = row
-        if len(have) < parts:
-            return None
-        done = [have[k] for k in sorted(have)]
-        del self.waiting[key]
-        self.released[key] = (part, done)
-        self.released_bytes += sum(len(b) for b in done)
-        while self.released_bytes > self.keep_bytes and len(self.released) > 1:
-            _, (_, old) = self.released.popitem(last=False)
-            self.released_bytes -= sum(len(b) for b in old)
-        return done
-
-    def waiting_rows(self) -> int:
-        return len(self.waiting)
-
-
 class RegroupParts(Stage):
     """Part rows (parts > 1) back into one work row each, chunks in order; other rows pass through.
 
-    Rows out may be fewer than rows in: a part row waits (in the run's RunCounters) until its row's
+    Rows out may be fewer than rows in: a part row waits (in the run's RunState) until its row's
     last part comes, and the whole row leaves with the block that brought it."""
 
     reads = ("id", "task", "target_language", "page", "part", "parts", *CHUNK_COLUMNS)
@@ -112,18 +75,18 @@ class RegroupParts(Stage):
         return pa.concat_tables(out)
 
     def add(self, key: tuple, part: int, parts: int, blob: bytes) -> list[bytes] | None:
-        """The row's parts when this was its last, else None; held by the run's RunCounters actor.
+        """The row's parts when this was its last, else None; held by the run's RunState actor.
 
         Unlike counters, a part must not be dropped: if that actor cannot be reached the call fails,
         and Ray Data retries the block (the parts already held stay held)."""
-        if self.context.counters_actor is None:
+        if self.context.run_state is None:
             return self.local.add(key, part, parts, blob)
         import ray
 
         for attempt in range(5):
             try:
                 if self._actor is None:
-                    self._actor = ray.get_actor(self.context.counters_actor)
+                    self._actor = ray.get_actor(self.context.run_state)
                 return ray.get(self._actor.hold_part.remote(self.stage_name, key, part, parts, blob), timeout=120)
             except Exception as exc:  # noqa: BLE001 - retried, then raised: never a lost part
                 self._actor = None

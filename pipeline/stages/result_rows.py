@@ -6,7 +6,8 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.core.stage import Cluster, Stage, StageContext, StageResources
+from pipeline.context import RunContext
+from pipeline.core.stage import Cluster, Stage, StageResources
 from schemas.config import JobConfig
 from schemas.results import RESULT_COLUMNS, STATUS_ERROR, STATUS_OK, result_schema
 from schemas.structured import TYPED_PREFIX, typed_fields
@@ -20,11 +21,11 @@ class ResultRows(Stage):
     reads = tuple(c for c in RESULT_COLUMNS if c in WORK_COLUMNS)
     writes = tuple(RESULT_COLUMNS)
 
-    def __init__(self, context: StageContext):
+    def __init__(self, context: RunContext):
         super().__init__(context)
         self.model_name = self.config.model.source
         self.model_revision = self.config.model.resolved_revision()
-        provenance = context.model_provenance or {}
+        provenance = context.model.provenance or {}
         self.model_layout = provenance.get("layout")
         self.model_weights_sha = provenance.get("weights_sha")
         self.typed = {f.name for f in typed_fields(self.config.output_schema)}

@@ -12,7 +12,8 @@ import json
 
 import pyarrow as pa
 
-from pipeline.core.stage import Cluster, Stage, StageContext, StageResources
+from pipeline.context import RunContext
+from pipeline.core.stage import Cluster, Stage, StageResources
 from schemas.config import JobConfig
 from schemas.structured import TYPED_PREFIX, typed_fields, typed_values
 from schemas.work_rows import set_column
@@ -25,7 +26,7 @@ class StructuredAnswers(Stage):
     reads = ("id", "task", "error", "text")
     writes = ("json", "error")  # and TYPED_PREFIX + each typed property
 
-    def __init__(self, context: StageContext):
+    def __init__(self, context: RunContext):
         super().__init__(context)
         from jsonschema.validators import validator_for
 
