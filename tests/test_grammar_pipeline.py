@@ -23,7 +23,9 @@ SCHEMA = {
     },
     "required": ["reason", "resolved", "mood", "calls"],
 }
-GRAMMAR_ROWS = [True, True, False, True, True, False, True, True]  # which items are constrained
+# which items are constrained: the last one (the longest prompt, prefilled last) is free, so the run ends with
+# free slots only, and the decoder goes from pipelined constrained steps back to its unconstrained step
+GRAMMAR_ROWS = [True, True, False, True, True, True, True, False]
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +54,9 @@ def make_engine(tiny_model, pipeline: str, model=None, slots: int = 3):
     return Phi4MMEngine(tiny_model, "text", ModelConfig(source=tiny_model), batching, model=model)
 
 
-def generate(engine, texts, grammar, max_new: int = 90):
+def generate(engine, texts, grammar, max_new: int = 90, rows=GRAMMAR_ROWS):
     gens = engine.generate([t.inputs for t in texts], [t.batch_key for t in texts], [max_new] * len(texts),
-                           grammars=[grammar if c else None for c in GRAMMAR_ROWS])
+                           grammars=[grammar if c else None for c in rows])
     assert not [g for g in gens if isinstance(g, Exception)]
     return gens
 
@@ -100,7 +102,7 @@ def test_pipelined_tokens_equal_the_serial_steps_with_refills(tiny_model, texts,
     serial = make_engine(tiny_model, "off")
     serial_reads = DeviceReads(monkeypatch)
     want = generate(serial, texts, grammar)
-    assert serial_reads.reads == 2 * serial_reads.steps > 0
+    assert serial_reads.reads == 2 * serial.grammar.stats["steps"] > 0  # two reads per serial constrained step
     monkeypatch.undo()
 
     pipelined = make_engine(tiny_model, "on", model=serial.model)
@@ -109,7 +111,9 @@ def test_pipelined_tokens_equal_the_serial_steps_with_refills(tiny_model, texts,
     stats = pipelined.grammar.stats
     assert stats["steps"] > 20 and pipelined._decoder.grammar_steps is not None  # the pipeline really ran
     assert stats["held_slots"] > 0  # slots were refilled under an issued forward, and held out of its choice
-    assert reads.reads == reads.steps == stats["steps"] == stats["host_reads"]
+    assert reads.reads == stats["steps"] == stats["host_reads"]  # one read per pipelined step
+    assert reads.steps > stats["steps"]  # the last steps were unconstrained ones, which read nothing
+    assert not pipelined._decoder.grammar_steps.pending
 
     assert [g.token_ids for g in got] == [g.token_ids for g in want]
     lengths = [len(g.token_ids) for g in got]
@@ -131,19 +135,25 @@ def _is_json(text: str) -> bool:
 
 def test_switching_off_mid_life_and_a_failed_warm_up_fall_back_to_the_serial_step(tiny_model, texts, grammar,
                                                                                     monkeypatch, caplog):
-    """A forward left in flight by the last pipelined step is dropped safely when the pipeline is switched
-    off (as extract_bench does between its rows); a pipeline that raises while it is made logs one warning
+    """A forward left in flight by a call's last pipelined step: the next call's first slots sit it out, or it
+    is dropped when the pipeline is switched off (as extract_bench does between its rows); a pipeline that raises while it is made logs one warning
     and the serial step decodes the same tokens."""
     serial = make_engine(tiny_model, "off")
+    want_first = [g.token_ids for g in generate(serial, texts[:4], grammar, rows=[True] * 4)]
     want = [g.token_ids for g in generate(serial, texts, grammar)]
 
     engine = make_engine(tiny_model, "on", model=serial.model)
-    first = generate(engine, texts, grammar)
-    assert engine._decoder.grammar_steps.pending  # the last step issued a forward nobody chose from
+    first = generate(engine, texts[:4], grammar, rows=[True] * 4)  # constrained to the end
+    decoder = engine._decoder
+    assert decoder.grammar_steps.pending  # the last step issued a forward nobody chose from
+    held = engine.grammar.stats["held_slots"]
+    second = generate(engine, texts[:4], grammar, rows=[True] * 4)  # starts with that forward in flight
+    assert engine._decoder is decoder and engine.grammar.stats["held_slots"] > held
+    assert [g.token_ids for g in second] == want_first
     engine.grammar.pipeline = "off"
     again = generate(engine, texts, grammar)
-    assert engine._decoder.grammar_steps is None
-    assert [g.token_ids for g in first] == [g.token_ids for g in again] == want
+    assert engine._decoder is decoder and decoder.grammar_steps is None  # the same decoder, that forward dropped
+    assert [g.token_ids for g in first] == want_first and [g.token_ids for g in again] == want
 
     import actors.grammar_pipeline as pipeline_module
 
