@@ -60,6 +60,8 @@ class PipelinedConstrainedSteps:
         self._choose_events = self._events(2) if self.cuda else None
         self._parity = 0
         self._interrupted = False
+        self.host_active: list[int] | None = None  # each slot's active flag after the last choice, as read
+        self._held_rows: set[int] = set()
         if self.cuda and d.use_cuda_graph:
             self._capture()
 
@@ -129,11 +131,19 @@ class PipelinedConstrainedSteps:
     def hold(self, slots: list[int]) -> None:
         """Slots a prefill just wrote: while a forward is in flight its logits for them are stale, so they
         sit out the next choice (their first decode step comes from the forward after it)."""
-        if self.pending:
-            self._interrupted = True  # the GPU ran the prefill between this forward and its choice
-            for slot in slots:
-                self.held[slot] = True  # a scalar fill of a view: no host-to-device copy
-            self.masks.stats["held_slots"] += len(slots)
+        if not self.pending:
+            return
+        self._interrupted = True  # the GPU ran the prefill between this forward and its choice
+        for slot in slots:
+            self.held[slot] = True  # a scalar fill of a view: no host-to-device copy
+        self._held_rows.update(slots)
+        # (a slot active at the last read is active still: only a choice ends one)
+        if all(not active or i in self._held_rows for i, active in enumerate(self.host_active)):
+            # the forward in flight serves no slot that will be chosen for (a new call's first prefill, or
+            # every active slot refilled): forget it, and the next step starts with a fresh one
+            self.pending = self._interrupted = False
+            self.held.zero_()
+            self._held_rows.clear()
 
     def step(self) -> None:
         d, masks, stats = self.decoder, self.masks, self.masks.stats
@@ -149,6 +159,8 @@ class PipelinedConstrainedSteps:
             self.choose_graph.replay()
         else:
             self._choose_eager()
+        stats["held_slots"] += len(self._held_rows)
+        self._held_rows.clear()
         self.host_out.copy_(self.out, non_blocking=True)
         if self.cuda:
             self._choose_events[1].record()
@@ -163,6 +175,7 @@ class PipelinedConstrainedSteps:
         if self.cuda:
             self._choose_events[1].synchronize()
         tokens, advanced, active = self.host_out.tolist()
+        self.host_active = active
         stats["host_reads"] += 1
         waited = time.perf_counter()
         if self.cuda:

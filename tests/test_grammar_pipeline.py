@@ -135,8 +135,8 @@ def _is_json(text: str) -> bool:
 
 def test_switching_off_mid_life_and_a_failed_warm_up_fall_back_to_the_serial_step(tiny_model, texts, grammar,
                                                                                     monkeypatch, caplog):
-    """A forward left in flight by a call's last pipelined step: the next call's first slots sit it out, or it
-    is dropped when the pipeline is switched off (as extract_bench does between its rows); a pipeline that raises while it is made logs one warning
+    """A forward left in flight by a call's last pipelined step: dropped at the next call's first prefill
+    (it serves none of its slots), or when the pipeline is switched off (as extract_bench does between its rows); a pipeline that raises while it is made logs one warning
     and the serial step decodes the same tokens."""
     serial = make_engine(tiny_model, "off")
     want_first = [g.token_ids for g in generate(serial, texts[:4], grammar, rows=[True] * 4)]
@@ -146,10 +146,11 @@ def test_switching_off_mid_life_and_a_failed_warm_up_fall_back_to_the_serial_ste
     first = generate(engine, texts[:4], grammar, rows=[True] * 4)  # constrained to the end
     decoder = engine._decoder
     assert decoder.grammar_steps.pending  # the last step issued a forward nobody chose from
-    held = engine.grammar.stats["held_slots"]
+    steps = engine.grammar.stats["steps"]
     second = generate(engine, texts[:4], grammar, rows=[True] * 4)  # starts with that forward in flight
-    assert engine._decoder is decoder and engine.grammar.stats["held_slots"] > held
-    assert [g.token_ids for g in second] == want_first
+    assert engine._decoder is decoder and [g.token_ids for g in second] == want_first
+    # that forward served no slot of the new call: dropped at its first prefill, not sat out for a step
+    assert engine.grammar.stats["steps"] - steps == steps
     engine.grammar.pipeline = "off"
     again = generate(engine, texts, grammar)
     assert engine._decoder is decoder and decoder.grammar_steps is None  # the same decoder, that forward dropped
