@@ -184,19 +184,23 @@ class GrammarMasks:
 
 
 def new_grammar_stats() -> dict:
-    """Where a replica's pipelined constrained steps spend their time (actors/grammar_pipeline.py), summed
-    over steps: host phases (launch: the copies, the choice and the next forward issued; wait: for the
-    choice's tokens; consume; fill) and, on CUDA, the GPU's time from CUDA events: forward, mask+choice,
-    and idle (from a forward's end to the mask copy that follows it: the GPU waiting for the host)."""
+    """Where a replica's constrained decode steps spend their time, summed over steps. Host phases: fill
+    (the masks; serial: while the forward runs), launch (serial: mask and choice issued; pipelined: copies,
+    mask+choice and the next forward issued), wait (serial: its two reads; pipelined: the event after the
+    choice), consume; `host_reads`: device reads. Pipelined on CUDA, the GPU's time from CUDA events:
+    forward, mask+choice, and idle (from a forward's end to the mask copy after it: the GPU waiting for the
+    host; steps with a prefill in that gap are left out); the graphs' capture (warm-up included), which
+    lands in the decode time of the first constrained call of a decoder."""
     return {"steps": 0, "launch_s": 0.0, "wait_s": 0.0, "consume_s": 0.0, "fill_s": 0.0, "host_reads": 0,
             "held_slots": 0, "gpu_timed_steps": 0, "gpu_forward_s": 0.0, "gpu_choose_s": 0.0, "gpu_idle_s": 0.0,
-            "gpu_idle_steps": 0}
+            "gpu_idle_steps": 0, "capture_s": 0.0}
 
 
 def grammar_stats_per_step(stats: dict) -> dict:
     """`new_grammar_stats` per step, in ms (the GPU ones per timed step), for a benchmark's row."""
     steps = max(1, stats["steps"])
-    out = {"grammar_steps": stats["steps"], "grammar_host_reads_per_step": round(stats["host_reads"] / steps, 3)}
+    out = {"grammar_steps": stats["steps"], "grammar_host_reads_per_step": round(stats["host_reads"] / steps, 3),
+           "grammar_held_slots": stats["held_slots"], "grammar_capture_s": round(stats["capture_s"], 3)}
     for key in ("launch_s", "wait_s", "consume_s", "fill_s"):
         out[f"grammar_{key[:-2]}_ms_per_step"] = round(1000 * stats[key] / steps, 3)
     for key, count in (("gpu_forward_s", "gpu_timed_steps"), ("gpu_choose_s", "gpu_timed_steps"),

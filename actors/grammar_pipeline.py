@@ -63,7 +63,9 @@ class PipelinedConstrainedSteps:
         self.host_active: list[int] | None = None  # each slot's active flag after the last choice, as read
         self._held_rows: set[int] = set()
         if self.cuda and d.use_cuda_graph:
+            started = time.perf_counter()
             self._capture()
+            masks.stats["capture_s"] += time.perf_counter() - started
 
     @staticmethod
     def _events(n: int) -> list:
