@@ -61,7 +61,7 @@ class HostBitmask:
     place: each fill writes the rows it is given and resets to all-allowed the rows the previous fill
     wrote and this one does not, so rows no fill names always allow everything."""
 
-    def __init__(self, masks: "GrammarMasks", rows: int, pin: bool):
+    def __init__(self, masks: GrammarMasks, rows: int, pin: bool):
         self.masks = masks
         self.tensor = torch.full((rows, masks.words), -1, dtype=torch.int32, pin_memory=pin)
         self.restricted: set[int] = set()

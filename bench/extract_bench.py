@@ -148,7 +148,8 @@ def main(argv=None):
         constrained.append(record("engine_constrained", gens, wall, {
             "valid_json": f"{valid}/{len(gens)}", "typed_columns": len(typed_fields(EXTRACT_SCHEMA)),
             "grammar_pipeline": mode, "pipelined": steps is not None,
-            "graphs": steps is not None and steps.choose_graph is not None, "grammar_threads": engine.grammar.threads,
+            "graphs": steps is not None and steps.choose_graph is not None,
+            "grammar_threads": engine.grammar.threads,
             **grammar_stats_per_step(engine.grammar.stats)}))
     con = constrained[-1]
     new = max(1, int(round(con["new_tokens_mean"])))
@@ -168,7 +169,8 @@ def main(argv=None):
         host = "/".join(str(r.get(f"grammar_{k}_ms_per_step", "")) for k in ("launch", "wait", "consume", "fill"))
         gpu = "/".join(str(r.get(f"grammar_gpu_{k}_ms_per_step", "")) for k in ("forward", "choose", "idle"))
         print(f"| extract | {r['engine']} | {r.get('grammar_pipeline', '')} | {r['value']} | {r['wall_s']} | "
-              f"{r['new_tokens_mean']} | {r['decode_ms_per_step']} | {r.get('vs_unconstrained', '')} | {host} | {gpu} |")
+              f"{r['new_tokens_mean']} | {r['decode_ms_per_step']} | {r.get('vs_unconstrained', '')} | {host} | "
+              f"{gpu} |")
 
 
 if __name__ == "__main__":

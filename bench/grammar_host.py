@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 
 import numpy as np
 
@@ -126,9 +127,9 @@ def main(argv=None):
         active_rows.append(sum(active))
         # serial: a fresh bitmask, every slot with a matcher filled
         bitmask = timed("serial", "alloc", lambda: masks.bitmask(n))
-        timed("serial", "fill", lambda: masks.fill([(m, i) for i, m in enumerate(serial)], bitmask))
+        timed("serial", "fill", partial(masks.fill, [(m, i) for i, m in enumerate(serial)], bitmask))
         # pipelined: the persistent bitmask, active slots only
-        timed("pipelined", "fill", lambda: host.fill([(m, i) for i, m in enumerate(pipelined) if active[i]]))
+        timed("pipelined", "fill", partial(host.fill, [(m, i) for i, m in enumerate(pipelined) if active[i]]))
 
         tokens = {}
         for i in np.flatnonzero(active):
@@ -137,14 +138,9 @@ def main(argv=None):
             choices = np.flatnonzero(allowed & ordinary)
             tokens[i] = int(rng.choice(choices if len(choices) else np.flatnonzero(allowed)))
 
-        def consume_serially():
-            for i, token in tokens.items():
-                if not serial[i].is_stopped():
-                    serial[i].consume_token(token)
-
-        timed("serial", "consume", consume_serially)
-        timed("pipelined", "consume", lambda: masks.consume(
-            [(pipelined[i], token) for i, token in tokens.items() if not pipelined[i].is_stopped()]))
+        timed("serial", "consume", partial(consume_serially, serial, tokens))
+        timed("pipelined", "consume", partial(masks.consume, [(pipelined[i], token) for i, token in tokens.items()
+                                                            if not pipelined[i].is_stopped()]))
         for i in range(n):
             if finished_at[i] is None:
                 produced[i] += 1
@@ -174,6 +170,12 @@ def main(argv=None):
               f"({r['fill_cpu_ms_mean']}) | {r['fill_ms_p50']} | {r['fill_ms_p90']} | {r['fill_ms_max']} | "
               f"{r['consume_ms_mean']} ({r['consume_cpu_ms_mean']}) | {r['exposed_ms_mean']} / {r['exposed_ms_p90']} |")
     return rows
+
+
+def consume_serially(matchers: list, tokens: dict[int, int]) -> None:
+    for i, token in tokens.items():
+        if not matchers[i].is_stopped():
+            matchers[i].consume_token(token)
 
 
 def masks_eos(ids: dict) -> set[int]:
