@@ -163,7 +163,8 @@ class Phi4MMEngine:
             from actors.grammar import GrammarMasks
 
             self._grammar = GrammarMasks(self.processor.tokenizer, self.model.lm_head.out_features,
-                                         sorted(self.eos_ids))
+                                         sorted(self.eos_ids), threads=self.batching.grammar_threads,
+                                         pipeline=self.batching.grammar_pipeline)
         return self._grammar
 
     def generate(self, items: list[dict[str, np.ndarray]], batch_keys: list[BatchKey], max_new: list[int],

@@ -14,6 +14,7 @@ so positions equal those of an unpadded single-item run.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,7 @@ class SlotDecoder:
         self.grammar = grammar  # actors/grammar.GrammarMasks, needed by requests with a matcher
         self.matchers: list = [None] * slots  # per slot: its request's matcher, or None
         self.logits_graph = None  # the step's first half (logits only), captured for constrained steps
+        self.grammar_steps = None  # actors/grammar_pipeline.PipelinedConstrainedSteps, made when first used
         self.logits_out = None
         self.fast_prefill = fast_prefill  # actors/fast_prefill.FastPrefill, or None: the model's forward
         cfg = model.config
@@ -182,9 +184,39 @@ class SlotDecoder:
 
     @torch.inference_mode()
     def constrained_step(self) -> None:
-        """One step with the grammar masks of the constrained slots: logits from the graph, the masks
-        filled on the host and applied, then the same choice as `_choose`; the matchers then take the
-        chosen tokens (one device sync per step: the price of a grammar)."""
+        """One step with the grammar masks of the constrained slots. Pipelined (actors/grammar_pipeline.py)
+        the host's grammar work runs under the next step's forward; else the serial step below."""
+        steps = self._pipelined_steps()
+        if steps is not None:
+            steps.step()
+        else:
+            self._constrained_step_serial()
+
+    def _pipelined_steps(self):
+        """The pipelined constrained steps where the grammar masks want them (read at every step), made (on
+        CUDA: captured and replayed once) at the first constrained step; None, after one warning, if that
+        raised. Dropping them is safe at any step boundary: the matchers are up to date, and the serial
+        step recomputes the forward they may have issued (whose only effect, each slot's cache entry at its
+        position, is what that forward writes again)."""
+        wanted = self.grammar.pipelined(self.device)
+        if self.grammar_steps is not None and not wanted:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # its graphs' work done before they are freed
+            self.grammar_steps = None
+        if self.grammar_steps is None and wanted:
+            from actors.grammar_pipeline import PipelinedConstrainedSteps
+
+            try:
+                self.grammar_steps = PipelinedConstrainedSteps(self, self.grammar)
+            except Exception as exc:  # noqa: BLE001 - the serial step still decodes exactly
+                self.grammar.pipeline_failure("its warm-up", exc)
+        return self.grammar_steps
+
+    def _constrained_step_serial(self) -> None:
+        """Logits from the graph, the masks filled on the host and applied, then the same choice as
+        `_choose`; the matchers then take the chosen tokens (the device is read after the choice)."""
+        stats = self.grammar.stats
+        started = time.perf_counter()
         if self.use_cuda_graph:
             if self.logits_graph is None:
                 self._capture_logits()
@@ -195,17 +227,27 @@ class SlotDecoder:
         pairs = [(m, i) for i, m in enumerate(self.matchers) if m is not None]
         bitmask = self.grammar.bitmask(self.slots)
         self.grammar.fill(pairs, bitmask)
+        filled = time.perf_counter()
         self.grammar.apply(logits, bitmask)
         was_active = self.active.clone()
         self._choose(logits)
+        issued = time.perf_counter()
         chosen = self.tokens[self.rows, self.pos].tolist()
         active = was_active.tolist()
+        stats["host_reads"] += 2
+        waited = time.perf_counter()
         for m, i in pairs:
             if active[i] and not m.is_stopped():
                 m.consume_token(chosen[i])
+        stats["steps"] += 1
+        stats["fill_s"] += filled - started
+        stats["launch_s"] += issued - filled
+        stats["wait_s"] += waited - issued
+        stats["consume_s"] += time.perf_counter() - waited
 
     def step(self) -> None:
-        if any(m is not None for m in self.matchers):
+        # (a pipelined constrained step may have issued the next forward: its choice is a constrained step)
+        if any(m is not None for m in self.matchers) or (self.grammar_steps is not None and self.grammar_steps.pending):
             self.constrained_step()
             return
         if not self.use_cuda_graph:
@@ -245,12 +287,10 @@ class SlotDecoder:
         logits[:, self.eos] = torch.where(early, float("-inf"), logits[:, self.eos])
         constrained = [(r.matcher, j) for j, r in enumerate(requests) if r.matcher is not None]
         if constrained:
-            bitmask = self.grammar.bitmask(len(requests))
-            self.grammar.fill(constrained, bitmask)
-            self.grammar.apply(logits, bitmask)
+            self.grammar.apply_first(logits, constrained)
         first = logits.argmax(-1).tolist()
-        for matcher, j in constrained:
-            matcher.consume_token(first[j])
+        if constrained:
+            self.grammar.consume([(matcher, first[j]) for matcher, j in constrained])
         done = []
         for j, (req, slot) in enumerate(zip(requests, slots)):
             n = req.prompt_len
@@ -269,6 +309,8 @@ class SlotDecoder:
             else:
                 self.occupant[slot] = _Slot(req, first[j])
                 self.matchers[slot] = req.matcher
+        if self.grammar_steps is not None:  # a forward issued before this prefill is stale for these slots
+            self.grammar_steps.hold([slot for _, slot in zip(requests, slots)])
         return done
 
     def collect(self) -> list[tuple[SlotRequest, list[int]]]:

@@ -77,6 +77,14 @@ class BatchingConfig(_Strict):
     # after the model's own encoders (actors/fast_prefill.py); "model" runs the model's forward;
     # "auto": fused on GPU, model on CPU
     prefill: Literal["auto", "fused", "model"] = "auto"
+    grammar_pipeline: Literal["auto", "on", "off"] = Field("auto", description=(
+        "Constrained (--schema) decode steps with the host's grammar work (filling the next masks, the "
+        "matchers taking the chosen tokens) run while the GPU computes the next step's forward, the masks "
+        "through pinned memory and the mask+choice as a CUDA graph (actors/grammar_pipeline.py); 'off': "
+        "the serial step (forward, masks, choice, then the host); 'auto': pipelined on CUDA."))
+    grammar_threads: int = Field(0, ge=0, le=256, description=(
+        "Threads llguidance fills masks and consumes tokens with, per GPU replica; 0: 80 % of the CPUs "
+        "the replica's process may run on, 1 to 32."))
 
 
 class AudioConfig(_Strict):

@@ -98,7 +98,8 @@ def test_invalid_schema_is_refused_before_ray(tmp_path, tiny_model, capsys):
 
 
 def test_static_decoder_constrained_steps_equal_generate(tiny_model):
-    """The grammar in the static decoder (masks between the logits and the pick) gives generate's tokens."""
+    """The grammar in the static decoder (masks between the logits and the pick), serial or pipelined
+    (actors/grammar_pipeline.py), gives generate's tokens."""
     from actors.engine import Phi4MMEngine
     from actors.grammar import json_schema_grammar
     from jsonschema import validate
@@ -110,12 +111,12 @@ def test_static_decoder_constrained_steps_equal_generate(tiny_model):
     items = [builder.text(f"Extract the fields of call {i}: " + "words " * i) for i in range(4)]
     grammar = json_schema_grammar(generation_schema(SCHEMA, 12, 8))
     runs = {}
-    for mode in ("static", "generate"):
+    for mode, pipeline in (("static", "off"), ("static", "on"), ("generate", "auto")):
         engine = Phi4MMEngine(tiny_model, "text", ModelConfig(source=tiny_model),
-                              BatchingConfig(decoder=mode, decode_slots=2, check_every=3))
+                              BatchingConfig(decoder=mode, decode_slots=2, check_every=3, grammar_pipeline=pipeline))
         gens = engine.generate([it.inputs for it in items], [it.batch_key for it in items], [160] * 4,
                                grammars=[grammar, grammar, None, grammar])
-        runs[mode] = [g.token_ids for g in gens]
+        runs[mode, pipeline] = [g.token_ids for g in gens]
         for i in (0, 1, 3):
             validate(json.loads(gens[i].text), SCHEMA)
-    assert runs["static"] == runs["generate"]
+    assert runs["static", "off"] == runs["static", "on"] == runs["generate", "auto"]
