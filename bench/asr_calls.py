@@ -60,7 +60,7 @@ def batch_stats(record: dict) -> dict:
     batches, items = speech.get("engine_batches", 0), speech.get("engine_batch_items", 0)
     return {"batches": batches, "mean_batch": round(items / batches, 1) if batches else None,
             "batches_full": speech.get("engine_batches_full"), "gpu_calls": speech.get("calls"),
-            "chunks": record.get("counters", {}).get("PrepareWork", {}).get("audio_chunks")}
+            "chunks": record.get("counters", {}).get("PrepareAudio", {}).get("audio_chunks")}
 
 
 def bench_asr_calls(args, ckpt: str, rows: list[dict], meta: dict, n: int, reference: int, repo: str,

@@ -77,7 +77,7 @@ def main(argv=None):
         args.items, args.slots, args.tokens, args.max_new, args.distinct = 6, 4, 700, 400, 3
     from actors.engine import Phi4MMEngine
     from actors.grammar import grammar_stats_per_step, new_grammar_stats
-    from actors.stages import answer_grammar
+    from actors.model_stage import answer_grammar
     from bench.real_model import bench_model
     from pipeline.model.inputs import InputBuilder
     from pipeline.model.prompts import prompt_system_message

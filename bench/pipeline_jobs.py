@@ -203,7 +203,7 @@ def bench_ocr_docs(args, ckpt: str, rows: list[dict], meta: dict, pages: int) ->
     work = os.path.join(args.scratch, "ocr_docs")
     paths = ocr_documents(os.path.join(work, "docs"), pages)
     manifest = os.path.join(work, f"manifest-{pages}.parquet")
-    # a PDF every 11 rows, the largest first: PrepareWork takes a few manifest rows per call and prepares
+    # a PDF every 11 rows, the largest first: PreparePages takes a few manifest rows per call and prepares
     # them one after another, so two long PDFs in one call would be read by one worker in turn
     pdfs, scans = [p for p in paths if p.endswith(".pdf")], [p for p in paths if not p.endswith(".pdf")]
     ordered = []

@@ -286,7 +286,7 @@ def where_the_time_went(record: dict, gpus: int) -> dict:
     """From the run record's per-stage times: how busy the GPU pool was over its span, how many CPU
     decode workers were busy on average, and the rate of the GPU pool over its own span (no start-up)."""
     stages = {s["stage"].split("(")[-1].rstrip(")").split("->")[0]: s for s in record.get("stages", [])}
-    speech, prepare = stages.get("SpeechStage"), stages.get("PrepareWork")
+    speech, prepare = stages.get("SpeechStage"), stages.get("PrepareAudio")
     out = {}
     if speech and speech.get("busy_s") and speech["wall_s"] > 0:
         out["gpu_pool_busy"] = round(speech["busy_s"] / (gpus * speech["wall_s"]), 3)

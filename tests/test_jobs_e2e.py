@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
-from tests.conftest import read_output
+from tests.conftest import MEETING_PART_CHUNKS, read_output
 
 def test_transcribe_translate_summarize_keeps_every_row(transcribe_run):
     samples_copy, good, bad, out = transcribe_run
@@ -94,6 +94,15 @@ def test_meetings_long_recording_is_chunked_and_stitched(meetings_run):
     assert asr.text == " ".join(s["text"].strip() for s in segs if s["text"].strip())
     assert summary.team == "network-operations" and asr.team == "network-operations"
     assert summary.text and summary.input_tokens > asr.output_tokens  # built from the whole transcript
+    # it travelled in parts of audio.part_chunks chunks (MEETING_PART_CHUNKS here), each part's features
+    # built by the features pool in a call of its own, and was regrouped once, in order (the 3-hour
+    # meeting in the real-size tier checks the same at 3 hours, with its memory)
+    counters = json.loads((out / "_runs" / "e2e-meetings.json").read_text())["counters"]
+    regrouped, built = counters["RegroupParts"], counters["BuildChunkFeatures"]
+    parts = int(np.ceil(len(segs) / MEETING_PART_CHUNKS))
+    assert parts > 1 and regrouped["rows_regrouped"] == 1 and regrouped["parts_in"] == parts, regrouped
+    assert built["chunks_built"] == len(segs) and built["calls"] == parts, built
+    assert counters["SpeechStage"]["items"] == len(segs)
 
 
 def test_ocr_pages_and_bad_documents(ocr_run):
