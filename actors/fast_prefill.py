@@ -31,6 +31,7 @@ forward).
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
@@ -93,6 +94,14 @@ def layer_halves(n_heads: int, n_kv: int, head_dim: int, eps: float):
         return x + F.linear(up * F.silu(gate), down_w)
 
     return pre_attention, post_attention
+
+
+def _own_code(fn, tag: str):
+    """`fn` with a code object of its own. torch.compile keeps its graphs per code object, told apart by
+    guards only; a "dynamic" graph must never serve a "tokens" call (or the reverse) when one process
+    builds both (benchmarks comparing them)."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 def attention(q, k, v, scaling: float, gqa: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,7 +176,8 @@ class FastPrefill:
         if options.compile == "tokens":
             self.halves = (torch.compile(self.pre), torch.compile(self.post))
         elif options.compile == "dynamic":
-            self.halves = (torch.compile(self.pre, dynamic=True), torch.compile(self.post, dynamic=True))
+            self.halves = tuple(torch.compile(_own_code(f, "every_size_dynamic"), dynamic=True)
+                                for f in (self.pre, self.post))
         self.compiled = options.compile != "off"
         self._eager_fallback = False  # set once the configured path failed: SAFE_OPTIONS from then on
         self.ok_hidden_act = getattr(cfg, "hidden_act", "silu") == "silu"

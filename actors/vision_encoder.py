@@ -38,7 +38,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-__all__ = ["install_vision_encoder", "FusedSiglip", "siglip_halves"]
+__all__ = ["install_vision_encoder", "FusedSiglip", "SiglipLayers", "siglip_halves"]
 
 log = logging.getLogger(__name__)
 
@@ -70,29 +70,19 @@ def _plain_linear(module) -> bool:
     return type(module) is torch.nn.Linear  # an adapter-wrapped projection would hide its delta from us
 
 
-class FusedSiglip:
-    """SigLIP patch features of `image_embed` (a Phi4MultimodalImageEmbedding) up to its feature layer."""
+class SiglipLayers:
+    """A stack of SigLIP encoder layers run through `siglip_halves` (compiled or not), attention eager."""
 
-    def __init__(self, image_embed, compile_layers: bool = False):
-        vision = image_embed.img_processor
-        cfg = vision.config
-        layers = vision.encoder.layers
-        # hidden_states holds the embeddings and then each layer's output: index i = after i layers
-        self.depth = image_embed.layer_idx if image_embed.layer_idx >= 0 else len(layers) + 1 + image_embed.layer_idx
-        if not 0 <= self.depth <= len(layers):
-            raise ValueError(f"feature layer {image_embed.layer_idx} outside the {len(layers)} SigLIP layers")
-        self.image_embed = image_embed
-        self.layers = list(layers[:self.depth])
+    def __init__(self, layers, n_heads: int, head_dim: int, eps: float, compile_layers: bool = False):
+        self.layers = list(layers)
         for layer in self.layers:
             a, mlp = layer.self_attn, layer.mlp
             if not all(_plain_linear(p) for p in (a.q_proj, a.k_proj, a.v_proj, a.out_proj, mlp.fc1, mlp.fc2)):
                 raise TypeError("SigLIP projections are wrapped (an adapter?); the fused encoder reads plain weights")
-        self.n_heads = cfg.num_attention_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.scaling = self.head_dim ** -0.5
-        self.patches_per_side = cfg.image_size // cfg.patch_size
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.scaling = head_dim ** -0.5
         act = self.layers[0].mlp.activation_fn if self.layers else None
-        self.pre, self.post = siglip_halves(self.n_heads, self.head_dim, cfg.layer_norm_eps, act)
+        self.pre, self.post = siglip_halves(n_heads, head_dim, eps, act)
         self.halves = (self.pre, self.post)
         if compile_layers:
             self.halves = (torch.compile(self.pre), torch.compile(self.post))
@@ -118,8 +108,8 @@ class FusedSiglip:
         return self._weights
 
     def encode(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """The SigLIP layers before the feature layer over `x` [crops, patches, hidden]; `key_mask`
-        [crops, patches] True for the patches each crop attends (None: all)."""
+        """The layers over `x` [crops, patches, hidden]; `key_mask` [crops, patches] True for the
+        patches each crop attends (None: all, bidirectional)."""
         crops, patches, hidden = x.shape
         n = crops * patches
         h = x.reshape(n, hidden)
@@ -136,6 +126,28 @@ class FusedSiglip:
                 torch._dynamo.maybe_mark_dynamic(attn, 0)
             h = post(h, attn, o_w, o_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b)
         return h.view(crops, patches, hidden)
+
+
+class FusedSiglip:
+    """SigLIP patch features of `image_embed` (a Phi4MultimodalImageEmbedding) up to its feature layer."""
+
+    def __init__(self, image_embed, compile_layers: bool = False):
+        vision = image_embed.img_processor
+        cfg = vision.config
+        layers = vision.encoder.layers
+        # hidden_states holds the embeddings and then each layer's output: index i = after i layers
+        self.depth = image_embed.layer_idx if image_embed.layer_idx >= 0 else len(layers) + 1 + image_embed.layer_idx
+        if not 0 <= self.depth <= len(layers):
+            raise ValueError(f"feature layer {image_embed.layer_idx} outside the {len(layers)} SigLIP layers")
+        self.image_embed = image_embed
+        self.stack = SiglipLayers(layers[:self.depth], cfg.num_attention_heads,
+                                  cfg.hidden_size // cfg.num_attention_heads, cfg.layer_norm_eps, compile_layers)
+        self.layers = self.stack.layers
+        self.compiled = compile_layers
+        self.patches_per_side = cfg.image_size // cfg.patch_size
+
+    def encode(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.stack.encode(x, key_mask)
 
     def hidden(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The feature layer's hidden states [crops, patches, hidden] (what `hidden_states[feature_layer]`

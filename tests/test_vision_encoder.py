@@ -155,48 +155,13 @@ def test_install_modes_and_fallback(tiny_model, caplog):
     assert install_vision_encoder(model, "model") == 0
 
 
-def so400m_layer(dtype):
-    """One SigLIP-so400m-shaped encoder layer, random weights at a scale that keeps bf16 meaningful."""
-    from transformers.models.phi4_multimodal.configuration_phi4_multimodal import Phi4MultimodalVisionConfig
-    from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalVisionEncoderLayer
-
-    cfg = Phi4MultimodalVisionConfig()
-    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (1152, 16, 4304)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    layer = Phi4MultimodalVisionEncoderLayer(cfg).eval()
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0, 0.02 if p.dim() > 1 else 0.1)
-    return cfg, layer.to(dtype)
-
-
-def fused_layer(cfg, layer, x, key_mask):
-    """The fused layer (eager functions) over x [crops, patches, hidden] with a [crops, patches] key mask."""
-    import torch.nn.functional as F
-
-    from actors.vision_encoder import siglip_halves
-
-    heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-    pre, post = siglip_halves(heads, head_dim, cfg.layer_norm_eps, layer.mlp.activation_fn)
-    a = layer.self_attn
-    crops, patches, hidden = x.shape
-    h = x.reshape(-1, hidden)
-    q, k, v = pre(h, layer.layer_norm1.weight, layer.layer_norm1.bias,
-                  torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                  torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
-    q, k, v = (t.view(crops, patches, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], scale=head_dim ** -0.5)
-    out = post(h, attn.transpose(1, 2).reshape(-1, hidden), a.out_proj.weight, a.out_proj.bias,
-               layer.layer_norm2.weight, layer.layer_norm2.bias, layer.mlp.fc1.weight, layer.mlp.fc1.bias,
-               layer.mlp.fc2.weight, layer.mlp.fc2.bias)
-    return out.view(crops, patches, hidden)
-
-
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_real_width_layer_equals_the_models(dtype, rel):
-    """One 1152-wide layer, two crops of 1024 patches (one with 4 padded columns): fused == the model's
+    """SiglipLayers (what FusedSiglip runs) over one 1152-wide layer, two crops of 1024 patches (one with 4 padded columns): fused == the model's
     layer (its sdpa attention with the padded batch's mask); bf16 against the float32 model."""
+    from actors.vision_encoder import SiglipLayers
+    from bench.vision_prefill_proxies import so400m_layer
+
     cfg, layer = so400m_layer(torch.float32)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 1024, 1152, generator=g)
@@ -206,7 +171,7 @@ def test_real_width_layer_equals_the_models(dtype, rel):
         want = layer(x, key_mask[:, None, None, :])
         if dtype != torch.float32:
             _, layer = so400m_layer(dtype)
-        got = fused_layer(cfg, layer, x.to(dtype), key_mask).float()
+        got = SiglipLayers([layer], 16, 72, cfg.layer_norm_eps).encode(x.to(dtype), key_mask).float()
     err = ((got - want).norm() / want.norm()).item()
     assert err <= rel, f"{dtype}: relative error {err:.2e}"
     if dtype == torch.float32:
