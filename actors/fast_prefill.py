@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import logging
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ class PrefillOptions:
     unpad: bool = True  # left-padded rows realigned to start at 0: causal attention, no dense mask
 
     @classmethod
-    def from_batching(cls, batching) -> "PrefillOptions":
+    def from_batching(cls, batching) -> PrefillOptions:
         return cls(compile=batching.prefill_compile, gqa=batching.prefill_gqa, unpad=batching.prefill_unpad)
 
 
@@ -245,13 +246,17 @@ class FastPrefill:
         if options.compile == "tokens":
             for t in (x, cos, sin):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
-        keys = values = back = None
+        keys = values = move = None  # move: the column gather between the layout computed and the one wanted
         if kv_sink is None:
             shape = (len(m.layers), b, self.n_kv, width, self.head_dim)
             keys = torch.empty(shape, device=x.device, dtype=x.dtype)
             values = torch.empty(shape, device=x.device, dtype=x.dtype)
-            if lengths is not None:
-                back = left_padded_index(lengths, width)[:, None, :, None].expand(b, self.n_kv, width, self.head_dim)
+            if lengths is not None:  # computed start-aligned, returned left-padded
+                move = left_padded_index(lengths, width)
+        elif attn_mask is not None:  # computed left-padded, the sink takes them start-aligned
+            move = start_aligned_index(mask.sum(-1), width)
+        if move is not None:
+            move = move[:, None, :, None].expand(b, self.n_kv, width, self.head_dim)
         for i, layer in enumerate(m.layers):
             q, k, v = pre(x, cos, sin, layer.input_layernorm.weight, layer.self_attn.qkv_proj.weight)
             q = q.view(b, width, self.n_heads, self.head_dim).transpose(1, 2)  # views: [b, heads, t, d]
@@ -263,10 +268,10 @@ class FastPrefill:
             x = post(x, attn, layer.self_attn.o_proj.weight, layer.post_attention_layernorm.weight,
                      layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)
             if kv_sink is not None:
-                kv_sink(i, k, v)
-            elif back is not None:
-                torch.gather(k, 2, back, out=keys[i])
-                torch.gather(v, 2, back, out=values[i])
+                kv_sink(i, k, v) if move is None else kv_sink(i, k.gather(2, move), v.gather(2, move))
+            elif move is not None:
+                torch.gather(k, 2, move, out=keys[i])
+                torch.gather(v, 2, move, out=values[i])
             else:
                 keys[i].copy_(k)
                 values[i].copy_(v)

@@ -38,7 +38,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-__all__ = ["install_vision_encoder", "FusedSiglip", "SiglipLayers", "siglip_halves"]
+__all__ = ["FusedSiglip", "SiglipLayers", "install_vision_encoder", "siglip_halves"]
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ holds the profiler's top kernels of one fused ocr prefill (vision + merge + deco
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -99,7 +100,7 @@ def prefill_split(model, batch: dict, pages: int, emit, kernels_out: str | None 
         for name, options in DECODER_VARIANTS.items():
             fused = FastPrefill(model, options=PrefillOptions(**options))
             try:
-                first, t = timed(lambda: fused.decoder(merged, mask, pos))
+                first, t = timed(lambda fused=fused: fused.decoder(merged, mask, pos))
                 emit(part="decoder", variant=name, items=pages, tokens=tokens, padded=padded, first_s=round(first, 2),
                      ms_per_item=round(1000 * t / pages, 2), fell_back=fused._eager_fallback)
             except Exception as exc:  # noqa: BLE001
@@ -152,12 +153,12 @@ def siglip_layer_proxies(emit, crops: int = 1, compile_layer: bool = False, devi
     with torch.inference_mode():
         model_ops, model_kinds = ops_of(lambda: layer(x, all_true))
         _, t_model = timed(lambda: layer(x, all_true), 2)
-        row = dict(part="siglip_layer", device=device, dtype=str(dtype), crops=crops, model_ops=model_ops,
-                   model_ms=round(1000 * t_model, 1), model_op_kinds=model_kinds)
+        row = {"part": "siglip_layer", "device": device, "dtype": str(dtype), "crops": crops, "model_ops": model_ops,
+               "model_ms": round(1000 * t_model, 1), "model_op_kinds": model_kinds}
         for name, stack in stacks.items():
             if name == "eager":
-                row["fused_eager_ops"], row["fused_op_kinds"] = ops_of(lambda: stack.encode(x, None))
-            first, t = timed(lambda: stack.encode(x, None), 2)
+                row["fused_eager_ops"], row["fused_op_kinds"] = ops_of(lambda s=stack: s.encode(x, None))
+            first, t = timed(lambda s=stack: s.encode(x, None), 2)
             row[f"fused_{name}_ms"] = round(1000 * t, 1)
             row[f"fused_{name}_first_s"] = round(first, 1)
     emit(**row)
@@ -168,14 +169,15 @@ def siglip_layer_proxies(emit, crops: int = 1, compile_layer: bool = False, devi
 def tiny_proxies(emit, ckpt: str) -> None:
     """CPU, tiny checkpoint: leaf ops per call of the image features (2 Letter pages, 42 crops) and of
     the text decoder (eager: each lever set's kernel count, which compile then fuses further)."""
+    from PIL import Image
+    from transformers import AutoModelForCausalLM
+
     from actors.collate import collate
     from actors.fast_prefill import FastPrefill, PrefillOptions
     from actors.tiny_model import build_tiny_model
     from actors.vision_encoder import FusedSiglip
     from pipeline.model_inputs import InputBuilder
     from pipeline.prompts import task_instruction
-    from PIL import Image
-    from transformers import AutoModelForCausalLM
 
     build_tiny_model(ckpt)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
@@ -207,9 +209,10 @@ def tiny_proxies(emit, ckpt: str) -> None:
         for variant in ("first", "new"):
             options = dict(DECODER_VARIANTS[variant], compile="off")
             runner = FastPrefill(model, options=PrefillOptions(**options))
-            ops, kinds = ops_of(lambda: runner.decoder(merged, m, pos))
+            call = functools.partial(runner.decoder, merged, m, pos)
+            ops, kinds = ops_of(call)
             with torch.inference_mode():
-                _, t = timed(lambda: runner.decoder(merged, m, pos), 2)
+                _, t = timed(call, 2)
             emit(part="tiny_decoder", batch=what, variant=variant, tokens=int(m.shape[1]),
                  layers=model.config.num_hidden_layers, leaf_ops=ops, host_ms=round(1000 * t, 1),
                  copies={k: v for k, v in kinds.items() if k in ("repeat_interleave", "index", "cat", "stack",
@@ -262,7 +265,7 @@ def main(argv=None):
                  for k, v in batch.items()}
         emit(workload=name, items=n, tokens=int(batch["input_ids"].shape[1]), device=str(device))
         kernels = os.path.join(args.out, f"{name}-prefill-kernels.txt") if name == "ocr" else None
-        prefill_split(model, batch, n, lambda **row: emit(workload=name, **row), kernels)
+        prefill_split(model, batch, n, functools.partial(emit, workload=name), kernels)
         del batch
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -39,7 +39,7 @@ def test_compiled_prefill_levers_equal_the_model_forward(tiny_model):
         for options in (PrefillOptions(compile="tokens"), PrefillOptions(compile="tokens", unpad=False),
                         PrefillOptions(compile="dynamic", gqa=False, unpad=False)):
             fused = FastPrefill(model, options=options)
-            logits, keys, values = fused(batch, pos)
+            logits, keys, _ = fused(batch, pos)
             assert not fused._eager_fallback, options
             assert rel(logits, want) < 1e-4, options
         cfg = model.config

@@ -5,12 +5,11 @@ Run here on CPU without CUDA graphs; the same code is captured as a graph on the
 """
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
 from pipeline.prompts import task_instruction
+from tests.test_fast_prefill import COMPILE_OK, assert_real_tokens_close, model_prefill, padded_text_batch
 
 
 @pytest.fixture(scope="module")
@@ -89,39 +88,6 @@ def test_static_decoder_vision_and_text(tiny_model, builder, prefill):
     assert [g.token_ids for g in got] == want
 
 
-COMPILE_OK = pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile needs a C compiler")
-
-
-def padded_text_batch(builder, reference):
-    from actors.collate import collate
-
-    texts = [builder.text(task_instruction("summarize", transcript="word " * (3 + 11 * k))) for k in range(3)]
-    batch = collate([t.inputs for t in texts], reference.pad_token_id)
-    assert not bool(batch["attention_mask"].bool().all())  # the batch really is padded
-    return batch
-
-
-def model_prefill(model, batch):
-    """The model's own forward over the left-padded batch: last logits, keys, values [layers, b, kv, t, d]."""
-    import torch
-    from transformers import DynamicCache
-
-    pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    with torch.inference_mode():
-        cache = DynamicCache()
-        out = model(**batch, position_ids=pos, past_key_values=cache, use_cache=True)
-    return (out.logits[:, -1].float(), torch.stack([layer.keys for layer in cache.layers]),
-            torch.stack([layer.values for layer in cache.layers]))
-
-
-def assert_real_tokens_close(got, want, lengths, tol):
-    import torch
-
-    width = got.shape[3]
-    for row, n in enumerate(lengths):  # the real tokens of each row (the padding's K/V are never read)
-        torch.testing.assert_close(got[:, row, :, width - n:], want[:, row, :, width - n:], rtol=tol, atol=tol)
-
-
 OPTIONS = {"new": {}, "no-gqa": {"gqa": False}, "masked": {"unpad": False},
            "first": {"gqa": False, "unpad": False}}
 
@@ -159,69 +125,3 @@ def test_fused_prefill_equals_the_model_forward_with_left_padding(tiny_model, bu
         other = {k: v[:2, 3:] for k, v in batch.items()}
         fused(other, (other["attention_mask"].cumsum(-1) - 1).clamp(min=0))
         assert counters["stats"]["unique_graphs"] == frames
-
-
-def test_fused_prefill_writes_slots_through_a_sink(tiny_model, builder):
-    """`kv_sink` (slot_sink): each row's keys/values land at positions [0, n) of its slot, equal to the
-    model's; nothing is stacked (keys, values returned as None)."""
-    import torch
-
-    from actors.fast_prefill import FastPrefill, slot_sink
-
-    reference = engine(tiny_model, "text", "generate")
-    batch = padded_text_batch(builder, reference)
-    want_logits, want_keys, want_values = model_prefill(reference.model, batch)
-    cfg = reference.model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    shape = (cfg.num_hidden_layers, 5, cfg.num_key_value_heads, 256, head_dim)
-    k_cache, v_cache = torch.zeros(shape), torch.zeros(shape)
-    slots = [4, 0, 2]
-    pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    logits, keys, values = FastPrefill(reference.model, compile_layers=False)(
-        batch, pos, kv_sink=slot_sink(k_cache, v_cache, slots))
-    assert keys is None and values is None
-    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
-    width = batch["input_ids"].shape[1]
-    for row, n in enumerate(batch["attention_mask"].sum(-1).tolist()):
-        torch.testing.assert_close(k_cache[:, slots[row], :, :n], want_keys[:, row, :, width - n:], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(v_cache[:, slots[row], :, :n], want_values[:, row, :, width - n:], rtol=1e-5, atol=1e-5)
-    assert not k_cache[:, [1, 3]].any()  # other slots untouched
-
-
-def test_grouped_attention_is_bit_equal_to_repeated_heads():
-    """SDPA's enable_gqa reads the 8 K/V heads where the first version copied them to 24: same bits."""
-    import torch
-
-    from actors.fast_prefill import attention
-
-    torch.manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
-        q = torch.randn(2, 37, 24, 128, dtype=dtype).transpose(1, 2)
-        k, v = (torch.randn(2, 37, 8, 128, dtype=dtype).transpose(1, 2) for _ in range(2))
-        assert torch.equal(attention(q, k, v, 128 ** -0.5, gqa=True), attention(q, k, v, 128 ** -0.5, gqa=False))
-
-
-def test_fused_prefill_failure_falls_back_once(tiny_model, builder, caplog, monkeypatch):
-    """A failing configured path logs one warning and runs the safe path (equal results) from then on."""
-    import torch
-
-    import actors.fast_prefill as fp
-
-    reference = engine(tiny_model, "text", "generate")
-    batch = padded_text_batch(builder, reference)
-    want_logits, _, _ = model_prefill(reference.model, batch)
-    pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    fused = fp.FastPrefill(reference.model, compile_layers=False)
-    real = fp.F.scaled_dot_product_attention
-
-    def no_gqa(*args, enable_gqa=False, **kwargs):
-        if enable_gqa:
-            raise RuntimeError("no kernel for grouped heads")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fp.F, "scaled_dot_product_attention", no_gqa)
-    for _ in range(2):
-        logits, _, _ = fused(batch, pos)
-        torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
-    assert fused._eager_fallback
-    assert sum("fused prefill" in r.message for r in caplog.records) == 1

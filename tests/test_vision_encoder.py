@@ -105,11 +105,12 @@ def test_only_the_layers_before_the_feature_layer_run(models):
 def test_image_embed_and_prefill_equal_the_models(tiny_model):
     """Installed on a model: the image embedding (assembly, projection, merge) and the fused prefill's
     logits equal the model's own, for pages whose crops are padded (the sample pages' case)."""
+    from PIL import Image
+
     from actors.collate import collate
     from actors.fast_prefill import FastPrefill
     from actors.vision_encoder import install_vision_encoder
     from pipeline.model_inputs import InputBuilder
-    from PIL import Image
 
     builder = InputBuilder(tiny_model, dynamic_hd=4)
     rng = np.random.default_rng(5)
