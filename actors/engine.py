@@ -20,6 +20,7 @@ from actors.fast_prefill import FastPrefill
 from actors.kv_plan import KvPlan, plan_kv
 from actors.slot_decoder import SlotDecoder, SlotRequest
 from pipeline.model.inputs import load_processor
+from actors.vision_encoder import install_vision_encoder
 from schemas.config import BatchingConfig, ModelConfig
 from schemas.work_rows import BatchKey
 
@@ -114,6 +115,7 @@ class Phi4MMEngine:
         self.model = model if model is not None else load_model(model_dir, modality, model_cfg, self.device,
                                                                       random_weights)
         mask_audio_padding(self.model)  # mixed-length audio batches give unbatched outputs
+        install_vision_encoder(self.model, batching.vision_encoder)  # SigLIP up to the used layer only
         self.dtype = next(self.model.parameters()).dtype
         tok = self.processor.tokenizer
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -85,6 +85,23 @@ class BatchingConfig(_Strict):
     grammar_threads: int = Field(0, ge=0, le=256, description=(
         "Threads llguidance fills masks and consumes tokens with, per GPU replica; 0: 80 % of the CPUs "
         "the replica's process may run on, 1 to 32."))
+    # the fused prefill's levers (actors/fast_prefill.py PrefillOptions), each switchable for benchmarks
+    prefill_compile: Literal["auto", "tokens", "dynamic", "off"] = Field("auto", description=(
+        "how the fused prefill's layer halves are compiled: 'tokens' over flattened tokens with the token "
+        "count the only runtime size (one graph for every batch and width, constant index arithmetic); "
+        "'dynamic' with every size a runtime symbol (the first version: its rotary kernels ran ~10x under "
+        "memory bandwidth); 'off' eager; 'auto' = tokens on CUDA, off elsewhere"))
+    prefill_gqa: bool = Field(True, description=(
+        "the fused prefill's attention reads the grouped K/V heads (SDPA enable_gqa) instead of copying "
+        "them to every query head"))
+    prefill_unpad: bool = Field(True, description=(
+        "left-padded prompts of a fused prefill batch are realigned to start at position 0, so plain "
+        "causal (flash) attention is exact and no dense [batch, tokens, tokens] mask is built"))
+    vision_encoder: Literal["auto", "compiled", "eager", "model"] = Field("auto", description=(
+        "image features: 'compiled'/'eager' run SigLIP only up to the feature layer with a fused QKV and "
+        "per-layer functions (torch.compile'd or not) and bidirectional attention on every crop "
+        "(actors/vision_encoder.py); 'model' the model's own get_img_features; 'auto' = compiled on "
+        "CUDA, model elsewhere"))
 
 
 class AudioConfig(_Strict):

@@ -128,6 +128,32 @@ def test_ocr_matches_card_recipe(ocr_run, card, engines, tiny_model):
     assert stats["equal"] >= 4
 
 
+def test_ocr_with_the_fused_engine_matches_card_recipe(card, tiny_model):
+    """The GPU's path run eagerly here: fused SigLIP (actors/vision_encoder.py), fused prefill and the static
+    decoder, the sample pages batched together, against the card recipe one page at a time."""
+    from pathlib import Path
+
+    from actors.engine import Phi4MMEngine
+    from pipeline.model.inputs import InputBuilder
+    from schemas.config import BatchingConfig, ModelConfig
+
+    builder = InputBuilder(tiny_model, dynamic_hd=4)
+    engine = Phi4MMEngine(tiny_model, "vision", ModelConfig(source=tiny_model), BatchingConfig(
+        decoder="static", prefill="fused", vision_encoder="eager", decode_slots=8))
+    assert engine.model.model.embed_tokens_extend.image_embed.__dict__.get("_fused_siglip") is not None
+    instruction = task_instruction("ocr")
+    docs = Path(__file__).resolve().parents[1] / "samples" / "docs"
+    pages = [p for name in ("invoice.png", "minutes.png", "packet.pdf")
+             for p in decode_pages((docs / name).read_bytes(), name)]
+    built = [builder.image(p, instruction) for p in pages]
+    got = engine.generate([b.inputs for b in built], [b.batch_key for b in built], [MAX] * len(built))
+    stats = {"equal": 0, "ties": 0}
+    for k, (page, b, gen) in enumerate(zip(pages, built, got)):
+        ref = card.image(page, instruction, MAX, want_logits=True, dynamic_hd=4)
+        assert_same_or_tie(gen.text, ref, engine, b.inputs, f"page {k}", stats)
+    assert stats["equal"] >= len(pages) - 1
+
+
 def test_batched_equals_unbatched_for_equal_length_audio(engines, tiny_model):
     """The engine's batches (equal-length audio, left-padded prompts) give the single-item tokens."""
     from pipeline.model.inputs import InputBuilder
