@@ -30,7 +30,7 @@ GRAMMAR_ROWS = [True, True, False, True, True, True, True, False]
 
 @pytest.fixture(scope="module")
 def texts(tiny_model):
-    from pipeline.model_inputs import InputBuilder
+    from pipeline.model.inputs import InputBuilder
 
     builder = InputBuilder(tiny_model)
     return [builder.text(f"Extract the fields of call {i}: " + "words " * (2 * i)) for i in range(len(GRAMMAR_ROWS))]
