@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from actors.audio_padding import _forward as reference_forward
 from actors.audio_padding import mask_audio_padding
 
-__all__ = ["PackedAudioEncoder", "PackedLayout", "install_audio_encoder", "plan_layout", "conformer_block"]
+__all__ = ["PackedAudioEncoder", "PackedLayout", "SegmentAttention", "conformer_block", "device_layout",
+           "install_audio_encoder", "plan_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -403,6 +404,43 @@ class RelativeBias:
             self.first_seen[:tokens].copy_(torch.from_numpy((chunk - self.left_chunk).astype(np.int32)))
 
 
+class SegmentAttention:
+    """What FlexAttention needs for one packed batch: the block mask (a query sees its own segment) and
+    the bias score_mod. The tensors their functions read are persistent buffers, refilled per batch
+    (the same tensors every call, so a compiled kernel is reused) and grown rarely."""
+
+    def __init__(self, bias_layer, config, device, compiled: bool):
+        self.bias_layer, self.config, self.device, self.compiled = bias_layer, config, device, compiled
+        self.capacity = 0
+
+    def _grow(self, tokens: int) -> None:
+        self.capacity = max(tokens, 2 * self.capacity, 32768)
+        make = lambda: torch.zeros(self.capacity, dtype=torch.int32, device=self.device)  # noqa: E731
+        self.seg_ids = seg = make()
+        self.bias = RelativeBias(self.bias_layer, self.config.chunk_size, self.config.left_chunk, make(), make())
+
+        def same_segment(b, h, q, kv):
+            return seg[q] == seg[kv]
+        self.mask_mod = same_segment
+        self.score_mod = self.bias.score_mod()
+        if self.compiled:
+            _mark_static([self.seg_ids, self.bias.plus_one, self.bias.plus_zero, self.bias.chunk_of,
+                          self.bias.first_seen])
+
+    def prepare(self, dl: DeviceLayout, tokens: int):
+        """-> (block_mask, score_mod) for the batch laid out as `dl`."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        if tokens > self.capacity:
+            self._grow(tokens)
+        self.seg_ids[:tokens].copy_(dl.seg_ids)
+        self.bias.fill(dl.positions_host, tokens)
+        pc, pi, fc, fi = dl.kv_blocks
+        block_mask = BlockMask.from_kv_blocks(pc, pi, fc, fi, BLOCK_SIZE=GRANULE, mask_mod=self.mask_mod,
+                                              seq_lengths=(tokens, tokens))
+        return block_mask, self.score_mod
+
+
 class PackedAudioEncoder:
     """Phi4MultimodalAudioModel's forward (eval) over packed clips; compiled on CUDA, eager elsewhere."""
 
@@ -421,9 +459,7 @@ class PackedAudioEncoder:
         self.front = _front_weights(encoder)
         if compile:  # only the frame counts vary; weights kept static so no size of theirs is shared with them
             _mark_static([self.layers, self.front])
-        self.capacity = 0
-        self.seg_ids = None
-        self._bias = None
+        self.attention = SegmentAttention(encoder.relative_attention_bias_layer, cfg, device, compile)
         self.funcs: dict = {}
         if compile:
             from torch.nn.attention.flex_attention import flex_attention
@@ -432,33 +468,6 @@ class PackedAudioEncoder:
                           "post": torch.compile(post_attention, dynamic=True),
                           "flex": torch.compile(flex_attention, dynamic=True),
                           "front": torch.compile(front_end, dynamic=True)}
-
-    def _buffers(self, tokens: int):
-        """The buffers the mask_mod / score_mod read: persistent (the same tensors every call, so a
-        compiled kernel is reused), grown rarely."""
-        if tokens > self.capacity:
-            self.capacity = max(tokens, 2 * self.capacity, 32768)
-            make = lambda: torch.zeros(self.capacity, dtype=torch.int32, device=self.device)  # noqa: E731
-            self.seg_ids = make()
-            cfg = self.config
-            self._bias = RelativeBias(self.encoder.relative_attention_bias_layer, cfg.chunk_size, cfg.left_chunk,
-                                      make(), make())
-            seg = self.seg_ids
-
-            def same_segment(b, h, q, kv):
-                return seg[q] == seg[kv]
-            self._mask_mod = same_segment
-            self._score_mod = self._bias.score_mod()
-            if self.compiled:
-                _mark_static([self.seg_ids, self._bias.plus_one, self._bias.plus_zero, self._bias.chunk_of,
-                              self._bias.first_seen])
-
-    def block_mask(self, dl: DeviceLayout, tokens: int):
-        from torch.nn.attention.flex_attention import BlockMask
-
-        pc, pi, fc, fi = dl.kv_blocks
-        return BlockMask.from_kv_blocks(pc, pi, fc, fi, BLOCK_SIZE=GRANULE, mask_mod=self._mask_mod,
-                                        seq_lengths=(tokens, tokens))
 
     @torch.inference_mode()
     def __call__(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -475,9 +484,7 @@ class PackedAudioEncoder:
         clips, padded, mel = features.shape
         dl = device_layout(layout, padded, out_frames, features.device, features.dtype, self.reduction)
         tokens = layout.tokens
-        self._buffers(tokens)
-        self.seg_ids[:tokens].copy_(dl.seg_ids)
-        self._bias.fill(dl.positions_host, tokens)
+        block_mask, score_mod = self.attention.prepare(dl, tokens)
         flat = torch.cat([features.reshape(clips * padded, mel), features.new_zeros(1, mel)])
         raw = flat[dl.feature_src]
         f = self.front
@@ -485,11 +492,9 @@ class PackedAudioEncoder:
             raw, f["mean"], f["invstd"], dl.stage_masks, f["first_w"], f["first_b"], f["stages"],
             f["out_w"], f["out_b"], f["act"])
         x = torch.cat([sub, sub.new_zeros(1, sub.shape[1])])[dl.block_src]
-        block_mask = self.block_mask(dl, tokens)
-        positions = dl.positions
         funcs = {k: self.funcs.get(k) for k in ("pre", "post", "flex")}
         for weights in self.layers:
-            x = conformer_block(x, positions, block_mask, self._score_mod, weights, self.block_cfg, **funcs)
+            x = conformer_block(x, dl.positions, block_mask, score_mod, weights, self.block_cfg, **funcs)
         x = torch.cat([x, x.new_zeros(1, x.shape[1])])[dl.out_src]
         return x.view(clips, out_frames, -1)
 
