@@ -577,11 +577,7 @@ class _Guarded:
             try:
                 out = self.packed(hidden_states, mask)
                 if self.verify:
-                    self.verify = False
-                    ref = reference_forward(self.module, hidden_states, mask)
-                    err = _relative_error(out, ref, mask, self.packed.reduction)
-                    if not err <= VERIFY_TOLERANCE:
-                        raise RuntimeError(f"differs from the model's forward by {err:.3g} (relative)")
+                    self._check(out, hidden_states, mask)
                 self.calls += 1
                 return out
             except torch.cuda.OutOfMemoryError:
@@ -591,6 +587,21 @@ class _Guarded:
                             "with masked padding from now on", type(exc).__name__, exc)
                 self.failed = True
         return reference_forward(self.module, hidden_states, mask, **kwargs)
+
+
+    def _check(self, out, hidden_states, mask) -> None:
+        """Compare with the reference path once; raise when they differ. A batch the reference cannot run
+        (upstream's batched forward fails on clips past 40 s) is not compared; the next one is."""
+        try:
+            ref = reference_forward(self.module, hidden_states, mask)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception:  # noqa: BLE001
+            return
+        self.verify = False
+        err = _relative_error(out, ref, mask, self.packed.reduction)
+        if not err <= VERIFY_TOLERANCE:
+            raise RuntimeError(f"differs from the model's forward by {err:.3g} (relative)")
 
 
 def _relative_error(out, ref, mask, reduction: int) -> float:

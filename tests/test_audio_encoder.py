@@ -214,26 +214,38 @@ def test_real_width_block_float32_and_bfloat16():
 def test_install_runs_packed_and_falls_back_once(tiny_model, alone, caplog):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    enc = model.model.embed_tokens_extend.audio_embed.encoder
+    def load():
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+        return model, model.model.embed_tokens_extend.audio_embed.encoder
+
+    model, enc = load()
     assert install_audio_encoder(model, "model") == 1 and getattr(enc, "_packed", None) is None
-    assert install_audio_encoder(model, "packed") == 1
+    assert install_audio_encoder(model, "packed", verify_first=True) == 1  # CUDA's first-batch check
     guard = enc._packed
     clips, outs = alone
     x, mask = padded([clips[i] for i in (4, 1, 7)])
     with torch.inference_mode():
         got = enc(x, mask)
-    assert guard.calls == 1 and float((got[2, :outs[7].shape[0]] - outs[7]).abs().max()) < TOL
+    assert guard.calls == 1 and not guard.verify and not guard.failed
+    assert float((got[2, :outs[7].shape[0]] - outs[7]).abs().max()) < TOL
 
     def broken(*a, **k):
         raise RuntimeError("no kernel")
     guard.packed = broken
     with caplog.at_level(logging.WARNING), torch.inference_mode():
         first, second = enc(x, mask), enc(x, mask)
-    assert [r.getMessage() for r in caplog.records if "packed audio encoder failed" in r.getMessage()] != []
-    assert sum("packed audio encoder failed" in r.getMessage() for r in caplog.records) == 1
+    assert sum("packed audio encoder failed" in r.getMessage() for r in caplog.records) == 1  # one warning
     assert guard.failed and torch.equal(first, second)
     assert float((first[2, :outs[7].shape[0]] - outs[7]).abs().max()) < TOL  # the masked model path
+
+    # wrong numbers (not an exception) on the first batch: caught by the check, the reference returned
+    model, enc = load()
+    install_audio_encoder(model, "packed", verify_first=True)
+    guard, right = enc._packed, enc._packed.packed
+    guard.packed = lambda *a: 1.5 * right(*a)
+    with torch.inference_mode():
+        got = enc(x, mask)
+    assert guard.failed and float((got[2, :outs[7].shape[0]] - outs[7]).abs().max()) < TOL
 
 
 @pytest.mark.slow
