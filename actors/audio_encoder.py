@@ -57,7 +57,7 @@ from actors.audio_padding import _forward as reference_forward
 from actors.audio_padding import mask_audio_padding
 
 __all__ = ["PackedAudioEncoder", "PackedLayout", "SegmentAttention", "conformer_block", "device_layout",
-           "install_audio_encoder", "plan_layout"]
+           "install_audio_encoder", "plan_layout", "warm_up_audio_encoder"]
 
 log = logging.getLogger(__name__)
 
@@ -562,6 +562,14 @@ def install_audio_encoder(model: torch.nn.Module, mode: str = "auto", compile: b
     return count
 
 
+def warm_up_audio_encoder(model: torch.nn.Module) -> int:
+    """Compile (and check) every packed audio encoder in `model` on a dummy batch; returns how many."""
+    guards = [m._packed for m in model.modules() if getattr(m, "_packed", None) is not None]
+    for guard in guards:
+        guard.warm_up()
+    return len(guards)
+
+
 class _Guarded:
     """The packed forward with the reference path behind it: if the packed path raises (or, on its first
     use, disagrees with the reference), one warning, then the reference for the rest of the replica."""
@@ -588,6 +596,16 @@ class _Guarded:
                 self.failed = True
         return reference_forward(self.module, hidden_states, mask, **kwargs)
 
+
+    @torch.inference_mode()
+    def warm_up(self, lengths=(3000, 1234)) -> None:
+        """One dummy ragged batch through the guarded path: the compile (and on CUDA the check against
+        the reference) happens here instead of inside the first real prefill."""
+        w = self.packed.front["out_w"]
+        x = torch.randn(len(lengths), max(lengths), self.packed.config.input_size, device=w.device, dtype=w.dtype)
+        mask = torch.arange(max(lengths), device=w.device)[None, :] < torch.tensor(lengths, device=w.device)[:, None]
+        self(x, mask)
+        self.calls = 0
 
     def _check(self, out, hidden_states, mask) -> None:
         """Compare with the reference path once; raise when they differ. A batch the reference cannot run

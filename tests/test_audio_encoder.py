@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from actors.audio_encoder import (PackedAudioEncoder, SegmentAttention, block_config, block_weights,
-                                  conformer_block, device_layout, install_audio_encoder, plan_layout)
+                                  conformer_block, device_layout, install_audio_encoder, plan_layout,
+                                  warm_up_audio_encoder)
 
 # one frame, lengths off the 8-frame grid, ~3 s, 30 s (3,000 frames), past 40 s (4,100 and 6,007 frames:
 # 513 and 751 subsampled frames, cut in 500-frame windows), and exactly two windows (8,000)
@@ -222,6 +223,8 @@ def test_install_runs_packed_and_falls_back_once(tiny_model, alone, caplog):
     assert install_audio_encoder(model, "model") == 1 and getattr(enc, "_packed", None) is None
     assert install_audio_encoder(model, "packed", verify_first=True) == 1  # CUDA's first-batch check
     guard = enc._packed
+    assert warm_up_audio_encoder(model) == 1 and guard.calls == 0 and not guard.verify  # checked on a dummy
+    guard.verify = True
     clips, outs = alone
     x, mask = padded([clips[i] for i in (4, 1, 7)])
     with torch.inference_mode():
