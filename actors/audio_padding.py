@@ -22,6 +22,10 @@ convolution is left-padded and cut on the right), so padded frames cannot reach 
 Single clips and equal-length batches (no mask, or a mask of equal lengths) run the model's own forward,
 untouched. The placeholder count per clip (`audio_embed_sizes`) is the clip's own, set by the processor.
 tests/test_audio_padding.py checks batched == unbatched on the tiny model, encoder outputs and tokens.
+
+This is the reference path: `BatchingConfig.audio_encoder = "model"` (the default on CPU) runs it, and
+the packed encoder (actors/audio_encoder.py, the default on GPU) falls back to it if it fails. It still
+computes the padding and a dense [batch, heads, T, T] bias, which sends SDPA to its float32 math path.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from actors.audio_padding import mask_audio_padding
+from actors.audio_encoder import install_audio_encoder
 from actors.collate import collate
 from actors.fast_prefill import FastPrefill
 from actors.kv_plan import KvPlan, plan_kv
@@ -114,7 +114,8 @@ class Phi4MMEngine:
         self.processor = load_processor(model_dir)
         self.model = model if model is not None else load_model(model_dir, modality, model_cfg, self.device,
                                                                       random_weights)
-        mask_audio_padding(self.model)  # mixed-length audio batches give unbatched outputs
+        # mixed-length audio batches give unbatched outputs (packed encoder on GPU: actors/audio_encoder.py)
+        install_audio_encoder(self.model, batching.audio_encoder)
         install_vision_encoder(self.model, batching.vision_encoder)  # SigLIP up to the used layer only
         self.dtype = next(self.model.parameters()).dtype
         tok = self.processor.tokenizer
@@ -136,28 +137,55 @@ class Phi4MMEngine:
 
     # -- scheduling ------------------------------------------------------------------------------
     def plan_batches(self, batch_keys: list[BatchKey], input_tokens: list[int], max_new: list[int]) -> list[list[int]]:
-        """Group item indices: same batch key and token budget, similar prompt lengths, capped sizes."""
-        batches = self._plan_batches(batch_keys, input_tokens, max_new)
-        self.stats["batches"] += len(batches)
-        self.stats["batch_items"] += sum(map(len, batches))
-        self.stats["batches_full"] += sum(len(b) >= self.batching.max_batch_size for b in batches)
-        return batches
+        """Group item indices: single audio clips of any lengths by prompt-token budget
+        (`audio_batch_tokens`); other items by batch key and token budget, similar prompt lengths,
+        capped sizes."""
+        planned = self._plan(batch_keys, input_tokens, max_new)
+        self.stats["batches"] += len(planned)
+        self.stats["batch_items"] += sum(len(b) for b, _ in planned)
+        self.stats["batches_full"] += sum(full for _, full in planned)
+        return [b for b, _ in planned]
 
     def _plan_batches(self, batch_keys: list[BatchKey], input_tokens: list[int], max_new: list[int]) -> list[list[int]]:
-        order = sorted(range(len(batch_keys)), key=lambda i: (batch_keys[i], max_new[i], input_tokens[i]))
-        batches: list[list[int]] = []
-        current: list[int] = []
-        for i in order:
-            same_kind = current and (batch_keys[current[0]], max_new[current[0]]) == (batch_keys[i], max_new[i])
-            tokens = (len(current) + 1) * max(input_tokens[j] for j in current + [i])
-            if current and (not same_kind or len(current) >= self.batching.max_batch_size
-                            or tokens > self.batching.max_batch_tokens):
-                batches.append(current)
-                current = []
-            current.append(i)
-        if current:
-            batches.append(current)
-        return batches
+        return [b for b, _ in self._plan(batch_keys, input_tokens, max_new)]
+
+    def _plan(self, batch_keys, input_tokens, max_new) -> list[tuple[list[int], bool]]:
+        """(batch, whether a size limit closed it). Audio clips (batch key kind "audio") batch across
+        lengths: the speech encoder packs them, so a batch costs its clips' own frames whatever their
+        lengths (actors/audio_encoder.py; the masked model forward is exact too). They are taken in
+        length order, so a batch also holds similar lengths for the decoder's padded prefill, and cut
+        where the next one would pass `audio_batch_tokens` prompt tokens or `max_batch_tokens` padded
+        ones; the static decoder takes each item's own max_new, `generate` one per batch (and at most
+        `max_batch_size` items). Other items: one batch key and one max_new per batch, at most
+        `max_batch_size` items and `max_batch_tokens` padded prompt tokens."""
+        cfg = self.batching
+        budget = cfg.audio_batch_tokens
+        by_budget = {i for i, k in enumerate(batch_keys) if budget and getattr(k, "kind", None) == "audio"}
+        one_max_new = not self.use_static  # `generate` decodes a batch to one max_new
+        planned: list[tuple[list[int], bool]] = []
+
+        def cut(order, same, full) -> None:
+            current: list[int] = []
+            for i in order:
+                if current and (not same(current[0], i) or full(current, i)):
+                    planned.append((current, same(current[0], i)))
+                    current = []
+                current.append(i)
+            if current:
+                planned.append((current, False))
+
+        def padded_over(current, i) -> bool:
+            return (len(current) + 1) * max(input_tokens[j] for j in current + [i]) > cfg.max_batch_tokens
+
+        keyed = sorted((i for i in range(len(batch_keys)) if i not in by_budget),
+                       key=lambda i: (batch_keys[i], max_new[i], input_tokens[i]))
+        cut(keyed, lambda a, b: (batch_keys[a], max_new[a]) == (batch_keys[b], max_new[b]),
+            lambda cur, i: len(cur) >= cfg.max_batch_size or padded_over(cur, i))
+        audio = sorted(by_budget, key=lambda i: (max_new[i] if one_max_new else 0, input_tokens[i]))
+        cut(audio, lambda a, b: not one_max_new or max_new[a] == max_new[b],
+            lambda cur, i: (sum(input_tokens[j] for j in cur) + input_tokens[i] > budget or padded_over(cur, i)
+                            or (one_max_new and len(cur) >= cfg.max_batch_size)))
+        return planned
 
     @property
     def grammar(self):

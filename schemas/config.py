@@ -102,6 +102,18 @@ class BatchingConfig(_Strict):
         "per-layer functions (torch.compile'd or not) and bidirectional attention on every crop "
         "(actors/vision_encoder.py); 'model' the model's own get_img_features; 'auto' = compiled on "
         "CUDA, model elsewhere"))
+    # the speech encoder: "packed" runs actors/audio_encoder.py (clips packed end to end, FlexAttention,
+    # compiled on CUDA; each clip's output is its unbatched one); "model" runs the model's own forward with
+    # the padding of mixed lengths masked (actors/audio_padding.py); "auto": packed on GPU, model on CPU
+    audio_encoder: Literal["auto", "packed", "model"] = Field("auto", description=(
+        "Speech encoder: 'packed' (clips packed on time, FlexAttention, compiled on CUDA), 'model' (the "
+        "model's forward, padding masked), 'auto' (packed on GPU, model on CPU)."))
+    # prompt tokens (audio placeholders + text) in one prefill batch of single-clip audio items of any
+    # lengths: short chunks fill a batch instead of stopping at max_batch_size (about 64 clips of 30 s,
+    # ~390 tokens each). None: audio batches by length bucket (the batch key) and max_batch_size
+    audio_batch_tokens: int | None = Field(25_000, ge=512, description=(
+        "Prompt tokens per prefill batch of audio clips of mixed lengths (the static decoder); None batches "
+        "audio by length bucket and max_batch_size."))
 
 
 class AudioConfig(_Strict):

@@ -3,7 +3,7 @@
 The model's audio encoder does not mask padding upstream (shared/design/NOTES-phi4mm.md): a clip batched
 with longer clips came out different. actors/audio_padding.py masks it; here, on the tiny model in
 float32, each clip of a mixed-length batch gives its unbatched encoder output and its unbatched tokens,
-and clips of 200 distinct lengths fall into a handful of batch keys.
+and clips of 200 distinct lengths batch together across their length buckets.
 """
 from __future__ import annotations
 
@@ -96,7 +96,10 @@ def test_mixed_length_transcripts_equal_each_clip_alone(tiny_model, builder, cli
     assert [g.token_ids for g in together] == alone
 
 
-def test_clips_of_200_distinct_lengths_fall_into_few_batch_keys(tiny_model, builder):
+def test_clips_of_200_distinct_lengths_batch_across_lengths(tiny_model, builder):
+    """Keys still bucket lengths on the 2 s grid, but the planner batches audio clips of any lengths
+    together: in length order, up to max_batch_size for the `generate` decoder (one max_new per batch),
+    by prompt tokens (`audio_batch_tokens`) for the static one."""
     seconds = 3.0 + 0.135 * np.arange(200)  # 3 s to 29.9 s, every one a different frame count
     built = [builder.audio(np.zeros(int(16000 * s), np.float32) + 0.01, task_instruction("asr")) for s in seconds]
     frames = [b.inputs["audio_input_features"].shape[0] for b in built]
@@ -105,7 +108,14 @@ def test_clips_of_200_distinct_lengths_fall_into_few_batch_keys(tiny_model, buil
     assert len(keys) <= 14, sorted(keys)  # 27 s of lengths on the 2 s grid
     for b, n in zip(built, frames):
         assert b.batch_key.kind == "audio" and 0 <= b.batch_key.size - n < 200  # a bucket ends within 2 s
+    tokens = [b.input_tokens for b in built]
     engine = speech_engine(tiny_model)
-    plan = engine.plan_batches([b.batch_key for b in built], [b.input_tokens for b in built], [MAX] * 200)
+    plan = engine.plan_batches([b.batch_key for b in built], tokens, [MAX] * 200)
     assert sorted(i for g in plan for i in g) == list(range(200))
-    assert len(plan) == len(keys) and 200 / len(plan) >= 14  # one batch per bucket here (each < 32)
+    assert len(plan) == 7 and all(len(g) == 32 for g in plan[:-1])  # full batches across buckets
+    assert [i for g in plan for i in g] == sorted(range(200), key=lambda i: tokens[i])  # in length order
+    static = speech_engine(tiny_model, "static", model=engine.model)
+    plan = static.plan_batches([b.batch_key for b in built], tokens, [MAX] * 200)
+    budget = static.batching.audio_batch_tokens
+    assert all(sum(tokens[i] for i in g) <= budget for g in plan)
+    assert len(plan) <= -(-sum(tokens) // (budget - max(tokens)))  # each but the last within one clip of it
