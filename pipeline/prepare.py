@@ -52,7 +52,7 @@ class PrepareWork(Stage):
     def __init__(self, context: StageContext):
         super().__init__(context)
         one_thread_per_worker()
-        processor_dir = local_model_dir(self.config, processor_only=True)
+        processor_dir = self.processor_dir = local_model_dir(self.config, processor_only=True)
         inputs = self.config.inputs
         self.storage = StorageOptions(endpoint_url=self.config.s3_endpoint, connect_timeout_s=inputs.connect_timeout_s,
                                       read_timeout_s=inputs.read_timeout_s)
@@ -61,6 +61,12 @@ class PrepareWork(Stage):
         self._segmenter = None
         # what was measured of the current input before it failed (its decoded duration): error rows keep it
         self.measured: dict = {}
+
+    def __call__(self, batch: pa.Table):
+        # the progress line's "inputs prepared" (jobs/progress.py), declared here by every stage that turns
+        # manifest rows into work rows (this one and its subclasses: PreparePrompts), whatever its name
+        self.counters["inputs_prepared"] += batch.num_rows
+        return super().__call__(batch)
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:
