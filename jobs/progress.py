@@ -13,7 +13,9 @@ import time
 
 
 def progress_line(counters: dict, total_inputs: int, elapsed_s: float) -> str:
-    prepared = counters.get("PrepareWork", {}).get("rows_in", 0)
+    # manifest rows taken in by the stage that prepares them, whichever it is (PrepareWork, PreparePrompts):
+    # each counts them as `inputs_prepared` (pipeline/prepare.py)
+    prepared = sum(stage.get("inputs_prepared", 0) for stage in counters.values())
     written = counters.get("ResultRows", {})
     done = written.get("inputs_done", 0)
     rows, errors = written.get("rows_out", 0), written.get("error_rows", 0)

@@ -13,10 +13,11 @@ from datetime import datetime, timezone
 
 from pyarrow.fs import LocalFileSystem
 
-from jobs.graph import build_dataset, plan_cluster
+from jobs.graph import build_dataset, gpu_stages_of, plan_cluster, stages_of
 from jobs.progress import ProgressReporter
 from jobs.run_record import run_record
 from jobs.settings import Settings, from_environment
+from jobs.stall import JobStalled, stall_message, stall_reason
 from pipeline.model_inputs import load_processor
 from pipeline.model_source import describe_model, resolve_model
 from pipeline.prompt_inputs import planned_modalities
@@ -90,7 +91,10 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
                               cache_dir=config.model.cache_dir, options=storage, processor_only=True)
     _check_processor(model_dir)
     _report_bad_values(manifest, config)
-    clash = sorted({f.name for f in typed_fields(config.output_schema)} & set(manifest.column_names))
+    # a typed column takes the place of a pass-through column of its name only where that column holds
+    # nothing (a known column such as `uri` that validate_manifest added, null, to a manifest without it)
+    held = {c for c in passthrough_columns(manifest.schema) if manifest[c].null_count < manifest.num_rows}
+    clash = sorted({f.name for f in typed_fields(config.output_schema)} & held)
     if clash:
         raise ManifestError(f"manifest column(s) {clash} have the names of --schema properties (typed result "
                             "columns); rename the columns or the properties")
@@ -129,8 +133,8 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
             write_fs = out_fs
             if config.benchmark.write_delay_s and isinstance(out_fs, LocalFileSystem):  # fault tests only
                 write_fs = slow_local_filesystem(config.benchmark.write_delay_s)
-            stages = write_results(build_dataset(config, manifest, cluster, context), out_path, config.run_id,
-                                   filesystem=write_fs, uri=config.output)
+            stages = _write_or_stall(config, build_dataset(config, manifest, cluster, context), out_path, write_fs,
+                                     cluster, counters_actor)
             counters = ray.get(counters_actor.snapshot.remote())
         finally:
             if progress is not None:
@@ -147,6 +151,36 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
         write_run_record(config.output, record, fsspec_filesystem(config.output, storage)[0])
         remove_directory_markers(config.output, storage)  # what deletes on S3 re-created (resume)
     return record
+
+
+def _write_or_stall(config: JobConfig, ds, out_path: str, filesystem, cluster, counters_actor) -> list[dict]:
+    """write_results, under Ray Data's no-progress guard set to `resources.stall_timeout_s` (None: off):
+    a run that stops moving ends as JobStalled, naming the stage that holds the work (jobs/stall.py)."""
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    stall_s = config.resources.stall_timeout_s
+    ds.context.execution_no_progress_timeout_s = stall_s if stall_s else -1
+    try:
+        return write_results(ds, out_path, config.run_id, filesystem=filesystem, uri=config.output)
+    except ExecutionTimeoutError as exc:
+        log.debug("Ray Data stopped the run: %s", exc)
+        try:
+            reason = _where_it_waits(config, cluster, counters_actor)
+        except Exception as why:  # noqa: BLE001 - the stop matters more than its explanation
+            reason = f"where it waits could not be told ({type(why).__name__}: {why})"
+        raise JobStalled(stall_message(stall_s, reason)) from None
+
+
+def _where_it_waits(config: JobConfig, cluster, counters_actor) -> str:
+    """jobs/stall.py's stall_reason for this run's graph, counters, journal and nodes."""
+    import ray
+
+    stages = stages_of(config)
+    resources = {s.stage_name: s.resources(config, cluster) for s in stages}
+    counters = ray.get(counters_actor.snapshot.remote(), timeout=30)
+    in_flight = {s.stage_name: ray.get(counters_actor.calls_in_flight.remote(s.stage_name), timeout=30)
+                 for s in gpu_stages_of(config)}
+    return stall_reason([s.stage_name for s in stages], resources, counters, in_flight, ray.nodes())
 
 
 def manifest_rules(config: JobConfig) -> dict:

@@ -8,8 +8,8 @@ from tests.conftest import MAX_NEW
 
 
 def test_progress_line_says_inputs_rows_audio_rate_and_time_left():
-    counters = {"PrepareWork": {"rows_in": 10}, "ResultRows": {"inputs_done": 4, "rows_out": 8, "error_rows": 1,
-                                                                "audio_s_done": 7200.0}}
+    counters = {"PreparePrompts": {"rows_in": 10, "inputs_prepared": 10},
+                "ResultRows": {"inputs_done": 4, "rows_out": 8, "error_rows": 1, "audio_s_done": 7200.0}}
     line = progress_line(counters, 20, 60.0)
     assert line == ("phi4mm: progress 1m00s: inputs 10/20 prepared, 4/20 done, 8 rows written (1 errors), "
                     "2.00 h of audio (120x real time), about 4m00s left")
