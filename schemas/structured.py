@@ -12,8 +12,9 @@ top-level scalar properties become.
 
 A property that is missing or null in an answer is null in its column. Every value a typed column gets
 is the one the `json` column holds: the grammar keeps integers inside int64 and numbers to a bounded
-count of digits (`generation_schema`), and an answer holding a value its column still cannot hold (an
-`enum` of integers past int64) is an error row naming the property and the value, never a failed job.
+count of digits (`generation_schema`), and an answer holding a value its column still cannot hold (past
+int64 or float64, text that is not UTF-8) is an error row naming the property and the value, never a
+failed job.
 """
 from __future__ import annotations
 
@@ -160,23 +161,24 @@ def _find(schema: dict, test) -> str | None:
     return None
 
 
-def subschemas(node: object, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict]]:
+def subschemas(node: object, path: tuple[str, ...] = (), skip: tuple[str, ...] = ()
+               ) -> Iterator[tuple[tuple[str, ...], dict]]:
     """(path, subschema) for `node` and every schema inside it, depth first (property names are path
-    parts, never taken for keywords)."""
+    parts, never taken for keywords), leaving out what is under a keyword in `skip`."""
     if not isinstance(node, dict):
         return
     yield path, node
     for key in _SCHEMA_MAPS:
-        if isinstance(node.get(key), dict):
+        if isinstance(node.get(key), dict) and key not in skip:
             for name, child in node[key].items():
-                yield from subschemas(child, path + (key, str(name)))
+                yield from subschemas(child, path + (key, str(name)), skip)
     for key in _SCHEMA_ONE:
-        if isinstance(node.get(key), dict):
-            yield from subschemas(node[key], path + (key,))
+        if isinstance(node.get(key), dict) and key not in skip:
+            yield from subschemas(node[key], path + (key,), skip)
     for key in _SCHEMA_LISTS:
-        if isinstance(node.get(key), list):
+        if isinstance(node.get(key), list) and key not in skip:
             for k, child in enumerate(node[key]):
-                yield from subschemas(child, path + (key, str(k)))
+                yield from subschemas(child, path + (key, str(k)), skip)
 
 
 def scalar_type(prop: dict) -> pa.DataType | None:
@@ -286,7 +288,8 @@ def generation_schema(schema: dict, max_string_chars: int, max_items: int, numbe
         used[0] = True
         return {"$ref": f"#/$defs/{ANY_VALUE}"}
 
-    for _, node in list(subschemas(out)):
+    # (not under `not` or `if`: a bound there would widen what the schema admits, not narrow it)
+    for _, node in list(subschemas(out, skip=("not", "if"))):
         _bound(node, limits, any_value)
         for key in ("properties", "patternProperties"):  # `true`: any value, bounded
             if isinstance(node.get(key), dict):
