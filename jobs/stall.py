@@ -71,7 +71,8 @@ def _nodes(alive: list[dict]) -> str:
     shown = []
     for node in alive[:4]:
         kinds = [k.split(":", 1)[1] for k in node if k.startswith("accelerator_type:")]
-        shown.append(f"{node.get('CPU', 0):g} CPU, {node.get('GPU', 0):g} GPU" + (f" {'/'.join(kinds)}" if kinds else ""))
+        kind = f" {'/'.join(kinds)}" if kinds else ""
+        shown.append(f"{node.get('CPU', 0):g} CPU, {node.get('GPU', 0):g} GPU{kind}")
     more = f" and {len(alive) - 4} more" if len(alive) > 4 else ""
     return f"{len(alive)} node{'s' if len(alive) != 1 else ''} alive: " + "; ".join(shown) + more
 

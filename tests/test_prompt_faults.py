@@ -197,7 +197,8 @@ def test_an_answer_its_typed_column_cannot_hold_is_the_rows_error_never_the_jobs
         "too_deep": '{"x":1,"deep":' + "[" * 100_000 + "]" * 100_000 + "}",
         "cut_off": '{"x":1,"s":"abc',
     }
-    batch = pa.table({"id": list(answers), "task": ["prompt"] * len(answers), "error": pa.nulls(len(answers), pa.string()),
+    n = len(answers)
+    batch = pa.table({"id": list(answers), "task": ["prompt"] * n, "error": pa.nulls(n, pa.string()),
                       "text": list(answers.values())})
     out = StructuredAnswers(StageContext(config.model_dump_json()))(batch).to_pylist()
     assert [r["id"] for r in out] == list(answers)  # one row per row in, none lost
