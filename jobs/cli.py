@@ -136,7 +136,7 @@ def config_from_args(job: str, args: argparse.Namespace) -> JobConfig:
     _nested(data, "resources", "gpus_per_replica", args.gpus_per_replica)
     _nested(data, "resources", "max_replicas", args.max_replicas)
     _nested(data, "resources", "accelerator_type", args.accelerator_type)
-    if args.max_new_tokens:
+    if args.max_new_tokens is not None:  # 0 too: refused by the config's check, never the default instead
         data.setdefault("generation", {})["max_new_tokens"] = {
             t: args.max_new_tokens for t in TASKS}
     if job == "transcribe":
@@ -160,7 +160,54 @@ def config_from_args(job: str, args: argparse.Namespace) -> JobConfig:
         _nested(data, "image", "pdf_dpi", args.pdf_dpi)
     if job == "prompt":
         prompt_config_from_args(data, args)
-    return JobConfig.model_validate(data)
+    from pydantic import ValidationError
+
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigFileError(validation_line(exc, flag_labels(job, args), args.config)) from None
+
+
+def flag_labels(job: str, args: argparse.Namespace) -> dict[tuple[str, str], str]:
+    """{config field: the flag (and file) it came from} for the fields this command line set, so that a
+    refusal names what the user typed: `--schema call.json: ...`, not `prompt.json_schema`."""
+    labels = {}
+    if args.max_new_tokens is not None:
+        labels[("generation", "max_new_tokens")] = f"--max-new-tokens {args.max_new_tokens}"
+    if job in ("transcribe", "meetings") and args.extract:
+        labels[("extract", "json_schema")] = f"--extract {args.extract}"
+    if job == "prompt":
+        if args.schema:
+            labels[("prompt", "json_schema")] = f"--schema {args.schema}"
+        if args.tools:
+            labels[("prompt", "tools")] = f"--tools {args.tools}"
+        if args.prompt_file:
+            labels[("prompt", "template")] = f"--prompt-file {args.prompt_file}"
+        elif args.prompt is not None:
+            labels[("prompt", "template")] = "--prompt"
+    return labels
+
+
+def validation_line(exc, labels: dict[tuple[str, str], str] | None = None,
+                    source: str | None = None) -> str:
+    """Every problem pydantic found (`exc`, a ValidationError), on one line: each after the flag it came from (`labels`), else after
+    its field's path, with the config file (`source`) named when a field of it is at fault."""
+    labels = labels or {}
+    parts, unlabelled = [], False
+    for error in exc.errors():
+        loc = tuple(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        label = labels.get(loc[:2])
+        if label is None:
+            unlabelled = True
+            label = ".".join(loc) or "config"
+        parts.append(f"{label}: {message}")
+    line = "; ".join(parts)
+    if unlabelled:
+        line = "invalid configuration: " + line
+        if source:
+            line = f"{source}: {line}"
+    return line
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -231,6 +278,7 @@ def execute(make_config, quiet: bool = False) -> int:
     from jobs import runner
     from jobs.console import native_lines_filtered, quiet_libraries
     from jobs.settings import from_environment
+    from jobs.stall import JobStalled
     from pipeline.core.errors import InputError
     from schemas.manifest import ManifestError
 
@@ -242,8 +290,8 @@ def execute(make_config, quiet: bool = False) -> int:
     quiet_libraries(settings.log_level)
     try:
         config = make_config()
-    except ValidationError as exc:
-        print(f"phi4mm: invalid configuration:\n{exc}", file=sys.stderr)
+    except ValidationError as exc:  # `phi4mm run JOB.yaml` (the subcommands raise ConfigFileError)
+        print(f"phi4mm: {validation_line(exc, source=getattr(make_config, 'source', None))}", file=sys.stderr)
         return 2
     except ConfigFileError as exc:
         print(f"phi4mm: {exc}", file=sys.stderr)
@@ -254,6 +302,9 @@ def execute(make_config, quiet: bool = False) -> int:
     except (ManifestError, InputError, ValueError, FileNotFoundError) as exc:
         print(f"phi4mm: {exc}", file=sys.stderr)
         return 2
+    except JobStalled as exc:  # what was written stays; --resume continues
+        print(f"phi4mm: {exc}", file=sys.stderr)
+        return 3
     print(json.dumps({"output": config.output, "run_id": record["run_id"], "counts": record["counts"],
                       "wall_s": round(record["wall_s"], 2)}, indent=None))
     return 0
@@ -360,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             data["model"]["source"] = _local_abspath(source)
         return JobConfig.model_validate(data)
 
+    from_yaml.source = args.job_yaml
     return execute(from_yaml, quiet=args.quiet)
 
 

@@ -12,10 +12,10 @@ import threading
 import time
 
 
-def progress_line(counters: dict, total_inputs: int, elapsed_s: float, inputs_stage: str) -> str:
-    """`inputs_stage`: the stage whose rows in are the inputs prepared (the job's first, declared with
-    `counts_inputs`: PrepareAudio, PreparePages or PreparePrompts)."""
-    prepared = counters.get(inputs_stage, {}).get("rows_in", 0)
+def progress_line(counters: dict, total_inputs: int, elapsed_s: float) -> str:
+    # manifest rows taken in by the stage that prepares them, whichever it is (PrepareAudio, PreparePages, PreparePrompts):
+    # each counts them as `inputs_prepared` (pipeline/stages/manifest_stage.py)
+    prepared = sum(stage.get("inputs_prepared", 0) for stage in counters.values())
     written = counters.get("ResultRows", {})
     done = written.get("inputs_done", 0)
     rows, errors = written.get("rows_out", 0), written.get("error_rows", 0)
@@ -36,9 +36,8 @@ class ProgressReporter:
     """A daemon thread printing `progress_line` every `every_s` seconds until `stop()` (which prints
     the last line)."""
 
-    def __init__(self, run_state, total_inputs: int, every_s: float, stream=None, *, inputs_stage: str):
+    def __init__(self, run_state, total_inputs: int, every_s: float, stream=None):
         self.actor, self.total, self.every_s = run_state, total_inputs, every_s
-        self.inputs_stage = inputs_stage
         self.stream = stream or sys.stderr
         self.started = time.monotonic()
         self._stop = threading.Event()
@@ -59,8 +58,7 @@ class ProgressReporter:
             counters = ray.get(self.actor.snapshot.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - progress is best effort; the job goes on without it
             return
-        print(progress_line(counters, self.total, time.monotonic() - self.started, self.inputs_stage),
-              file=self.stream, flush=True)
+        print(progress_line(counters, self.total, time.monotonic() - self.started), file=self.stream, flush=True)
 
     def stop(self) -> None:
         self._stop.set()

@@ -12,11 +12,12 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from jobs.dataset_write import write_results
-from jobs.graph import build_dataset, plan_cluster, stages_of
+from jobs.graph import build_dataset, gpu_stages_of, plan_cluster, stages_of
 from jobs.progress import ProgressReporter
 from jobs.run_record import run_record
 from jobs.settings import Settings, from_environment
 from jobs.specs import job_spec
+from jobs.stall import JobStalled, stall_message, stall_reason
 from pipeline.context import RunContext, run_storage
 from pipeline.core.errors import OutputError
 from pipeline.core.run_state import start_run_state
@@ -88,7 +89,10 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
     # the driver only checks the processor loads (a wrong --model fails here, before any GPU starts)
     _check_processor(RunContext.for_run(config, storage).model_dir(processor_only=True))
     _report_bad_values(manifest, config)
-    clash = sorted({f.name for f in typed_fields(config.output_schema)} & set(manifest.column_names))
+    # a typed column takes the place of a pass-through column of its name only where that column holds
+    # nothing (a known column such as `uri` that validate_manifest added, null, to a manifest without it)
+    held = {c for c in passthrough_columns(manifest.schema) if manifest[c].null_count < manifest.num_rows}
+    clash = sorted({f.name for f in typed_fields(config.output_schema)} & held)
     if clash:
         raise ManifestError(f"manifest column(s) {clash} have the names of --schema properties (typed result "
                             "columns); rename the columns or the properties")
@@ -119,12 +123,11 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
         context = RunContext.for_run(config, storage, provenance=provenance, passthrough_schema=passthrough_schema,
                                      run_state=name)
         cluster = plan_cluster(config, cpus, gpus, manifest.num_rows, settings.autoscaling)
-        inputs_stage = next(s.stage.stage_name for s in stages_of(config) if s.stage.counts_inputs)
-        progress = ProgressReporter(run_state, manifest.num_rows, settings.progress_every_s,
-                                    inputs_stage=inputs_stage).start() if settings.progress else None
+        progress = ProgressReporter(run_state, manifest.num_rows, settings.progress_every_s).start() \
+            if settings.progress else None
         try:
-            stages = write_results(build_dataset(config, manifest, cluster, context), output, config.run_id,
-                                   write_delay_s=config.benchmark.write_delay_s)
+            stages = _write_or_stall(config, build_dataset(config, manifest, cluster, context), output, cluster,
+                                     run_state)
             counters = ray.get(run_state.snapshot.remote())
         finally:
             if progress is not None:
@@ -141,6 +144,36 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
         write_run_record(output, record)
         remove_directory_markers(output)  # what deletes on S3 re-created (resume)
     return record
+
+
+def _write_or_stall(config: JobConfig, ds, output, cluster, run_state) -> list[dict]:
+    """write_results, under Ray Data's no-progress guard set to `resources.stall_timeout_s` (None: off):
+    a run that stops moving ends as JobStalled, naming the stage that holds the work (jobs/stall.py)."""
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    stall_s = config.resources.stall_timeout_s
+    ds.context.execution_no_progress_timeout_s = stall_s if stall_s else -1
+    try:
+        return write_results(ds, output, config.run_id, write_delay_s=config.benchmark.write_delay_s)
+    except ExecutionTimeoutError as exc:
+        log.debug("Ray Data stopped the run: %s", exc)
+        try:
+            reason = _where_it_waits(config, cluster, run_state)
+        except Exception as why:  # noqa: BLE001 - the stop matters more than its explanation
+            reason = f"where it waits could not be told ({type(why).__name__}: {why})"
+        raise JobStalled(stall_message(stall_s, reason)) from None
+
+
+def _where_it_waits(config: JobConfig, cluster, run_state) -> str:
+    """jobs/stall.py's stall_reason for this run's graph, counters, journal and nodes."""
+    import ray
+
+    stages = stages_of(config)
+    resources = {s.stage.stage_name: s.resources(config, cluster) for s in stages}
+    counters = ray.get(run_state.snapshot.remote(), timeout=30)
+    in_flight = {s.stage.stage_name: ray.get(run_state.calls_in_flight.remote(s.stage.stage_name), timeout=30)
+                 for s in gpu_stages_of(config)}
+    return stall_reason([s.stage.stage_name for s in stages], resources, counters, in_flight, ray.nodes())
 
 
 def _report_bad_values(manifest, config: JobConfig) -> None:

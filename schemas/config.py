@@ -5,12 +5,13 @@ import uuid
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from schemas.languages import language_name
 from schemas.results import RESULT_COLUMNS
-from schemas.structured import SchemaFileError, check_output_schema
-from schemas.tasks import job_tasks
+from schemas.structured import SchemaFileError, check_output_schema, grammar_problem
+from schemas.tasks import TASKS, job_tasks
+from schemas.templates import TemplateError, template_parts
 
 JobName = Literal["transcribe", "ocr", "meetings", "prompt"]
 
@@ -41,6 +42,16 @@ class GenerationConfig(_Strict):
     """Greedy decoding limits per task (the model card decodes greedily)."""
     max_new_tokens: dict[str, int] = Field(default_factory=lambda: {
         "asr": 256, "translate": 320, "ocr": 1024, "summarize": 512, "extract": 512, "prompt": 512})
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _limits(cls, value: dict[str, int]) -> dict[str, int]:
+        for task, tokens in value.items():
+            if task not in TASKS:
+                raise ValueError(f"{task!r} is not a task (tasks: {', '.join(TASKS)})")
+            if tokens < 1:
+                raise ValueError(f"{tokens} new tokens for {task}: an answer needs at least 1")
+        return value
 
 
 class BatchingConfig(_Strict):
@@ -149,15 +160,57 @@ class ImageConfig(_Strict):
     dynamic_hd: int = Field(36, ge=1, le=64)  # crop cap: fewer crops trade detail for speed
 
 
-def checked_answer_schema(value: dict | None, flag: str) -> dict | None:
-    """A --schema / --extract JSON Schema checked (schemas/structured.py), its columns clear of the result
-    columns; the validator's message, after the flag, when it is not usable."""
+def checked_answer_schema(value: dict | None, info: ValidationInfo) -> dict | None:
+    """A --schema / --extract JSON Schema checked (schemas/structured.py): valid, its columns clear of the
+    result columns, and one the grammar engine can enforce under the section's bounds (validated before
+    it, in `info.data`); the message names the keyword and where it is, when it is not usable."""
     if value is None:
         return None
     try:
-        return check_output_schema(value, reserved=tuple(RESULT_COLUMNS))
+        schema = check_output_schema(value, reserved=tuple(RESULT_COLUMNS))
     except SchemaFileError as exc:
-        raise ValueError(f"{flag}: {exc}") from None
+        raise ValueError(str(exc)) from None
+    bounds = [info.data.get(k) for k in ("max_string_chars", "max_array_items", "number_decimals")]
+    if None not in bounds:  # (a bound that failed its own check is reported on its own)
+        problem = grammar_problem(schema, *bounds)
+        if problem:
+            raise ValueError(problem)
+    return schema
+
+
+def tool_problem(tool: dict, number: int, names: list[str]) -> str | None:
+    """Why one --tools entry cannot be listed for the model, or None. `parameters` is either the card's
+    format (each parameter's name mapped to its {"type", "description"}) or a JSON Schema of an object."""
+    name = tool.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return (f'tool {number} has no "name" (the card\'s format: a JSON list of {{"name", "description", '
+                '"parameters"}})')
+    if name in names:
+        return f"tool {number}: the name {name!r} is tool {names.index(name) + 1}'s too; a call could not say which"
+    params = tool.get("parameters")
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        return (f'tool {name!r}: "parameters" is a {type(params).__name__}, not an object (each parameter\'s '
+                'name mapped to its {"type", "description"}, or a JSON Schema with "type": "object")')
+    if isinstance(params.get("type"), str):  # a JSON Schema (the card's format has no string "type" here)
+        from jsonschema import SchemaError
+        from jsonschema.validators import validator_for
+
+        if params["type"] != "object":
+            return f'tool {name!r}: "parameters" is a JSON Schema of type {params["type"]!r}, not "object"'
+        try:
+            validator_for(params).check_schema(params)
+        except SchemaError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path)
+            return f'tool {name!r}: "parameters" is not a valid JSON Schema: {exc.message}' + \
+                (f" (at {where})" if where else "")
+        return None
+    for param, spec in params.items():
+        if not isinstance(spec, dict):
+            return (f'tool {name!r}: parameter {param!r} is described by a {type(spec).__name__}, not an object '
+                    '({"type", "description"})')
+    return None
 
 
 class PromptConfig(_Strict):
@@ -172,11 +225,15 @@ class PromptConfig(_Strict):
     frame_max_side: int = Field(448, ge=14, le=1344)
     max_images: int = Field(64, ge=1, le=256)  # images of one prompt (a document's pages included)
     max_audio_s: float = Field(1800.0, gt=0.0)  # longest audio of a prompt (30 min: ~22.5k tokens)
-    # --schema: the JSON Schema (an object at the top) every answer is constrained to (schemas/structured.py)
-    json_schema: dict | None = None
     # bounds the grammar adds where the schema sets none (a wandering model still ends within its tokens)
     max_string_chars: int = Field(2000, ge=1)
     max_array_items: int = Field(64, ge=1)
+    # digits after the point of a number in an answer, where the schema sets no multipleOf (numbers also
+    # stay within +-1e15 and integers within +-9e18: schemas/structured.py, generation_schema)
+    number_decimals: int = Field(6, ge=0, le=15)
+    # --schema: the JSON Schema (an object at the top) every answer is constrained to (schemas/structured.py);
+    # after the bounds above, which its check reads
+    json_schema: dict | None = None
     # --tools: the functions the model may call, in the card's format ({"name", "description",
     # "parameters"}), listed in the system message; its calls land in `tool_calls`
     tools: list[dict] | None = None
@@ -184,19 +241,31 @@ class PromptConfig(_Strict):
     # None: all three
     modalities: list[Literal["speech", "vision", "text"]] | None = None
 
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                template_parts(value)
+            except TemplateError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
     @field_validator("tools")
     @classmethod
     def _tools(cls, value: list[dict] | None) -> list[dict] | None:
+        names: list[str] = []
         for k, tool in enumerate(value or []):
-            if not isinstance(tool.get("name"), str) or not tool["name"]:
-                raise ValueError(f"--tools: tool {k + 1} has no \"name\" (the card's format: a JSON list of "
-                                 '{"name", "description", "parameters"})')
+            problem = tool_problem(tool, k + 1, names)
+            if problem:
+                raise ValueError(problem)
+            names.append(tool["name"])
         return value
 
     @field_validator("json_schema")
     @classmethod
-    def _schema(cls, value: dict | None) -> dict | None:
-        return checked_answer_schema(value, "--schema")
+    def _schema(cls, value: dict | None, info: ValidationInfo) -> dict | None:
+        return checked_answer_schema(value, info)
 
 
 class ExtractConfig(_Strict):
@@ -205,20 +274,22 @@ class ExtractConfig(_Strict):
     `json` and each top-level scalar property in a typed column (schemas/structured.py). A transcript
     longer than `summary.window_tokens` is read in sections (notes on the fields per section, combined
     like summaries), then the fields are extracted from the notes."""
-    # the JSON Schema (an object at the top) of what to extract; None: no extract rows
-    json_schema: dict | None = None
     # what to ask for, before the transcript (`--extract-prompt`); None: the project's wording
     # (pipeline/model/prompts.py: EXTRACT_TRANSCRIPT_PROMPT)
     instruction: str | None = None
     # bounds the grammar adds where the schema sets none (as the prompt job's: a wandering model still
-    # ends within its tokens)
+    # ends within its tokens, numbers have a bounded count of digits)
     max_string_chars: int = Field(2000, ge=1)
     max_array_items: int = Field(64, ge=1)
+    number_decimals: int = Field(6, ge=0, le=15)
+    # the JSON Schema (an object at the top) of what to extract; None: no extract rows (after the bounds
+    # above, which its check reads)
+    json_schema: dict | None = None
 
     @field_validator("json_schema")
     @classmethod
-    def _schema(cls, value: dict | None) -> dict | None:
-        return checked_answer_schema(value, "--extract")
+    def _schema(cls, value: dict | None, info: ValidationInfo) -> dict | None:
+        return checked_answer_schema(value, info)
 
 
 # schemes a manifest's uris may use unless the operator says otherwise: local files and the object stores
@@ -292,6 +363,11 @@ class ResourcesConfig(_Strict):
     # a work row whose GPU worker process died while it was generating alone this many times becomes an
     # error row without running again (a poison input); the rest of its batch is retried and finishes
     poison_after_deaths: int = Field(2, ge=1)
+    # a run whose progress (any stage's counters) has not moved for this long stops with one line naming
+    # the stage that holds the work and what it waits for (e.g. a GPU replica no node can hold), exit code
+    # non-zero; what was written stays and --resume continues. 20 min is longer than any one GPU call
+    # at the largest sizes; a first model download on a slow link may need more. None: wait forever
+    stall_timeout_s: float | None = Field(1200.0, gt=0.0)
 
 
 class BenchmarkConfig(_Strict):
@@ -377,10 +453,11 @@ class JobConfig(_Strict):
         return "extract" if self.extract.json_schema is not None else None
 
     @property
-    def output_bounds(self) -> tuple[int, int]:
-        """(max_string_chars, max_array_items) the answer grammar adds where the schema sets none."""
+    def output_bounds(self) -> tuple[int, int, int]:
+        """(max_string_chars, max_array_items, number_decimals) the answer grammar adds where the schema
+        sets none (schemas/structured.py: generation_schema's arguments after the schema)."""
         section = self.prompt if self.job == "prompt" else self.extract
-        return section.max_string_chars, section.max_array_items
+        return section.max_string_chars, section.max_array_items, section.number_decimals
 
     @property
     def output_schema(self) -> dict | None:

@@ -251,7 +251,7 @@ def test_install_runs_packed_and_falls_back_once(tiny_model, alone, caplog):
     assert guard.failed and float((got[2, :outs[7].shape[0]] - outs[7]).abs().max()) < TOL
 
 
-@pytest.mark.slow
+@pytest.mark.realsize
 def test_compiled_encoder_equals_each_clip_alone_without_recompiling(encoder, alone):
     """torch.compile (Inductor, CPU) of the same functions the GPU compiles: three batches of different
     packed lengths, one compile of each function (the frame counts are dynamic)."""

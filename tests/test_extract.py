@@ -162,7 +162,7 @@ def test_meetings_extract_writes_one_row_per_meeting(run_job, samples_copy, tmp_
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--extract", "{schema}"], "--extract: not a valid JSON Schema"),
+    (["--extract", "{schema}"], "--extract {schema}: not a valid JSON Schema"),
     (["--extract-prompt", "Fill it in."], "--extract-prompt needs --extract SCHEMA.json"),
 ])
 def test_a_bad_extract_is_refused_before_ray_starts(args, message, tmp_path, capsys, monkeypatch):
@@ -177,7 +177,7 @@ def test_a_bad_extract_is_refused_before_ray_starts(args, message, tmp_path, cap
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
     was_running = ray.is_initialized()
     code = main(["transcribe", str(manifest), str(tmp_path / "out"), *[a.format(schema=schema) for a in args]])
-    assert code != 0 and message in capsys.readouterr().err
+    assert code != 0 and message.format(schema=schema) in capsys.readouterr().err
     assert ray.is_initialized() == was_running
 
 

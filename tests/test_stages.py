@@ -174,7 +174,7 @@ def test_each_stage_reads_only_columns_an_earlier_stage_wrote(job, extra):
     config = JobConfig(job=job, input="m", output="o", **extra)
     available = set(KNOWN_COLUMNS) | ({"prompt", "images", "audio", "video"} if job == "prompt" else set())
     specs = stages_of(config)
-    assert specs[0].stage.counts_inputs and specs[-1].stage is ResultRows
+    assert specs[0].stage.cpu_share == "rest" and specs[-1].stage is ResultRows  # the decoding pool first
     for spec in specs:
         missing = set(spec.stage.reads) - available
         assert not missing, f"{spec.stage.__name__} reads {sorted(missing)} that no earlier stage wrote"

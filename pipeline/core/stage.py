@@ -81,7 +81,6 @@ class Stage:
     # "rest" (the decoding pool: the CPUs everything else leaves), "spare" (one worker reserved; it grows
     # into what the decoding pool leaves)
     cpu_share: ClassVar[str] = "declared"
-    counts_inputs: ClassVar[bool] = False  # its rows in are the progress line's "inputs prepared"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

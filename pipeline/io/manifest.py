@@ -39,7 +39,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline.io.storage import StorageOptions, find_files, fsspec_filesystem, is_file_entry, protocol_of
-from schemas.manifest import KNOWN_FIELDS, PROMPT_MEDIA_COLUMNS, ManifestError, validate_manifest
+from schemas.manifest import KNOWN_FIELDS, PROMPT, ManifestError, validate_manifest
 
 __all__ = ["read_manifest", "manifest_format"]
 
@@ -163,7 +163,7 @@ def _read_one(fs: fsspec.AbstractFileSystem, path: str, root: str, protocol: str
         else:
             with fs.open(path, "rb", compression="infer") as f:
                 raw = f.read()
-            table = _parse_csv(raw) if fmt == "csv" else _parse_json(raw)
+            table = _parse_csv(raw) if fmt == "csv" else _parse_json(raw, shown, media_lists)
             _check_row_count(raw, table, fmt, shown)
     except ManifestError:
         raise
@@ -244,29 +244,36 @@ def _check_row_count(raw: bytes, table: pa.Table, fmt: str, shown: str) -> None:
                             "records; refused rather than lose rows")
 
 
-def _parse_json(raw: bytes) -> pa.Table:
+def _parse_json(raw: bytes, shown: str = "the manifest", media_lists: tuple[str, ...] = ()) -> pa.Table:
     """JSON Lines, or one JSON array of objects. Known columns whose strings inference turned into
     timestamps (ids or references that look like dates) are read again as strings; JSON numbers are
-    cast to strings later, by validate_manifest (an explicit string type would refuse them here)."""
+    cast to strings later, by validate_manifest (an explicit string type would refuse them here).
+
+    A file pyarrow cannot read as one table (a column whose kind of value changes from line to line: the
+    prompt job's `images` one uri here and a list there, a `prompt` that is a number in one line and text
+    in the next) is read line by line instead, and what still does not fit is refused naming the line,
+    the column and the value (`_table_from_objects`)."""
     if raw.lstrip()[:1] == b"[":
         rows = json.loads(raw)
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ValueError("a .json manifest must be JSON Lines or one array of objects")
-        return pa.Table.from_pylist(rows)
+        return _table_from_objects(rows, [f"object {k + 1}" for k in range(len(rows))], shown, media_lists)
     try:
         table = pajson.read_json(io.BytesIO(raw))
-    except pa.ArrowInvalid as exc:
-        if not any(f"Column(/{name})" in str(exc) for name in PROMPT_MEDIA_COLUMNS):
-            raise
-        # the prompt job's `audio` may be one uri in a row and a list in the next: read those columns
-        # as lists (the rest as pyarrow would)
-        rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        for row in rows:
-            for name in PROMPT_MEDIA_COLUMNS:
-                if isinstance(row.get(name), str):
-                    row[name] = [row[name]]
-        names = list(dict.fromkeys(k for row in rows for k in row))  # every row's keys, not the first's
-        return pa.Table.from_pydict({n: [row.get(n) for row in rows] for n in names})
+    except pa.ArrowInvalid:
+        rows, where = [], []
+        for n, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise ManifestError(f"{shown}: line {n}: not JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise ManifestError(f"{shown}: line {n}: {_json_kind(row)}, not a JSON object")
+            rows.append(row)
+            where.append(f"line {n}")
+        return _table_from_objects(rows, where, shown, media_lists)
     retype = [n for n in _STRING_COLUMNS
               if n in table.column_names and pa.types.is_temporal(table.schema.field(n).type)]
     if retype:
@@ -274,6 +281,64 @@ def _parse_json(raw: bytes) -> pa.Table:
         table = pajson.read_json(io.BytesIO(raw), parse_options=pajson.ParseOptions(
             explicit_schema=schema, unexpected_field_behavior="infer"))
     return table
+
+
+def _table_from_objects(rows: list[dict], where: list[str], shown: str, media_lists: tuple[str, ...]) -> pa.Table:
+    """One table from parsed JSON objects (`where`: each one's line, for messages). The columns of
+    `media_lists` take one uri or a list of uris (a list may hold a null: that row's error, made by the
+    prompt stage, names it); a `prompt` number is its text. A value of another kind than its column's
+    refuses the file, naming the line, the column and the value."""
+    for row, at in zip(rows, where):
+        for name in media_lists:
+            value = row.get(name)
+            if isinstance(value, str):
+                row[name] = [value]
+            elif isinstance(value, list):
+                for k, item in enumerate(value):
+                    if item is not None and not isinstance(item, str):
+                        raise ManifestError(f"{shown}: {at}: column {name!r}: item {k + 1} is {_json_kind(item)} "
+                                            f"({_shown(item)}), not a uri")
+            elif value is not None:
+                raise ManifestError(f"{shown}: {at}: column {name!r} holds {_json_kind(value)} ({_shown(value)}); "
+                                    "a uri or a list of uris expected")
+        if media_lists and isinstance(row.get(PROMPT), (int, float)) and not isinstance(row[PROMPT], bool):
+            row[PROMPT] = str(row[PROMPT])
+    names = list(dict.fromkeys(k for row in rows for k in row))  # every row's keys, not the first's
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ManifestError(f"{shown}: column {name!r}: {_kind_clash(values, where) or exc}") from None
+    return pa.table(columns) if columns else pa.table({})
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "text", list: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:40] + f"... ({len(text)} characters)"
+
+
+def _kind_clash(values: list, where: list[str]) -> str | None:
+    """'line 7 holds a list (["a.png"]), line 2 text' for the first value whose kind differs from the
+    first non-null value's, or None."""
+    first = next((k for k, v in enumerate(values) if v is not None), None)
+    if first is None:
+        return None
+    kind = _json_kind(values[first])
+    for k, value in enumerate(values):
+        if value is not None and _json_kind(value) != kind:
+            return (f"{where[k]} holds {_json_kind(value)} ({_shown(value)}), {where[first]} {kind}; a column holds "
+                    "one kind of value")
+    return None
 
 
 def _add_hive_keys(table: pa.Table, path: str, root: str, shown: str) -> pa.Table:
@@ -339,8 +404,9 @@ def _resolve_uri_lists(table: pa.Table, base_dir: str, protocol: str, columns: t
                 lists.append(None)
                 continue
             items = value if isinstance(value, list) else [value]
-            lists.append([_resolve_uri(v if isinstance(v, str) else str(v), base_dir, protocol) for v in items
-                          if v is not None])
+            # a null item stays (the prompt stage makes the row's error naming it), never dropped
+            lists.append([None if v is None else _resolve_uri(v if isinstance(v, str) else str(v), base_dir, protocol)
+                          for v in items])
         index = table.column_names.index(name)
         table = table.set_column(index, name, pa.array(lists, pa.list_(pa.string())))
     return table

@@ -4,12 +4,14 @@ rows of a bad input or a bad value made the same way whatever the job.
 Runs in Ray actors on CPU nodes, before the GPU actors, so a GPU never waits on decoding, resampling,
 VAD, feature extraction, image cropping or tokenisation. Its subclasses, one per kind of input, say
 what an input becomes: PrepareAudio (transcribe, meetings), PreparePages (ocr), PreparePrompts (prompt).
-The progress line counts the inputs this stage has taken (`rows_in`).
+The progress line counts the inputs this stage has taken (`inputs_prepared`).
 """
 from __future__ import annotations
 
 import logging
 import math
+
+import pyarrow as pa
 
 from pipeline.context import RunContext
 from pipeline.core.errors import InputError
@@ -34,17 +36,23 @@ class ManifestStage(Stage):
 
     reads = MANIFEST_READS
     writes = tuple(WORK_COLUMNS)
-    counts_inputs = True  # the progress line's "inputs prepared" are this stage's rows in
     cpu_share = "rest"
 
     def __init__(self, context: RunContext):
         super().__init__(context)
         one_thread_per_worker()
         self.storage = context.storage  # the run's options: every fetch has the `inputs` timeouts
-        self.builder = InputBuilder(context.model_dir(processor_only=True), self.config.system_prompt,
+        self.processor_dir = context.model_dir(processor_only=True)
+        self.builder = InputBuilder(self.processor_dir, self.config.system_prompt,
                                     self.config.image.dynamic_hd, audio_bucket_s=self.config.audio.batch_bucket_s)
         # what was measured of the current input before it failed (its decoded duration): error rows keep it
         self.measured: dict = {}
+
+    def __call__(self, batch: pa.Table):
+        # the progress line's "inputs prepared" (jobs/progress.py): every stage that turns manifest rows into
+        # work rows counts them so, whatever its name
+        self.counters["inputs_prepared"] += batch.num_rows
+        return super().__call__(batch)
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:

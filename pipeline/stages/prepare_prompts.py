@@ -7,13 +7,16 @@ sampled by pipeline/media/video.py). Its prompt: the row's `prompt` value, else 
 implementation switches adapters (shared/design/NOTES-phi4mm.md, Adapters): the speech LoRA for audio
 only, the vision LoRA for images with or without audio, the base weights for text only.
 
-A bad value costs the row, never the batch: a missing template column, an unreadable medium, too many
-images become one error row naming the input and the cause.
+A bad value costs the row, never the batch: a missing template column, an unreadable medium, a null
+in a list of media, too many images, a prompt longer than the model's context become one error row
+naming the input and the cause.
 """
 from __future__ import annotations
 
+import json
 import logging
-import string
+import math
+import os
 
 import pyarrow as pa
 
@@ -25,35 +28,75 @@ from pipeline.stages.manifest_stage import MANIFEST_READS, ManifestStage
 from pipeline.model.prompts import prompt_system_message
 from pipeline.media.video import sample_frames
 from schemas.manifest import PROMPT, PROMPT_MEDIA_COLUMNS, passthrough_columns
+from schemas.templates import template_parts
 from schemas.work_rows import WorkChunk, encode_item, work_row, work_table
 
 log = logging.getLogger(__name__)
 
 
 def prompt_text(row: dict, template: str | None) -> str | None:
-    """The row's own prompt, else the template filled from the row; InputError naming a placeholder that
-    the row has no column for (or whose value is null)."""
+    """The row's own prompt (its `prompt` value; a number is its text), else the template filled from the
+    row (schemas/templates.py: only `{column}` fields); InputError naming a placeholder that the row has no
+    column for (or whose value is null), or a `prompt` value that is not text."""
     own = row.get(PROMPT)
-    if isinstance(own, str) and own.strip():
+    if isinstance(own, float) and math.isnan(own):  # a missing value in a numeric Parquet column
+        own = None
+    if isinstance(own, (int, float)) and not isinstance(own, bool):
+        return str(own)
+    if own is not None and not isinstance(own, str):
+        raise InputError(f"id {row['id']}: its `prompt` value is {_kind_of(own)} ({_shown(own)}), not text")
+    if own is not None and own.strip():
         return own
     if not template:
         return None
-    values = {}
-    for _, field, _, _ in string.Formatter().parse(template):
-        if field is None:
+    filled = []
+    for literal, name in template_parts(template):
+        filled.append(literal)
+        if name is None:
             continue
-        name = field.split(".", 1)[0].split("[", 1)[0]
         if name not in row:
             raise InputError(f"id {row['id']}: the prompt template names {{{name}}}, but the manifest has no "
                              f"column {name!r}")
-        if row[name] is None:
+        value = row[name]
+        if value is None or (isinstance(value, float) and math.isnan(value)):
             raise InputError(f"id {row['id']}: the prompt template names {{{name}}}, but this row's "
                              f"{name!r} is empty")
-        values[name] = row[name]
+        filled.append(field_text(row["id"], name, value))
+    return "".join(filled)
+
+
+def field_text(row_id: str, name: str, value: object) -> str:
+    """A column's value as the text a template puts in its field: text as it is, a number or a boolean
+    as written, a list or a map as JSON; bytes are refused (InputError) rather than shown as b'...'."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raise InputError(f"id {row_id}: the prompt template names {{{name}}}, but this row's {name!r} holds bytes, "
+                         "not text")
+    if isinstance(value, (bool, int, float)):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _kind_of(value: object) -> str:
+    return {list: "a list", dict: "a map", bool: "a boolean", bytes: "bytes"}.get(type(value),
+                                                                              f"a {type(value).__name__}")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:40] + f"... ({len(text)} characters)"
+
+
+def context_tokens(model_dir: str) -> int:
+    """The model's longest sequence (`max_position_embeddings` of its config; 131072 when not said)."""
     try:
-        return template.format_map(values)
-    except (ValueError, IndexError, KeyError, AttributeError) as exc:
-        raise InputError(f"id {row['id']}: the prompt template cannot be filled ({exc})") from None
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        config = {}
+    value = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    return int(value or 131072)
 
 
 def prompt_modality(images: int, audios: int) -> str:
@@ -90,6 +133,14 @@ class PreparePrompts(ManifestStage):
         super().__init__(context)
         self.builder.system_prompt = prompt_system_message(self.config.system_prompt,
                                                            self.config.prompt.json_schema, self.config.prompt.tools)
+        # the model's context, and the most characters a prompt of that many tokens can have (no token is
+        # longer than the vocabulary's longest entry), so that a longer one is refused before it is
+        # tokenised: a 100-million-character prompt would otherwise hold this worker for minutes
+        self.context_len = context_tokens(self.processor_dir)
+        longest = max((len(t) for t in self.builder.processor.tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = self.context_len * max(longest, 1)
+        # (the GPU stages' default for a task the config's limits leave out: actors/stages.py)
+        self.max_new = self.config.generation.max_new_tokens.get("prompt", 256)
 
     def process(self, batch: pa.Table) -> pa.Table:
         out_rows: list[dict] = []
@@ -107,12 +158,20 @@ class PreparePrompts(ManifestStage):
             out["uri"] = [(row["uri"], self.fetch(row["uri"]))]
         for name in PROMPT_MEDIA_COLUMNS:
             uris = row.get(name) or []
-            out[name] = [(u, self.fetch(u)) for u in uris]
+            out[name] = [(u, self.fetch(u) if u is not None else None) for u in uris]  # null: prompt_row says so
         return out
 
     def prompt_row(self, row: dict, pending: dict[str, list]) -> dict:
         cfg, image_cfg = self.config.prompt, self.config.image
+        for name in PROMPT_MEDIA_COLUMNS:
+            uris = [u for u, _ in pending.get(name, [])]
+            if None in uris:
+                raise InputError(f"id {row['id']}: item {uris.index(None) + 1} of the {len(uris)} in its `{name}` "
+                                 "list is null, not a uri")
         instruction = prompt_text(row, cfg.template)
+        if instruction is not None and len(instruction) > self.max_prompt_chars:
+            raise InputError(f"id {row['id']}: the prompt is {len(instruction)} characters, more than the model's "
+                             f"context of {self.context_len} tokens can hold")
         images, audios = [], []
         if row.get("data") is not None or pending.get("uri"):
             data = row["data"] if row.get("data") is not None else pending["uri"][0][1].result()
@@ -145,6 +204,10 @@ class PreparePrompts(ManifestStage):
             raise InputError(f"id {row['id']}: its media make a {modality} prompt, but the driver planned no "
                              f"{modality} pool from the manifest (set the row's `kind` to what the file is)")
         built = self.builder.prompt_item(images, audios, instruction)
+        if built.input_tokens + self.max_new > self.context_len:
+            raise InputError(f"id {row['id']}: the prompt is {built.input_tokens} tokens; with {self.max_new} new "
+                             f"tokens (generation.max_new_tokens) it passes the model's context of {self.context_len} "
+                             "tokens")
         duration = sum(len(a) for a in audios) / SAMPLE_RATE if audios else None
         chunk = WorkChunk(built.batch_key, encode_item(built.inputs), built.input_tokens)
         self.counters.update(prompts=1, prompt_images=len(images), prompt_audios=len(audios))

@@ -2,9 +2,11 @@
 properties typed.
 
 Generation was constrained to the schema (actors/grammar.py), so an answer normally parses; one that does
-not (its token budget ran out mid-object) or that the schema still refuses (what a grammar cannot
-express, e.g. `format` or `multipleOf`) becomes an error row with the validator's message, never an
-`ok` row with bad JSON.
+not (its token budget ran out mid-object), that the schema still refuses (what a grammar cannot
+express, e.g. `format` or `multipleOf`), or that holds a value its typed column cannot hold as `json`
+holds it (schemas/structured.py: typed_values) becomes an error row naming the row, the property and
+the value, never an `ok` row with bad JSON and never a failed job: whatever goes wrong with one answer
+costs that row only.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pyarrow as pa
 from pipeline.context import RunContext
 from pipeline.core.stage import Cluster, Stage, StageResources
 from schemas.config import JobConfig
-from schemas.structured import TYPED_PREFIX, typed_fields, typed_values
+from schemas.structured import TYPED_PREFIX, answer_json, typed_fields, typed_values
 from schemas.work_rows import set_column
 
 
@@ -44,14 +46,16 @@ class StructuredAnswers(Stage):
         answers, errors = [], []
         typed = {f.name: [] for f in self.fields}
         for row in rows:
-            answer, error = None, row["error"]
+            answer, text, values, error = None, None, {}, row["error"]
             if row["task"] == self.task and error is None:
-                answer, error = self.check(row["id"], row["text"])
-            values = typed_values(answer, self.fields) if answer is not None else {}
+                try:
+                    answer, text, values, error = self.answer(row["id"], row["text"])
+                except Exception as exc:  # noqa: BLE001 - one answer's failure costs its row, never the job
+                    error = f"id {row['id']}: the answer could not be read ({type(exc).__name__}: {exc})"
+                    answer = None
             for f in self.fields:
                 typed[f.name].append(values.get(f.name))
-            answers.append(json.dumps(answer, ensure_ascii=False, separators=(",", ":")) if answer is not None
-                           else None)
+            answers.append(text)
             errors.append(error)
             self.counters["schema_valid" if answer is not None else "schema_invalid"] += row["task"] == self.task
         batch = set_column(batch, "error", errors)
@@ -60,10 +64,26 @@ class StructuredAnswers(Stage):
             batch = batch.append_column(f.with_name(TYPED_PREFIX + f.name), pa.array(typed[f.name], f.type))
         return batch
 
+    def answer(self, row_id: str, text: str | None) -> tuple[object, str | None, dict, str | None]:
+        """(answer, its `json` text, its typed values, None) or (None, None, {}, why it is not one)."""
+        answer, error = self.check(row_id, text)
+        if error is not None:
+            return None, None, {}, error
+        values, problems = typed_values(answer, self.fields)
+        written, why = answer_json(answer)
+        if why:
+            problems.append(why)
+        if problems:
+            return None, None, {}, (f"id {row_id}: the answer is valid under the schema, but " + "; ".join(problems)
+                                    + ", so it is not written as an ok row")
+        return answer, written, values, None
+
     def check(self, row_id: str, text: str | None) -> tuple[object, str | None]:
         """(the parsed answer, None) or (None, why it is not an answer under the schema)."""
         try:
             answer = json.loads(text or "")
+        except RecursionError:
+            return None, f"id {row_id}: the answer nests too deeply to be read as JSON"
         except ValueError as exc:
             return None, f"id {row_id}: the answer is not JSON ({exc}); raise --max-new-tokens if it was cut off"
         error = next(iter(sorted(self.validator.iter_errors(answer), key=lambda e: list(e.path))), None)
