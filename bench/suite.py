@@ -1,11 +1,12 @@
 """One GPU run that measures everything: every engine workload and every whole job, at a quick size,
 each target printed beside its figure of 2026-12-04 and today's.
 
-Device command (one H200, from the repository root, with `.gpu-bundle/site.tar.xz` built by
-`bash ../shared/gpu-host/make-bundle.sh` and carried):
+Device command (one H200; run from the repository root with `.gpu-bundle` carried: it holds
+`site.tar.xz`, ~42 MiB, built here by `bash ../shared/gpu-host/make-bundle.sh`, the packages the GPU
+host lacks: ray, soundfile, pydantic, soxr, pypdfium2, silero-vad, llguidance, jsonschema, tenacity):
 
     set -o pipefail; mkdir -p /tmp/site && tar -C /tmp/site -xJf .gpu-bundle/site.tar.xz &&
-    PYTHONPATH=/tmp/site:$PWD PHI4MM_PROGRESS_EVERY_S=30 python -m bench.suite --out $OUT 2>&1 | tee $OUT/suite.log
+    HF_HUB_OFFLINE=1 PHI4MM_PROGRESS_EVERY_S=30 PYTHONPATH=/tmp/site:$PWD python3 -m bench.suite --out $OUT 2>&1 | tee $OUT/suite.log
 
 It writes three files to --out (suite.jsonl: one JSON object per measurement, as bench/results.jsonl
 holds them; suite.md: the targets table, every row and where the time went; the log from `tee`), and
@@ -26,7 +27,10 @@ What runs, in order (quick sizes; `--size target` runs the targets' own sizes in
   target), calls of 3 s-10 min (50, then 200: the marginal target against the equal clips'), and ~100
   pages of PDFs and scans through `phi4mm ocr` (host memory peak).
 A step whose estimated time would take the run past --limit-s is skipped and said so (its row has
-engine "skipped"): run it again with `--only STEP` when that happens.
+engine "skipped"): run it again with `--only STEP` when that happens. On one H200 the engine phase takes
+~4 minutes at 2026-12-04's speeds and the jobs ~6 (each job ~40 s of start-up before its work), so the
+last job (ocr_docs) is skipped there (then: `--only ocr,ocr_docs`, ~3 minutes); with the targets met
+(first row <= 20 s, engines twice as fast) the whole run takes ~6-7 minutes.
 `--set SECTION.FIELD=VALUE` (repeatable) overrides the engine's batching and every job's config.
 `--tiny` runs every step at toy size on the tiny checkpoint on CPU (a smoke test, not a measurement).
 """
@@ -250,28 +254,41 @@ def engine_phase(args) -> None:
     free_gpu()
 
 
-def run_engine_phase(args, argv: list[str], log) -> list[dict]:
+@dataclass
+class EnginePhase:
     """The engine phase as a child process (so the GPU and the host memory it held are free for the
     jobs), stopped after its timeout; the rows it wrote either way."""
-    rows_file = os.path.join(args.scratch, "suite-engine-rows.jsonl")
-    os.makedirs(args.scratch, exist_ok=True)
-    open(rows_file, "w").close()
-    cmd = [sys.executable, "-m", "bench.suite", *argv, "--phase", "engine", "--rows", rows_file]
-    timeout = args.engine_timeout_s + 90 * len([p for p in args.ablate.split(",") if p.strip()])
-    child = subprocess.Popen(cmd, cwd=REPO)
-    try:
-        rc = child.wait(timeout=timeout if not args.tiny else None)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
-        rc = "timeout"
-    rows = [json.loads(line) for line in open(rows_file) if line.strip()]
-    if rc != 0:
-        log(f"engine phase ended with {rc}")
-        rows.append({"workload": "engine_phase", "engine": "failed", "metric": "-", "value": None, "items": 0,
-                     "wall_s": 0, "note": f"engine phase exit: {rc} (after {timeout:.0f} s)" if rc == "timeout"
-                     else f"engine phase exit code {rc}"})
-    return rows
+    child: subprocess.Popen
+    rows_file: str
+    timeout_s: float
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def start(cls, args, argv: list[str]) -> "EnginePhase":
+        rows_file = os.path.join(args.scratch, "suite-engine-rows.jsonl")
+        open(rows_file, "w").close()
+        cmd = [sys.executable, "-m", "bench.suite", *argv, "--phase", "engine", "--rows", rows_file]
+        timeout = args.engine_timeout_s + 90 * len([p for p in args.ablate.split(",") if p.strip()])
+        return cls(subprocess.Popen(cmd, cwd=REPO), rows_file, float("inf") if args.tiny else timeout)
+
+    def finish(self, log) -> list[dict]:
+        left = self.timeout_s - (time.perf_counter() - self.started)
+        try:
+            rc = self.child.wait(timeout=max(1.0, left) if left != float("inf") else None)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            rc = f"stopped after {self.timeout_s:.0f} s (--engine-timeout-s)"
+        rows = [json.loads(line) for line in open(self.rows_file) if line.strip()]
+        if rc != 0:
+            log(f"engine phase ended: {rc}")
+            rows.append({"workload": "engine_phase", "engine": "failed", "metric": "-", "value": None, "items": 0,
+                         "wall_s": 0, "note": f"engine phase: {rc if isinstance(rc, str) else f'exit code {rc}'}"})
+        return rows
+
+    def stop(self) -> None:
+        if self.child.poll() is None:
+            self.child.kill()
+            self.child.wait()
 
 
 # -- whole jobs -----------------------------------------------------------------------------------
@@ -318,7 +335,9 @@ class Budget:
         self.took += took_s
 
 
-def job_phase(args, rows: list[dict], meta: dict, budget: Budget, log) -> None:
+def job_phase(args, rows: list[dict], meta: dict, budget: Budget, log, checkpoint=None) -> None:
+    """The whole jobs in order, each skipped when it would pass the budget; `checkpoint()` after each
+    (the outputs rewritten, so a run stopped from outside still leaves what it measured)."""
     from bench.asr_calls import marginal_summary, prepare_calls, run_calls
     from bench.pipeline_jobs import bench_meetings, bench_ocr_docs
     from bench.run_bench import asr_job_config, bench_pipeline, failed_row, marginal_row, where_the_time_went
@@ -348,6 +367,8 @@ def job_phase(args, rows: list[dict], meta: dict, budget: Budget, log) -> None:
             budget.done(estimate, took)
             rows.append({**meta, "workload": name, "engine": "suite_step", "metric": "s", "items": items,
                          "value": round(took, 1), "wall_s": round(took, 1)})
+            if checkpoint is not None:
+                checkpoint()
 
     if selected(args, "meetings"):
         step("meetings", "meetings", lambda: bench_meetings(bargs, ckpt, rows, meta, sizes["meetings"], REPO),
@@ -578,6 +599,19 @@ def main(argv=None) -> int:
     return run_all(args, argv)
 
 
+def decoder_params_of(ckpt: str) -> tuple[int, int]:
+    """(decoder layers' parameters, LM head's) of the checkpoint's architecture, counted on the meta
+    device (no memory, no weights): what the jobs' fraction of the arithmetic floor counts."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.run_bench import decoder_param_counts
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt))
+    return decoder_param_counts(model)
+
+
 def light_meta() -> dict:
     """The rows' date, card and torch, without starting CUDA in this process (the jobs' driver stays as
     light as a user's): the card's name from nvidia-smi."""
@@ -616,34 +650,38 @@ def run_all(args, argv: list[str]) -> int:
                                           "only": args.only},))
     wants_jobs = any(selected(args, s) for s in JOB_STEPS)
     wants_engine = any(selected(args, s) for s in ENGINE_STEPS) or bool(args.ablate)
-    if wants_jobs:
-        prep.start()
     rows: list[dict] = []
-    engine_child = None
-    if wants_engine:
-        import threading
+    engine = EnginePhase.start(args, argv) if wants_engine else None
+    try:
+        if wants_jobs:
+            prep.start()
+            prep.join()
+            try:  # Ray up while the engine phase runs; when it cannot start now, the first job starts it
+                from jobs.runner import init_ray
+                from jobs.settings import from_environment
 
-        result: dict = {}
-        engine_child = threading.Thread(target=lambda: result.update(rows=run_engine_phase(args, argv, log)))
-        engine_child.start()
-    if wants_jobs:
-        prep.join()
-        from jobs.runner import init_ray
-        from jobs.settings import from_environment
+                init_ray(from_environment())
+                log("job inputs written, Ray started")
+            except Exception as exc:  # noqa: BLE001
+                import ray
 
-        init_ray(from_environment())  # Ray up while the engine phase runs
-        log("job inputs written, Ray started")
-    if engine_child is not None:
-        engine_child.join()
-        rows.extend(result.get("rows", []))
-        log("engine phase done")
+                ray.shutdown()
+                log(f"job inputs written; Ray did not start yet ({type(exc).__name__}: {exc}), the first job will")
+        if engine is not None:
+            rows.extend(engine.finish(log))
+            log("engine phase done")
+    finally:
+        if engine is not None:
+            engine.stop()
     meta = next(({k: r[k] for k in ("date", "card", "gpus", "torch")} for r in rows if "card" in r), None) \
         or light_meta()
-    args.decoder_params = next((tuple(r["decoder_params"]) for r in rows if r.get("decoder_params")), None)
+    args.decoder_params = next((tuple(r["decoder_params"]) for r in rows if r.get("decoder_params")), None) \
+        or decoder_params_of(ckpt)
     lines = target_lines(rows, args)
     write_outputs(args, rows, lines, budget.elapsed(), final=False)
     if wants_jobs:
-        job_phase(args, rows, meta, budget, log)
+        job_phase(args, rows, meta, budget, log,
+                  lambda: write_outputs(args, rows, target_lines(rows, args), budget.elapsed(), final=False))
     lines = target_lines(rows, args)
     text = write_outputs(args, rows, lines, budget.elapsed(), final=True)
     record = args.record == "yes" or (args.record == "auto" and not args.tiny)
