@@ -23,19 +23,8 @@ def _measured(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("engine") != "suite_step"]
 
 
-def test_suite_tiny_runs_every_step(tmp_path):
-    """`python -m bench.suite --tiny` as the lead runs it on the GPU (a command of its own, its own Ray):
-    every engine workload through the card recipe, batched generate and the engine, extract both ways,
-    an ablation, every whole job; every row where a reader expects it, the targets table printed."""
-    out, scratch = tmp_path / "out", tmp_path / "scratch"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", "PHI4MM_PROGRESS_EVERY_S": "60",
-           "RAY_raylet_start_wait_time_s": "300"}  # a busy shared test machine starts Ray slowly
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "bench.suite", "--tiny", "--out", str(out), "--scratch", str(scratch),
-                           "--ablate", "prefill", "--set", "batching.check_every=4"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+def check_suite_outputs(out: Path, stdout: str) -> None:
+    """What a reader of a `bench.suite --tiny --ablate prefill --set batching.check_every=4` run expects."""
     assert sorted(os.listdir(out)) == ["suite.jsonl", "suite.md"]  # what comes back from the GPU host: a few files
     rows = _measured(_rows(out / "suite.jsonl"))
     assert not [r for r in rows if r["engine"] in ("failed", "skipped")], [r for r in rows if r["engine"] == "failed"]
@@ -76,13 +65,29 @@ def test_suite_tiny_runs_every_step(tmp_path):
     text = (out / "suite.md").read_text()
     for target in ("asr engine (RTFx)", "ocr engine (pages/s)", "summarize engine (items/s)", "extract:",
                    "asr_calls", "meetings", "ocr_docs", "host memory peak", "first result row"):
-        assert target in text and target in proc.stdout, target
+        assert target in text and target in stdout, target
     assert "1,757" in text and "0.632" in text  # today's figures beside this run's
     table = [line.split(" | ") for line in text.split("Where the time went")[0].splitlines()
              if line.startswith("| ") and "projected" not in line][1:]
     figures = {cells[0].strip("| "): cells[3] for cells in table}
     assert len(figures) == 12 and [k for k, v in figures.items() if v == "-"] == \
         ["asr_calls 6->6 calls: marginal vs equal 30 s clips"], figures  # every target has a figure but that
+
+
+def test_suite_tiny_runs_every_step(tmp_path):
+    """`python -m bench.suite --tiny` as the lead runs it on the GPU (a command of its own, its own Ray):
+    every engine workload through the card recipe, batched generate and the engine, extract both ways,
+    an ablation, every whole job; every row where a reader expects it, the targets table printed."""
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1", "PHI4MM_PROGRESS_EVERY_S": "60",
+           "RAY_raylet_start_wait_time_s": "300"}  # a busy shared test machine starts Ray slowly
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "bench.suite", "--tiny", "--out", str(out), "--scratch", str(scratch),
+                           "--ablate", "prefill", "--set", "batching.check_every=4"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    check_suite_outputs(out, proc.stdout)
 
 
 @pytest.fixture
