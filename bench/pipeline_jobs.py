@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,37 +48,128 @@ class GpuMemoryPeak:
         self._thread.join(timeout=5)
 
 
+class FirstRow:
+    """Seconds from entering the `with` block to the first result file written under `output` (a
+    non-empty Parquet file below it, the run records' `_runs/` aside), polled every 0.1 s: when a user
+    sees the job's first results. None when none appeared."""
+
+    def __init__(self, output: str, every_s: float = 0.1):
+        self.output, self.every_s = output, every_s
+
+    def _found(self) -> bool:
+        for root, dirs, files in os.walk(self.output):
+            dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+            for name in files:
+                if name.endswith(".parquet"):
+                    try:
+                        if os.path.getsize(os.path.join(root, name)) > 0:
+                            return True
+                    except OSError:
+                        continue
+        return False
+
+    def __enter__(self):
+        self.seconds, self._stop, self._start = None, threading.Event(), time.perf_counter()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(self.every_s):
+            if self._found():
+                self.seconds = round(time.perf_counter() - self._start, 2)
+                return
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@dataclass
+class JobRun:
+    """One whole job as the benchmarks time it: its run record and what was watched from outside."""
+    record: dict
+    peak_gpu_mib: float | None
+    first_row_s: float | None
+    config: dict
+
+
 def meeting_files(folder: str, n: int, seconds: float, source: str) -> list[str]:
     """`n` recordings of `seconds` each, tiled from the shipped meeting at different offsets (so no two
-    are the same file), FLAC at 16 kHz as a meeting recorder writes them."""
+    are the same file), FLAC at 16 kHz as a meeting recorder writes them; one already there at the
+    right length is kept."""
     import soundfile as sf
 
+    os.makedirs(folder, exist_ok=True)
+    frames = int(seconds * 16000)
+    paths = [os.path.join(folder, f"meeting-{k:02d}.flac") for k in range(n)]
+    todo = []
+    for k, path in enumerate(paths):
+        try:
+            if sf.info(path).frames == frames:
+                continue
+        except (RuntimeError, OSError):
+            pass
+        todo.append(k)
+    if not todo:
+        return paths
     base, rate = sf.read(source, dtype="float32")
     if base.ndim > 1:
         base = base.mean(axis=1)
     assert rate == 16000, rate
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for k in range(n):
-        reps = int(np.ceil(seconds * rate / len(base))) + 1
-        audio = np.roll(np.tile(base, reps), -k * 7919)[: int(seconds * rate)]
-        path = os.path.join(folder, f"meeting-{k:02d}.flac")
-        sf.write(path, audio, rate, format="FLAC")
-        paths.append(path)
+    for k in todo:
+        reps = int(np.ceil(frames / len(base))) + 1
+        audio = np.roll(np.tile(base, reps), -k * 7919)[:frames]
+        sf.write(paths[k], audio, rate, format="FLAC")
     return paths
 
 
-def run_pipeline_job(config_data: dict, label: str, out_dir: str) -> tuple[dict, float | None]:
+def run_pipeline_job(config_data: dict, label: str, args) -> JobRun:
+    """Run one whole job in this process (its output folder emptied first, so the first result file
+    seen is this run's), with the `--set` overrides; the stage counters and per-stage times go into
+    `args.out/pipeline-<label>.json` unless `args.stage_files` is False (the suite keeps them in its rows)."""
+    from bench.run_bench import with_overrides
     from jobs.runner import run_job
     from schemas.config import JobConfig
 
+    config_data = with_overrides(config_data, getattr(args, "overrides", {}))
     config = JobConfig.model_validate(config_data)
-    with GpuMemoryPeak() as mem:
+    shutil.rmtree(config.output, ignore_errors=True)
+    with GpuMemoryPeak() as mem, FirstRow(config.output) as first:
         record = run_job(config)
-    with open(os.path.join(out_dir, f"pipeline-{label}.json"), "w") as f:
-        json.dump({"counters": record.get("counters"), "stages": record.get("stages"),
-                   "counts": record["counts"], "wall_s": record["wall_s"]}, f, indent=1)
-    return record, mem.peak_mib
+    if getattr(args, "stage_files", True):
+        with open(os.path.join(args.out, f"pipeline-{label}.json"), "w") as f:
+            json.dump({"counters": record.get("counters"), "stages": record.get("stages"),
+                       "counts": record["counts"], "wall_s": record["wall_s"],
+                       "first_row_s": first.seconds}, f, indent=1)
+    return JobRun(record, mem.peak_mib, first.seconds, config_data)
+
+
+def job_floor_fraction(record: dict, args) -> float | None:
+    """The job's decoder arithmetic (2 x decoder params x every prompt and output token its rows count,
+    plus the LM head per output token) over the card's peak rate and the job's wall time."""
+    counts = getattr(args, "decoder_params", None)
+    if not counts or not record.get("wall_s"):
+        return None
+    params, head = counts
+    flops = 2 * (params * (record.get("input_tokens", 0) + record.get("output_tokens", 0))
+                 + head * record.get("output_tokens", 0))
+    return round(flops / (args.peak_tflops * 1e12) / record["wall_s"], 4)
+
+
+def job_row_extras(run: JobRun, args, rows: list[dict], engine_workload: str | None) -> dict:
+    """What every whole-job row carries: when its first result was written, its stage counters (the
+    engine's stats among them), the peak GPU memory, its fraction of the arithmetic floor, and the bare
+    engine's figure of the same run (`engine_figure`: that workload's engine value; None when it did not
+    run), so a job's rate sits beside the engine's."""
+    from bench.run_bench import engine_value
+
+    return {"first_row_s": run.first_row_s, "peak_gpu_mib": run.peak_gpu_mib,
+            "fraction_of_arithmetic_floor": job_floor_fraction(run.record, args),
+            "engine_figure": ({"workload": engine_workload, "value": engine_value(rows, engine_workload)}
+                              if engine_workload else None),
+            "counters": run.record.get("counters", {}),
+            "stages": [{k: s.get(k) for k in ("stage", "wall_s", "busy_s")} for s in run.record.get("stages", [])]}
 
 
 def job_config(args, job: str, ckpt: str, manifest: str, output: str) -> dict:
@@ -113,14 +207,15 @@ def bench_meetings(args, ckpt: str, rows: list[dict], meta: dict, n: int, repo: 
     paths = meeting_files(os.path.join(work, "audio"), n, seconds, os.path.join(repo, "samples", "long", "meeting.flac"))
     manifest = os.path.join(work, f"manifest-{n}.parquet")
     pq.write_table(pa.table({"id": [f"meeting-{k:02d}" for k in range(n)], "uri": paths}), manifest)
-    record, peak = run_pipeline_job(job_config(args, "meetings", ckpt, manifest, os.path.join(work, f"out-{n}")),
-                                    f"meetings-{n}", args.out)
-    summary = summary_of(record, peak)
+    run = run_pipeline_job(job_config(args, "meetings", ckpt, manifest, os.path.join(work, f"out-{n}")),
+                           f"meetings-{n}", args)
+    record = run.record
+    summary = summary_of(record, run.peak_gpu_mib)
     ok = all(c.get("error", 0) == 0 for c in record["counts"].values())
     row = {**meta, "workload": "meetings", "engine": "pipeline", "metric": "rtfx",
            "value": round(record["audio_s"] / record["wall_s"], 1), "items": n, "wall_s": round(record["wall_s"], 1),
            "audio_h": round(record["audio_s"] / 3600, 2), "all_ok": ok,
-           "fallback_fired": bool(summary["engine_oom_fallbacks"]), **summary,
+           "fallback_fired": bool(summary["engine_oom_fallbacks"]), **summary, **job_row_extras(run, args, rows, "asr"),
            "note": "end to end: Ray, both model loads, decode, VAD, features, asr + summary pools, Parquet"}
     rows.append(row)
     print(json.dumps(row), flush=True)
@@ -131,28 +226,21 @@ def bench_calls_translate(args, ckpt: str, rows: list[dict], meta: dict, n: int)
     """`transcribe --translate-to fr --summarize` over `n` 30-second calls (16 distinct files)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import soundfile as sf
+
+    from bench.run_bench import equal_clip_files
 
     work = os.path.join(args.scratch, "calls")
-    os.makedirs(os.path.join(work, "audio"), exist_ok=True)
-    rng = np.random.default_rng(2)
-    seconds = 3.0 if args.tiny else 30.0
-    uris = []
-    for k in range(16):
-        path = os.path.join(work, "audio", f"call{k:02d}.wav")
-        sf.write(path, (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
-        uris.append(path)
+    uris = equal_clip_files(os.path.join(work, "audio"), 16, 3.0 if args.tiny else 30.0)
     manifest = os.path.join(work, f"manifest-{n}.parquet")
     pq.write_table(pa.table({"id": [f"call-{i:06d}" for i in range(n)], "uri": [uris[i % 16] for i in range(n)]}),
                    manifest)
     config = job_config(args, "transcribe", ckpt, manifest, os.path.join(work, f"out-{n}"))
-    record, peak = run_pipeline_job({**config, "translate_to": ["fr"], "summarize": True},
-                                    f"calls-translate-{n}", args.out)
-    summary = summary_of(record, peak)
+    run = run_pipeline_job({**config, "translate_to": ["fr"], "summarize": True}, f"calls-translate-{n}", args)
+    record = run.record
     row = {**meta, "workload": "calls_translate_summarize", "engine": "pipeline", "metric": "rtfx",
            "value": round(record["audio_s"] / record["wall_s"], 1), "items": n, "wall_s": round(record["wall_s"], 1),
-           "audio_h": round(record["audio_s"] / 3600, 2), **summary,
-           "note": "end to end: asr + translate (fr) + summary per call"}
+           "audio_h": round(record["audio_s"] / 3600, 2), **summary_of(record, run.peak_gpu_mib),
+           **job_row_extras(run, args, rows, "asr"), "note": "end to end: asr + translate (fr) + summary per call"}
     rows.append(row)
     print(json.dumps(row), flush=True)
     return record
@@ -174,8 +262,9 @@ def ocr_documents(folder: str, pages: int) -> list[str]:
         if n > left:
             continue
         path = os.path.join(folder, f"report-{k:02d}-{n}p.pdf")
-        with open(path, "wb") as f:
-            f.write(text_pdf(n, LETTER_PT if k % 2 == 0 else A4_PT, title=f"Report {k}"))
+        if not os.path.exists(path):  # the same bytes every time: written once
+            with open(path, "wb") as f:
+                f.write(text_pdf(n, LETTER_PT if k % 2 == 0 else A4_PT, title=f"Report {k}"))
         paths.append(path)
         left -= n
     sizes = [(1275, 1650), (1240, 1754), (1700, 2200), (1654, 2339)]  # Letter/A4 at 150 and 200 dpi
@@ -184,8 +273,9 @@ def ocr_documents(folder: str, pages: int) -> list[str]:
     for k in range(left):
         ext, fmt, kwargs = formats[k % len(formats)]
         path = os.path.join(folder, f"scan-{k:03d}.{ext}")
-        with open(path, "wb") as f:
-            f.write(encoded(scan(sizes[k % len(sizes)], seed=k), fmt, **kwargs))
+        if not os.path.exists(path):
+            with open(path, "wb") as f:
+                f.write(encoded(scan(sizes[k % len(sizes)], seed=k), fmt, **kwargs))
         paths.append(path)
     return paths
 
@@ -199,6 +289,7 @@ def bench_ocr_docs(args, ckpt: str, rows: list[dict], meta: dict, pages: int) ->
     import pyarrow.parquet as pq
 
     from bench.host_memory import PeakMemory
+    from bench.run_bench import engine_value
 
     work = os.path.join(args.scratch, "ocr_docs")
     paths = ocr_documents(os.path.join(work, "docs"), pages)
@@ -217,26 +308,29 @@ def bench_ocr_docs(args, ckpt: str, rows: list[dict], meta: dict, pages: int) ->
               "benchmark": {"random_weights": not args.tiny, "min_new_tokens": new},
               "resources": {"gpus_per_replica": 0.0 if args.tiny else 1.0, "max_replicas": 1}}
     with PeakMemory() as host:
-        record, peak_gpu = run_pipeline_job(config, f"ocr-docs-{pages}", args.out)
+        run = run_pipeline_job(config, f"ocr-docs-{pages}", args)
+    record = run.record
     counts = record["counts"].get("ocr", {})
     assert counts.get("ok", 0) == pages, record["counts"]
     stages = {s["stage"].split("(")[-1].rstrip(")").split("->")[0]: s for s in record.get("stages", [])}
     vision = stages.get("VisionStage", {})
     span = vision.get("wall_s") or None
     value = record["pages"] / record["wall_s"]
-    engine = [r["value"] for r in rows if r.get("workload") == "ocr" and r.get("engine") == "engine"]
+    engine = engine_value(rows, "ocr")
     counters = record.get("counters", {})
     row = {**meta, "workload": "ocr_docs", "engine": "pipeline", "metric": "pages_per_s", "value": round(value, 3),
            "items": pages, "files": len(paths), "wall_s": round(record["wall_s"], 1), "new_tokens": new,
            "gpu_span_pages_per_s": round(record["pages"] / span, 3) if span else None,
            "gpu_pool_busy": round(vision["busy_s"] / span, 3) if span and vision.get("busy_s") else None,
-           "vs_engine": round(value / engine[-1], 3) if engine else None,
-           "gpu_span_vs_engine": round(record["pages"] / span / engine[-1], 3) if engine and span else None,
+           "vs_engine": round(value / engine, 3) if engine else None,
+           "gpu_span_vs_engine": round(record["pages"] / span / engine, 3) if engine and span else None,
            "rows_per_vision_call": counters.get("VisionStage", {}).get("rows_in", 0)
            / max(1, counters.get("VisionStage", {}).get("calls", 1)),
-           "peak_host_gb": round(host.peak / 1e9, 2), "peak_gpu_mib": peak_gpu, **summary_of(record, peak_gpu),
+           "peak_host_gb": round(host.peak / 1e9, 2), **summary_of(record, run.peak_gpu_mib),
+           **job_row_extras(run, args, rows, "ocr"),
            "note": "end to end: Ray, model load, render (150 dpi), crops, vision pool, Parquet; PDFs of "
-                   f"{', '.join(str(n) for n in OCR_PDF_PAGES)} pages and single scans"}
+                   f"{', '.join(str(n) for n in OCR_PDF_PAGES)} pages and single scans; peak_host_gb: PSS of "
+                   "the bench process and everything it started (its local Ray)"}
     rows.append(row)
     print(json.dumps(row), flush=True)
     return record

@@ -20,7 +20,7 @@ def stall_reason(stages: list[str], resources: dict, counters: dict, in_flight: 
     """Which stage holds the work and what it waits for.
 
     `stages`: the graph's stage names in order; `resources`: stage -> its StageResources (what one of its
-    workers asks Ray for); `counters`: the run's counters snapshot (pipeline/stage.py); `in_flight`: GPU
+    workers asks Ray for); `counters`: the run's counters snapshot (pipeline/core/stage.py); `in_flight`: GPU
     stage -> work rows in a call now (the run's journal); `nodes`: ray.nodes().
 
     In order of certainty: a stage whose replicas no alive node can hold (more GPUs, or a GPU type, than
