@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.engine import Phi4MMEngine
+from actors.warm_up import warm_up_replica
 from pipeline.model_inputs import InputBuilder, max_page_feature_bytes
 from pipeline.model_source import local_model_dir
 from pipeline.prompts import combine_notes_pieces, combine_pieces, extract_from_notes_pieces
@@ -41,6 +42,7 @@ class ModelStage(Stage):
         self.engine = Phi4MMEngine(local_model_dir(self.config), self.modality, self.config.model,
                                    self.config.batching, random_weights=self.config.benchmark.random_weights)
         self.answer_grammar = answer_grammar(self.config)
+        warm_up_replica(self.engine, self.config, self.modality, self.answer_grammar)  # compile, capture, cache
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster) -> StageResources:

@@ -312,3 +312,26 @@ def test_collate_casts_features_like_the_gpu(builder):
     for key in f32:
         if key != "audio_input_features":
             assert torch.equal(bf16[key], f32[key])
+
+
+def test_each_pool_warms_up_on_its_calls_shapes(tiny_model):
+    """The stage's warm-up items: a full-length chunk per speech instruction, a Letter page, a long
+    text prompt; and a static engine warmed through the stage's entry point counts it in warmup_s."""
+    from actors.warm_up import warm_up_replica, warm_up_work
+    from schemas.config import JobConfig, ModelConfig
+
+    cfg = JobConfig(job="transcribe", input="in.parquet", output="out", translate_to=["de"],
+                    model=ModelConfig(source=tiny_model))
+    items, new, calls = warm_up_work(tiny_model, cfg, "speech")
+    assert [it["audio_input_features"].shape[0] for it in items] == [2998, 2998]  # 30 s: asr and translate
+    assert new == 320 and calls == 512
+    pages, new, calls = warm_up_work(tiny_model, cfg.model_copy(update={"job": "ocr", "translate_to": []}), "vision")
+    assert pages[0]["image_pixel_values"].shape[0] == 13 and new == 1024 and calls >= 1  # 12 crops + global
+    [text], new, _ = warm_up_work(tiny_model, cfg, "text")
+    assert len(text["input_ids"]) >= 2048 and new == 512
+    eng = engine(tiny_model, slots=2)
+    eng.model_dir = tiny_model
+    small = cfg.model_copy(update={"generation": cfg.generation.model_copy(update={"max_new_tokens": {"summarize": 4}}),
+                                   "batching": cfg.batching.model_copy(update={"decode_slots": 2})})
+    assert warm_up_replica(eng, small, "text") > 0 and eng.stats["warmup_s"] > 0
+    assert eng._decoder is not None and eng._decoder.max_len >= 2048 and eng.stats["steps"] == 0
