@@ -304,6 +304,7 @@ class Phi4MMEngine:
         self._decoder = SlotDecoder(self.model, slots, max_len, self.eos_ids, self.banned_ids,
                                     fast_prefill=self._fast_prefill(), compiled=compiled,
                                     length_bucket=b.decode_length_bucket, row_buckets=b.decode_row_buckets,
+                                    attention="matmul" if b.decode_attention == "matmul" else "flex",
                                     on_time=self._add)
         self._add("caches_built", 1)
         return self._decoder
@@ -430,9 +431,12 @@ class Phi4MMEngine:
             decoder = self.decoder_for(group.max_len, group.slots)
             width = max(1, min(self.batching.max_batch_size, decoder.slots, self.batching.max_batch_tokens // prompt))
             batch = [items[k % len(items)] for k in range(width)]
-            self._grammars = [grammar] * width if grammar else []
             self._generate_static(decoder, batch, [list(range(width))], [min(2, max_new)] * width, 0, [None] * width)
             decoder.capture_all()
+            if grammar:  # after the unconstrained graphs: a failing fast path is dropped there first
+                self._grammars = [grammar] * width
+                self._generate_static(decoder, batch, [list(range(width))], [min(2, max_new)] * width, 0,
+                                      [None] * width)
         except Exception as exc:  # noqa: BLE001 - warming up must never cost the replica
             log.warning("warm-up failed (%s: %s); the first call pays its one-time costs", type(exc).__name__, exc)
             _free_cuda_cache()

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from actors.decode_step import StepFunctions, attention, compile_count, masked_softmax, plain_layers, split_rotate
+from actors.decode_step import (FlexDecode, StepFunctions, attention, compile_count, masked_softmax, plain_layers,
+                                split_rotate)
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,16 @@ class SlotDecoder:
     `compiled`: the step's per-layer elementwise work compiled by Inductor (None: on CUDA);
     `length_bucket`: attended cache columns are rounded up to a multiple of this (0: always the whole
     cache); `row_buckets`: a step computes only the slots up to the highest occupied one (rounded up to
-    a power of two) instead of all; `on_time(key, seconds)`: told the time spent compiling (`compile_s`)
-    and capturing graphs (`capture_s`).
+    a power of two) instead of all; `attention`: "matmul" (grouped matmuls over the attended columns, a
+    fused softmax) or "flex" (FlexAttention reading each slot's blocks up to its position; compiled steps
+    only); `on_time(key, seconds)`: told the time spent compiling (`compile_s`) and capturing graphs
+    (`capture_s`).
     """
 
     def __init__(self, model, slots: int, max_len: int, eos_ids: set[int], banned_ids: list[int],
                  use_cuda_graph: bool | None = None, fast_prefill=None, grammar=None, *,
                  compiled: bool | None = None, length_bucket: int = 256, row_buckets: bool = True,
-                 on_time=None):
+                 attention: str = "matmul", on_time=None):
         self.model = model
         self.grammar = grammar  # actors/grammar.GrammarMasks, needed by requests with a matcher
         self.matchers: list = [None] * slots  # per slot: its request's matcher, or None
@@ -146,6 +149,8 @@ class SlotDecoder:
             compiled = dev.type == "cuda"
         self.plain = plain_layers(model)  # else (an attached LoRA): the modules are called, eagerly
         self.fns = StepFunctions(compiled and self.plain)
+        self.flex = FlexDecode(slots, max_len, self.pos, self.active) \
+            if attention == "flex" and self.fns.compiled and FlexDecode.fits(max_len) else None
         if self.plain:
             self.weights = [(layer.input_layernorm.weight, layer.self_attn.qkv_proj.weight,
                              layer.self_attn.o_proj.weight, layer.post_attention_layernorm.weight,
@@ -167,6 +172,7 @@ class SlotDecoder:
     def _logits_step(self) -> None:
         self.logits_out.copy_(self._logits())
 
+    @torch.inference_mode()
     def _logits(self, rows: int | None = None, columns: int | None = None) -> torch.Tensor:
         """The next-token logits (float32) of slots [0, rows), attending cache columns [0, columns);
         default: every slot over the whole cache. Columns past a slot's position are masked (they add
@@ -181,13 +187,18 @@ class SlotDecoder:
         valid = (self.columns[:columns] <= pos[:, None])[:, None, None, :]
         at = (self.cache_base[:rows] + pos[:, None]).view(-1)  # where each slot's new key goes, per kv head
         softmax = self.fns.softmax if self.plain else masked_softmax
+        if self.flex is not None:
+            self.flex.prepare(rows)
         delta = None
         for i, layer in enumerate(m.layers):
             x, q, k, v = self._pre_attention(i, layer, x, delta, cos, sin)
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
             k_cache.view(-1, hd).index_copy_(0, at, k.reshape(-1, hd))
             v_cache.view(-1, hd).index_copy_(0, at, v.reshape(-1, hd))
-            out = attention(q, k_cache[:rows], v_cache[:rows], columns, valid, self.scaling, softmax)
+            if self.flex is not None:
+                out = self.flex(q, k_cache[:rows], v_cache[:rows], self.scaling)
+            else:
+                out = attention(q, k_cache[:rows], v_cache[:rows], columns, valid, self.scaling, softmax)
             x, delta = self._post_attention(i, layer, x, out)
         h = self.fns.final(x, delta, m.norm.weight, self.eps) if self.plain else m.norm(x + delta)
         return self.model.lm_head(h).float()
@@ -264,13 +275,21 @@ class SlotDecoder:
         try:
             graph = self._captured(lambda: self._step(rows, columns))
         except Exception as exc:  # noqa: BLE001 - a compiler problem must cost speed, not the run
-            if not self.fns.compiled:
+            if self.flex is None and not self.fns.compiled:
                 raise
-            log.warning("compiled decode step failed (%s: %s); decoding with the eager step", type(exc).__name__, exc)
-            self.fns = StepFunctions(compiled=False)
-            graph = self._captured(lambda: self._step(rows, columns))
+            self._fall_back(exc)
+            return self._capture(rows, columns)
         self.graphs[(rows, columns)] = graph
         return graph
+
+    def _fall_back(self, exc: Exception) -> None:
+        """One step down after a failure: FlexAttention -> matmul attention -> the eager step."""
+        if self.flex is not None:
+            log.warning("FlexAttention decode step failed (%s: %s); attending with matmuls", type(exc).__name__, exc)
+            self.flex = None
+        else:
+            log.warning("compiled decode step failed (%s: %s); decoding with the eager step", type(exc).__name__, exc)
+            self.fns = StepFunctions(compiled=False)
 
     def capture_all(self, rows: int | None = None) -> int:
         """Capture the step for every attended length at `rows` slots (default: all), so that decoding
@@ -278,7 +297,7 @@ class SlotDecoder:
         if not self.use_cuda_graph:
             return 0
         rows = self.slots if rows is None else rows
-        bucket = self.length_bucket or self.max_len
+        bucket = self.length_bucket if self.length_bucket and self.flex is None else self.max_len
         lengths = sorted({min(c, self.max_len) for c in range(bucket, self.max_len + bucket, bucket)})
         todo = [c for c in lengths if (rows, c) not in self.graphs]
         for columns in todo:
@@ -288,7 +307,13 @@ class SlotDecoder:
     def _capture_logits(self) -> None:
         self.logits_out = torch.zeros(self.slots, self.model.lm_head.out_features, device=self.device,
                                       dtype=torch.float32)
-        self.logits_graph = self._captured(self._logits_step)
+        try:
+            self.logits_graph = self._captured(self._logits_step)
+        except Exception as exc:  # noqa: BLE001 - as in `_capture`
+            if self.flex is None and not self.fns.compiled:
+                raise
+            self._fall_back(exc)
+            self._capture_logits()
 
     @torch.inference_mode()
     def constrained_step(self) -> None:
@@ -331,6 +356,8 @@ class SlotDecoder:
         if not len(busy):
             return self.slots, self.max_len
         rows = row_bucket(int(busy[-1]) + 1, self.slots) if self.row_buckets else self.slots
+        if self.flex is not None:  # it reads each slot's own blocks: one graph per width
+            return rows, self.max_len
         return rows, rounded_up(int(self.host_pos[:rows].max()) + 1, self.length_bucket, self.max_len)
 
     def _advance(self) -> None:
