@@ -78,8 +78,9 @@ class _Padded:
                       *self.blocks[0].shape[2:])
 
     def tensor(self, dtype: torch.dtype | None, pin: bool) -> torch.Tensor:
-        dtype = dtype or torch.from_numpy(self.blocks[0][:0]).dtype
-        out = torch.empty(self.shape, dtype=dtype, pin_memory=pin)
+        if dtype is None and not pin:  # as built: numpy stacks it (no torch copy kernels per block)
+            return torch.from_numpy(np.concatenate([_pad_axis1(b, self.shape[1], self.value) for b in self.blocks]))
+        out = torch.empty(self.shape, dtype=dtype or torch.from_numpy(self.blocks[0][:0]).dtype, pin_memory=pin)
         row = 0
         for b in self.blocks:
             rows, n = b.shape[0], b.shape[1]

@@ -159,50 +159,50 @@ class StepFunctions:
 
 class FlexDecode:
     """Attention of one query per slot by FlexAttention (its decoding kernel on CUDA), reading only each
-    slot's cache blocks up to its position: `prepare` writes every computed slot's block count from its
-    position in place (inside the captured graph; a stopped slot reads one block, its logits are not
-    used), the mask hides the columns past the position in its last block. Grouped KV heads are read as they are (`enable_gqa`), the whole cache is passed (the
-    block counts do what the attended-length buckets do for the matmul attention, per slot)."""
+    slot's cache blocks up to its position. `prepare` writes every slot's block count from its position
+    in place (inside the captured graph; a stopped or free slot reads one block: its output is not
+    used); the mask hides the columns past the position in its last block. Grouped KV heads are read as
+    they are (`enable_gqa`). It always runs over all the cache's slots, so it compiles once per cache
+    (static shapes): a step over fewer slots passes its queries in the first rows of a full-size buffer."""
 
     BLOCK = 128  # cache positions per block (kv_plan.py makes cache lengths multiples of it)
 
     def __init__(self, slots: int, max_len: int, pos: torch.Tensor, active: torch.Tensor):
-        from torch.nn.attention.flex_attention import flex_attention
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
         dev = pos.device
         blocks = max_len // self.BLOCK
-        self.max_len = max_len
+        self.slots = slots
         self.pos, self.active = pos, active
         self.kv_blocks = torch.ones(slots, 1, 1, dtype=torch.int32, device=dev)
-        self.kv_index = torch.arange(blocks, dtype=torch.int32, device=dev).expand(slots, 1, 1, blocks).contiguous()
-        self.masks: dict = {}
-        self.fn = torch.compile(flex_attention, fullgraph=True)
+        kv_index = torch.arange(blocks, dtype=torch.int32, device=dev).expand(slots, 1, 1, blocks).contiguous()
+
+        def up_to_position(b, h, q_idx, kv_idx):
+            return kv_idx <= pos[b]
+
+        self.block_mask = BlockMask.from_kv_blocks(self.kv_blocks, kv_index, BLOCK_SIZE=self.BLOCK,
+                                                   mask_mod=up_to_position, seq_lengths=(1, max_len))
+        self.queries: torch.Tensor | None = None  # [slots, heads, 1, d], for steps over fewer slots
+        self.fn = torch.compile(flex_attention, fullgraph=True, dynamic=False)
 
     @classmethod
     def fits(cls, max_len: int) -> bool:
         return max_len % cls.BLOCK == 0
 
-    def block_mask(self, rows: int):
-        if rows not in self.masks:
-            from torch.nn.attention.flex_attention import BlockMask
-
-            pos = self.pos
-
-            def up_to_position(b, h, q_idx, kv_idx):
-                return kv_idx <= pos[b]
-
-            self.masks[rows] = BlockMask.from_kv_blocks(self.kv_blocks[:rows], self.kv_index[:rows],
-                                                        BLOCK_SIZE=self.BLOCK, mask_mod=up_to_position,
-                                                        seq_lengths=(1, self.max_len))
-        return self.masks[rows]
-
-    def prepare(self, rows: int) -> None:
-        blocks = torch.where(self.active[:rows], self.pos[:rows] // self.BLOCK + 1, 1)
-        self.kv_blocks[:rows].copy_(blocks.view(rows, 1, 1))
+    def prepare(self) -> None:
+        blocks = torch.where(self.active, self.pos // self.BLOCK + 1, 1)
+        self.kv_blocks.copy_(blocks.view(-1, 1, 1))
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scaling: float) -> torch.Tensor:
-        """q [rows, heads, d]; k_cache, v_cache [rows, kv, max_len, d] -> [rows, heads * d]."""
+        """q [rows, heads, d]; k_cache, v_cache: one layer's whole cache [slots, kv, max_len, d];
+        -> [rows, heads * d]."""
         rows = q.shape[0]
-        out = self.fn(q.unsqueeze(2), k_cache, v_cache, block_mask=self.block_mask(rows), scale=scaling,
-                      enable_gqa=True)
-        return out.reshape(rows, -1)
+        if rows < self.slots:
+            if self.queries is None:
+                self.queries = torch.zeros(self.slots, q.shape[1], 1, q.shape[2], device=q.device, dtype=q.dtype)
+            self.queries[:rows, :, 0].copy_(q)
+            queries = self.queries
+        else:
+            queries = q.unsqueeze(2)
+        out = self.fn(queries, k_cache, v_cache, block_mask=self.block_mask, scale=scaling, enable_gqa=True)
+        return out[:rows].reshape(rows, -1)

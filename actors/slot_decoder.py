@@ -188,7 +188,7 @@ class SlotDecoder:
         at = (self.cache_base[:rows] + pos[:, None]).view(-1)  # where each slot's new key goes, per kv head
         softmax = self.fns.softmax if self.plain else masked_softmax
         if self.flex is not None:
-            self.flex.prepare(rows)
+            self.flex.prepare()
         delta = None
         for i, layer in enumerate(m.layers):
             x, q, k, v = self._pre_attention(i, layer, x, delta, cos, sin)
@@ -196,7 +196,7 @@ class SlotDecoder:
             k_cache.view(-1, hd).index_copy_(0, at, k.reshape(-1, hd))
             v_cache.view(-1, hd).index_copy_(0, at, v.reshape(-1, hd))
             if self.flex is not None:
-                out = self.flex(q, k_cache[:rows], v_cache[:rows], self.scaling)
+                out = self.flex(q, k_cache, v_cache, self.scaling)
             else:
                 out = attention(q, k_cache[:rows], v_cache[:rows], columns, valid, self.scaling, softmax)
             x, delta = self._post_attention(i, layer, x, out)
