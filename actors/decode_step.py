@@ -114,6 +114,16 @@ def compile_count() -> int:
         return 0
 
 
+def allow_recompiles(n: int) -> None:
+    """Dynamo compiles a function for at most `recompile_limit` (8) sets of shapes, then runs it eagerly;
+    raise that to `n` (the setting's name changed across versions)."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name) and getattr(config, name) < n:
+            setattr(config, name, n)
+            return
+
+
 def _mark_rows_dynamic(*tensors) -> None:
     """One compiled graph for every slot count (a new cache, or a step over fewer slots, compiles nothing)."""
     for t in tensors:
@@ -184,6 +194,7 @@ class FlexDecode:
                                                    mask_mod=up_to_position, seq_lengths=(1, max_len))
         self.queries: torch.Tensor | None = None  # [slots, heads, 1, d], for steps over fewer slots
         self.fn = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+        allow_recompiles(64)  # one compile per cache shape: a replica may build many caches
 
     @classmethod
     def fits(cls, max_len: int) -> bool:

@@ -293,10 +293,15 @@ class Phi4MMEngine:
         """A static decoder of at least `slots` slots for sequences up to `max_len` (actors/kv_plan.py
         sized both). The current one is kept whenever it is that large: a step reads only the slots and
         cache columns in use (actors/slot_decoder.py), so a larger cache costs memory, not time, and
-        keeping it keeps its captured graphs."""
+        keeping it keeps its captured graphs. A new one covers the current one's shape too when the
+        memory budget holds both (caches only grow, so calls of alternating shapes stop rebuilding)."""
         current = self._decoder
         if current is not None and current.max_len >= max_len and current.slots >= slots:
             return current
+        if current is not None:
+            both = max(max_len, current.max_len), max(slots, current.slots)
+            if both[0] * both[1] * self.kv_bytes_per_token() <= self.kv_budget_bytes():
+                max_len, slots = both
         self._decoder = None
         _free_cuda_cache()
         b = self.batching

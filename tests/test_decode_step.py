@@ -219,8 +219,10 @@ def test_a_cache_that_fits_is_reused_across_calls_of_other_sizes(tiny_model, bui
     want = reference.generate(items[:4], keys[:4], [30] * 4) + reference.generate(items[4:], keys[4:], [6, 6])
     assert [g.token_ids for g in first + again] == [w.token_ids for w in want]
     longer = dict(items[0], input_ids=np.concatenate([items[0]["input_ids"]] * 4))
-    eng.generate([longer], [keys[0]], [200])  # longer than the cache: a new one
-    assert eng.stats["caches_built"] == 2
+    eng.generate([longer], [keys[0]], [200])  # longer than the cache: a new one, as wide as the old one
+    assert eng.stats["caches_built"] == 2 and eng._decoder.slots == 4
+    assert [g.token_ids for g in eng.generate(items[:4], keys[:4], [30] * 4)] == [w.token_ids for w in want[:4]]
+    assert eng.stats["caches_built"] == 2  # the short call fits the grown cache
 
 
 def test_a_failed_prefill_batch_is_retried_and_counted(tiny_model, builder, monkeypatch, caplog):
