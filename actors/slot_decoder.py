@@ -9,15 +9,18 @@ How it stays exact: the prefill's multimodal part (audio/image encoders and the 
 model's own code; its text decoder is the model's forward or, on GPU, the same arithmetic fused
 (actors/fast_prefill.py). Decode steps are text-only and run the model's arithmetic as plain tensor
 functions (actors/decode_step.py; compiled on GPU) with one difference: attention is a grouped matmul
-over the static cache (no KV repeat), masked per slot. Each slot holds its sequence from position 0, so
-positions equal those of an unpadded single-item run.
+over the static cache (no KV repeat), masked per slot, or FlexAttention over each slot's blocks. Each
+slot holds its sequence from position 0, so positions equal those of an unpadded single-item run.
 
 What a step reads: the host knows every slot's position (its prompt length plus the steps run since,
 capped at its limit), so a step attends only cache columns [0, C) with C the highest position over the
 occupied slots rounded up to `length_bucket`, and computes only slots [0, R) with R the highest occupied
-slot rounded up to a power of two. One CUDA graph is captured per (R, C) met. Exact: the columns left
-out are masked for every slot that is read, and masked columns contribute exactly 0; slots left out are
-free and never read.
+slot rounded up to a power of two. One CUDA graph is captured per (R, C) met (with FlexAttention, per R:
+it skips each slot's blocks past its position itself). Exact: the columns left out are masked for every
+slot that is read, and masked columns contribute exactly 0; slots left out are free and never read.
+
+Nothing here reads the device except `collect` (the slots' flags, then the finished slots' tokens) and
+a constrained prefill (its first tokens, for the matchers).
 """
 from __future__ import annotations
 
