@@ -470,7 +470,9 @@ def new_stats() -> dict:
     collate_s: host time stacking items; h2d_s: time of the host-to-device copies (part of prefill_s);
     prefill_calls, prefill_items: prefill batches run and items in them; prefill_retries: batches that
       failed and were retried item by item;
-    steps: decode steps; attended_columns: their cache columns summed (/ steps: columns read per slot);
+    steps: decode steps; attended_columns: their attended cache columns summed (/ steps: columns a step
+      reads per slot with matmul attention; with FlexAttention the whole cache, of which it reads each
+      slot's blocks up to its position);
     caches_built, oom_fallbacks; batches, batch_items, batches_full: the prefill batches planned.
     """
     return {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "oom_fallbacks": 0, "caches_built": 0,
