@@ -451,7 +451,11 @@ class SlotDecoder:
         if not self.host_busy.any():
             return []
         active, pos = torch.stack([self.active.long(), self.pos]).tolist()
-        finished = [i for i in np.flatnonzero(self.host_busy).tolist() if not active[i]]
+        busy = np.flatnonzero(self.host_busy)
+        # the slots still running: their positions as read (the host's bound may be ahead of a slot that
+        # sat out a step), so every slot left has steps to run
+        self.host_pos[busy] = np.asarray(pos)[busy]
+        finished = [i for i in busy.tolist() if not active[i]]
         if not finished:
             return []
         end = max(pos[i] for i in finished) + 1
