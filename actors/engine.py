@@ -16,6 +16,7 @@ import torch
 
 from actors.audio_encoder import install_audio_encoder
 from actors.collate import collate
+from actors.decode_step import compile_count
 from actors.fast_prefill import FastPrefill
 from actors.kv_plan import KvPlan, plan_kv
 from actors.slot_decoder import SlotDecoder, SlotRequest
@@ -109,6 +110,7 @@ class Phi4MMEngine:
     def __init__(self, model_dir: str, modality: str, model_cfg: ModelConfig, batching: BatchingConfig,
                  device: torch.device | None = None, model=None, random_weights: bool = False):
         self.device = device or pick_device()
+        self.model_dir = model_dir
         self.modality = modality
         self.batching = batching
         self.processor = load_processor(model_dir)
@@ -131,9 +133,11 @@ class Phi4MMEngine:
         self._prefill_runner = None  # actors/fast_prefill.FastPrefill, made with the first static decoder
         self._grammar = None  # actors/grammar.GrammarMasks, made with the first constrained item
         self._grammars: list[str | None] = []  # the current `generate` call's grammar per item
-        # where the static path's time goes, and the batches planned (their mean size)
-        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "oom_fallbacks": 0, "caches_built": 0,
-                      "batches": 0, "batch_items": 0, "batches_full": 0}
+        self.stats = new_stats()
+
+    def _add(self, key: str, value) -> None:
+        """Adds to a stats counter (also to one a caller's reset left out)."""
+        self.stats[key] = self.stats.get(key, 0) + value
 
     # -- scheduling ------------------------------------------------------------------------------
     def plan_batches(self, batch_keys: list[BatchKey], input_tokens: list[int], max_new: list[int]) -> list[list[int]]:
@@ -141,9 +145,9 @@ class Phi4MMEngine:
         (`audio_batch_tokens`); other items by batch key and token budget, similar prompt lengths,
         capped sizes."""
         planned = self._plan(batch_keys, input_tokens, max_new)
-        self.stats["batches"] += len(planned)
-        self.stats["batch_items"] += sum(len(b) for b, _ in planned)
-        self.stats["batches_full"] += sum(full for _, full in planned)
+        self._add("batches", len(planned))
+        self._add("batch_items", sum(len(b) for b, _ in planned))
+        self._add("batches_full", sum(full for _, full in planned))
         return [b for b, _ in planned]
 
     def _plan_batches(self, batch_keys: list[BatchKey], input_tokens: list[int], max_new: list[int]) -> list[list[int]]:
@@ -219,7 +223,7 @@ class Phi4MMEngine:
                 return results
             except torch.cuda.OutOfMemoryError:
                 log.warning("static decoder out of memory; falling back to generate for this call")
-                self.stats["oom_fallbacks"] += 1
+                self._add("oom_fallbacks", 1)
                 self._decoder = None
                 _free_cuda_cache()
         todo = [i for i in range(len(items)) if i not in kv.refused]
@@ -270,11 +274,21 @@ class Phi4MMEngine:
 
     # -- transformers generate ------------------------------------------------------------------
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        for key in ("audio_input_features", "image_pixel_values"):
+        """The batch on the device, features in the model's dtype (a no-op cast when `_collate` cast
+        them); copies from pinned memory are asynchronous."""
+        batch = {k: v.to(self.device, non_blocking=v.is_pinned()) for k, v in batch.items()}
+        for key in FEATURE_KEYS:
             if key in batch:
                 batch[key] = batch[key].to(self.dtype)
         return batch
+
+    def _collate(self, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        """`collate` for this replica: on CUDA (BatchingConfig.pinned_inputs) the features cast to the
+        model's dtype on the host (the same round-to-nearest-even as the GPU's cast: half the bytes to
+        copy) and every tensor in pinned memory, so the copies to the GPU are asynchronous."""
+        if self.device.type != "cuda" or not self.batching.pinned_inputs:
+            return collate(items, self.pad_token_id)
+        return collate(items, self.pad_token_id, features_dtype=self.dtype, pin=True)
 
     @torch.inference_mode()
     def generate_batch(self, items: list[dict[str, np.ndarray]], max_new_tokens: int,
@@ -308,15 +322,27 @@ class Phi4MMEngine:
     # -- static cache + CUDA graph + continuous batching ------------------------------------------
     def decoder_for(self, max_len: int, slots: int):
         """A static decoder of at least `slots` slots for sequences up to `max_len` (actors/kv_plan.py
-        sized both); the current one is kept when it is long enough without being twice too long."""
+        sized both). The current one is kept whenever it is that large: a step reads only the slots and
+        cache columns in use (actors/slot_decoder.py), so a larger cache costs memory, not time, and
+        keeping it keeps its captured graphs. A new one covers the current one's shape too when the
+        memory budget holds both (caches only grow, so calls of alternating shapes stop rebuilding)."""
         current = self._decoder
-        if current is not None and max_len <= current.max_len <= 2 * max_len and current.slots >= slots:
+        if current is not None and current.max_len >= max_len and current.slots >= slots:
             return current
+        if current is not None:
+            both = max(max_len, current.max_len), max(slots, current.slots)
+            if both[0] * both[1] * self.kv_bytes_per_token() <= self.kv_budget_bytes():
+                max_len, slots = both
         self._decoder = None
         _free_cuda_cache()
+        b = self.batching
+        compiled = None if b.decode_step == "auto" else b.decode_step == "compiled"
         self._decoder = SlotDecoder(self.model, slots, max_len, self.eos_ids, self.banned_ids,
-                                    fast_prefill=self._fast_prefill())
-        self.stats["caches_built"] += 1
+                                    fast_prefill=self._fast_prefill(), compiled=compiled,
+                                    length_bucket=b.decode_length_bucket, row_buckets=b.decode_row_buckets,
+                                    attention="matmul" if b.decode_attention == "matmul" else "flex",
+                                    on_time=self._add)
+        self._add("caches_built", 1)
         return self._decoder
 
     def _fast_prefill(self):
@@ -329,11 +355,16 @@ class Phi4MMEngine:
 
     def _generate_static(self, decoder, items, plan: list[list[int]], max_new: list[int], min_new: int,
                          results: list) -> None:
-        """Decode the items of `plan` (batches of indices) on `decoder`, filling `results` in place."""
+        """Decode the items of `plan` (batches of indices) on `decoder`, filling `results` in place.
+
+        Between looks at the device (`collect`, which reads it), the decoder runs `check_every` steps, or
+        fewer when an occupied slot reaches its token limit sooner (known on the host), so no slot idles
+        past its limit. Times come from CUDA events on the stream, read once at the end."""
         start = time.perf_counter()
         n = sum(len(g) for g in plan)
         tokens: dict[int, list[int]] = {}
         queue = [list(g) for g in plan]
+        clock = StreamClock(self.device)
         while queue or decoder.busy():
             free = decoder.free_slots()
             while queue and free and (len(free) >= min(len(queue[0]), self.batching.max_batch_size)
@@ -342,11 +373,9 @@ class Phi4MMEngine:
                 queue[0] = queue[0][len(free):]
                 if not queue[0]:
                     queue.pop(0)
-                started = time.perf_counter()
-                prefilled = self._prefill(decoder, items, group, max_new, min_new, free[:len(group)])
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                self.stats["prefill_s"] += time.perf_counter() - started
+                started, compiles = clock.mark(), compile_count()
+                prefilled = self._prefill(decoder, items, group, max_new, min_new, free[:len(group)], clock)
+                clock.add("compile_s" if compile_count() > compiles else "prefill_s", started, clock.mark())
                 for i, outcome in prefilled:
                     if isinstance(outcome, Exception):
                         results[i] = outcome
@@ -354,18 +383,29 @@ class Phi4MMEngine:
                         tokens[i] = outcome
                 free = decoder.free_slots()
             if decoder.busy():
-                started = time.perf_counter()
-                for _ in range(self.batching.check_every):
+                steps = min(self.batching.check_every, decoder.steps_left())
+                started, aside = clock.mark(), self._time_aside()
+                for _ in range(steps):
+                    self._add("attended_columns", decoder.step_shape()[1])
                     decoder.step()
+                clock.add("decode_s", started, clock.mark(), less=self._time_aside() - aside)
                 for req, toks in decoder.collect():  # reads device flags: synchronises
                     tokens[req.index] = toks
-                self.stats["decode_s"] += time.perf_counter() - started
-                self.stats["steps"] += self.batching.check_every
+                self._add("steps", steps)
+        for key, seconds in clock.read().items():
+            self._add(key, seconds)
         latency = (time.perf_counter() - start) / max(1, n)
         for i, toks in tokens.items():
             results[i] = self._finish(toks, latency)
 
-    def _prefill(self, decoder, items, group, max_new, min_new, slots):
+    def _time_aside(self) -> float:
+        """Seconds so far spent compiling and capturing graphs (not decoding, though it happens in a step)."""
+        return self.stats.get("compile_s", 0.0) + self.stats.get("capture_s", 0.0)
+
+    def _prefill(self, decoder, items, group, max_new, min_new, slots, clock=None):
+        """Prefill `group` into `slots`; returns (item, error) for items that failed alone (a batch that
+        fails is retried item by item: counted in prefill_retries and logged once)."""
+        clock = clock or StreamClock(self.device)
         grammars = self._grammars or [None] * len(items)
         if any(grammars[i] for i in group) and decoder.grammar is None:
             decoder.grammar = self.grammar
@@ -373,17 +413,135 @@ class Phi4MMEngine:
                                 self.grammar.matcher(grammars[i]) if grammars[i] else None)
                     for i in group]
         try:
-            batch = self._to_device(collate([items[i] for i in group], self.pad_token_id))
+            started = time.perf_counter()
+            host = self._collate([items[i] for i in group])
+            self._add("collate_s", time.perf_counter() - started)
+            copy_start = clock.mark()
+            batch = self._to_device(host)
+            clock.add("h2d_s", copy_start, clock.mark())
+            self._add("prefill_calls", 1)
             done = decoder.prefill(batch, requests, slots)
+            self._add("prefill_items", len(group))
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001
             if len(group) == 1:
                 return [(group[0], exc)]
+            self._add("prefill_retries", 1)
+            log.warning("prefill of a batch of %d failed (%s: %s); retrying it item by item", len(group),
+                        type(exc).__name__, exc)
             _free_cuda_cache()
             return [pair for j, i in enumerate(group)
-                    for pair in self._prefill(decoder, items, [i], max_new, min_new, [slots[j]])]
+                    for pair in self._prefill(decoder, items, [i], max_new, min_new, [slots[j]], clock)]
         return [(req.index, toks) for req, toks in done]
+
+    # -- warm-up ---------------------------------------------------------------------------------
+    def warm_up(self, items: list[dict[str, np.ndarray]], max_new: int, *, call_items: int | None = None,
+                grammar: str | None = None) -> float:
+        """Pay a replica's one-time costs before its first call, on items like those it will get
+        (`items`: one or a few built prompts, e.g. a full-length audio chunk with its instruction):
+
+        - the static cache a call of `call_items` such items (default `decode_slots`) with `max_new` new
+          tokens each needs (kv_plan.py: the same plan a real call makes, so the call keeps it);
+        - the compiled prefill, run once on a full prefill batch of them (`max_batch_size` or what
+          `max_batch_tokens` holds), and one decode step at that width;
+        - the decode step's CUDA graph for every attended length of that cache at all its slots;
+        - with `grammar`, the constrained path (its grammar compiled, its logits graph captured).
+
+        The time is counted in `warmup_s` (its compiling and capturing also in `compile_s` and
+        `capture_s`), not in prefill_s / decode_s. Only the static decoder warms up (on CPU with
+        `decoder="generate"` there is nothing to warm). A failure is logged once and costs only the
+        warm-up. Returns the seconds spent."""
+        if not self.use_static or not items or not self.batching.warm_up:
+            return 0.0
+        started = time.perf_counter()
+        kept = {k: self.stats.get(k, 0) for k in WARM_UP_HIDES}
+        try:
+            prompt = max(len(it["input_ids"]) for it in items)
+            calls = call_items or self.batching.decode_slots
+            kv = self.plan_kv([prompt] * calls, [max_new] * calls)
+            if kv.refused:
+                log.warning("warm-up skipped: %s", next(iter(kv.refused.values())))
+                return 0.0
+            group = kv.groups[0]
+            decoder = self.decoder_for(group.max_len, group.slots)
+            width = max(1, min(self.batching.max_batch_size, decoder.slots, self.batching.max_batch_tokens // prompt))
+            batch = [items[k % len(items)] for k in range(width)]
+            self._generate_static(decoder, batch, [list(range(width))], [min(2, max_new)] * width, 0, [None] * width)
+            decoder.capture_all()
+            if grammar:  # after the unconstrained graphs: a failing fast path is dropped there first
+                self._grammars = [grammar] * width
+                self._generate_static(decoder, batch, [list(range(width))], [min(2, max_new)] * width, 0,
+                                      [None] * width)
+        except Exception as exc:  # noqa: BLE001 - warming up must never cost the replica
+            log.warning("warm-up failed (%s: %s); the first call pays its one-time costs", type(exc).__name__, exc)
+            _free_cuda_cache()
+        finally:
+            self._grammars = []
+            self.stats.update(kept)
+        spent = time.perf_counter() - started
+        self._add("warmup_s", spent)
+        return spent
+
+
+# counters a warm-up leaves as they were: its prefill and decode are not the job's
+WARM_UP_HIDES = ("prefill_s", "decode_s", "steps", "prefill_calls", "prefill_items", "collate_s", "h2d_s",
+                 "attended_columns", "batches", "batch_items", "batches_full")
+
+FEATURE_KEYS = ("audio_input_features", "image_pixel_values")
+
+
+def new_stats() -> dict:
+    """The engine's counters, cumulative over the replica's life (the stage reports them as engine_*):
+
+    prefill_s, decode_s: time of the static path's prefills and decode steps (CUDA events on the stream;
+      neither includes compiling, capturing graphs or warming up);
+    warmup_s: time in `warm_up`; compile_s: time of prefills and graph warm-ups during which Dynamo
+      compiled something (in warm-up or later); capture_s: capturing decode graphs;
+    collate_s: host time stacking items; h2d_s: time of the host-to-device copies (part of prefill_s);
+    prefill_calls, prefill_items: prefill batches run and items in them; prefill_retries: batches that
+      failed and were retried item by item;
+    steps: decode steps; attended_columns: their attended cache columns summed (/ steps: columns a step
+      reads per slot with matmul attention; with FlexAttention the whole cache, of which it reads each
+      slot's blocks up to its position);
+    caches_built, oom_fallbacks; batches, batch_items, batches_full: the prefill batches planned.
+    """
+    return {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "oom_fallbacks": 0, "caches_built": 0,
+            "batches": 0, "batch_items": 0, "batches_full": 0, "warmup_s": 0.0, "compile_s": 0.0,
+            "capture_s": 0.0, "prefill_calls": 0, "prefill_items": 0, "prefill_retries": 0, "collate_s": 0.0,
+            "h2d_s": 0.0, "attended_columns": 0}
+
+
+class StreamClock:
+    """Times phases of the work on the current CUDA stream with events (no host sync: read once, at the
+    end), or with the host clock on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[str, object, object, float]] = []
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def add(self, key: str, start, end, less: float = 0.0) -> None:
+        """Counts the span start..end (two marks) in `key`, less `less` seconds spent on something else."""
+        self.spans.append((key, start, end, less))
+
+    def read(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, start, end, less in self.spans:
+            if self.cuda:
+                end.synchronize()
+                seconds = start.elapsed_time(end) / 1000
+            else:
+                seconds = end - start
+            out[key] = out.get(key, 0.0) + max(0.0, seconds - less)
+        self.spans.clear()
+        return out
 
 
 def _free_cuda_cache() -> None:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.engine import Phi4MMEngine
+from actors.warm_up import warm_up_replica
 from pipeline.context import RunContext
 from pipeline.core.stage import Cluster, Stage, StageResources
 from pipeline.model.inputs import max_page_feature_bytes
@@ -40,6 +41,7 @@ class ModelStage(Stage):
         self.engine = Phi4MMEngine(context.model_dir(), self.modality, self.config.model,
                                    self.config.batching, random_weights=self.config.benchmark.random_weights)
         self.answer_grammar = answer_grammar(self.config)
+        warm_up_replica(self.engine, self.config, self.modality, self.answer_grammar)  # compile, capture, cache
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster, rows_per_call: int | None = None) -> StageResources:

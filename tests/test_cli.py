@@ -159,3 +159,50 @@ def test_config_file_model_source_is_kept_without_model_flag(tmp_path, tiny_mode
     assert config.model.source == "s3://models/other/" and config.model.cache_dir == str(tmp_path / "cache")
     config = config_from_args("transcribe", parser.parse_args(["in.csv", "out"]))
     assert config.model.source == "microsoft/Phi-4-multimodal-instruct"
+
+
+def test_help_lists_every_subcommand_at_once_and_version_prints():
+    """`phi4mm --help` (and `phi4mm` alone) lists each subcommand with what it does, without importing
+    torch, transformers, Ray or pyarrow first (it answered in 8 s when it did); `--version` prints."""
+    from jobs.cli import COMMANDS
+
+    probe = ("import sys, runpy; sys.argv = ['phi4mm', '--help']\n"
+             "try:\n    runpy.run_module('jobs.cli', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+             "heavy = sorted(m for m in ('torch', 'transformers', 'ray', 'pyarrow', 'pydantic') if m in sys.modules)\n"
+             "print('HEAVY', heavy, 'CODE', code)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert "HEAVY [] CODE 0" in done.stdout, done.stdout + done.stderr
+    for name, what in COMMANDS.items():
+        assert f"  {name}" in done.stdout and what in done.stdout
+    alone = _python_m("jobs.cli")
+    assert alone.returncode == 2 and all(name in alone.stderr for name in COMMANDS)
+    version = _python_m("jobs.cli", "--version")
+    assert version.returncode == 0 and version.stdout.startswith("phi4mm ") and version.stdout.split()[1][0].isdigit()
+
+
+def test_every_job_config_field_says_what_it_is():
+    """Every field of JobConfig, nested ones included, carries a description (`Field(description=...)`)."""
+    from pydantic import BaseModel
+
+    from schemas.config import JobConfig
+
+    missing = []
+
+    def walk(model: type[BaseModel], prefix: str = "") -> None:
+        for name, field in model.model_fields.items():
+            if not (field.description or "").strip():
+                missing.append(prefix + name)
+            for sub in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    walk(sub, f"{prefix}{name}.")
+
+    walk(JobConfig)
+    assert not missing, f"fields without a description: {missing}"
+
+
+def test_batch_size_help_says_it_sets_the_prefill_batch(capsys):
+    with pytest.raises(SystemExit):
+        main(["transcribe", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--batch-size" in help_text and "prefilled together" in help_text and "decode_slots" in help_text
