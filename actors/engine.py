@@ -17,7 +17,7 @@ import torch
 from actors.audio_encoder import install_audio_encoder
 from actors.collate import collate
 from actors.decode_step import compile_count
-from actors.fast_prefill import FastPrefill
+from actors.fast_prefill import FastPrefill, PrefillOptions
 from actors.kv_plan import KvPlan, plan_kv
 from actors.slot_decoder import SlotDecoder, SlotRequest
 from pipeline.model.inputs import load_processor
@@ -350,7 +350,7 @@ class Phi4MMEngine:
         if mode == "model" or (mode == "auto" and self.device.type != "cuda"):
             return None
         if self._prefill_runner is None:
-            self._prefill_runner = FastPrefill(self.model)
+            self._prefill_runner = FastPrefill(self.model, options=PrefillOptions.from_batching(self.batching))
         return self._prefill_runner
 
     def _generate_static(self, decoder, items, plan: list[list[int]], max_new: list[int], min_new: int,

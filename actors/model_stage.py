@@ -41,7 +41,8 @@ class ModelStage(Stage):
         self.engine = Phi4MMEngine(context.model_dir(), self.modality, self.config.model,
                                    self.config.batching, random_weights=self.config.benchmark.random_weights)
         self.answer_grammar = answer_grammar(self.config)
-        warm_up_replica(self.engine, self.config, self.modality, self.answer_grammar)  # compile, capture, cache
+        warm_up_replica(self.engine, self.config, self.modality, self.answer_grammar,  # compile, capture, cache
+                        call_items=call_rows(self.config, self.modality, on_gpu=self.engine.device.type == "cuda"))
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster, rows_per_call: int | None = None) -> StageResources:

@@ -436,7 +436,11 @@ class SlotDecoder:
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         width = mask.shape[1]
         if self.fast_prefill is not None and self.fast_prefill.supports(width):
-            logits, keys, values = self.fast_prefill(batch, position_ids)
+            # each layer's keys/values go straight into the requests' slots (no stacked copy of them all)
+            from actors.fast_prefill import slot_sink
+
+            logits, keys, values = self.fast_prefill(batch, position_ids,
+                                                     kv_sink=slot_sink(self.k_cache, self.v_cache, list(slots)))
         else:
             cache = DynamicCache()
             out = self.model(**batch, position_ids=position_ids, past_key_values=cache, use_cache=True,
@@ -456,6 +460,8 @@ class SlotDecoder:
             chosen = first.tolist()
             self.grammar.consume([(matcher, chosen[j]) for matcher, j in constrained])
         for j, (req, slot) in enumerate(zip(requests, slots)):
+            if keys is None:  # written by the fused prefill's sink already
+                break
             n = req.prompt_len
             self.k_cache[:, slot, :, :n] = keys[:, j, :, width - n:]
             self.v_cache[:, slot, :, :n] = values[:, j, :, width - n:]

@@ -19,10 +19,10 @@ import logging
 
 import numpy as np
 
-from pipeline.media import SAMPLE_RATE
+from pipeline.media.audio import SAMPLE_RATE
 from pipeline.model.prompts import task_instruction
 from schemas.config import JobConfig
-from schemas.tasks import job_tasks
+from schemas.tasks import MODALITY_FOR_TASK
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +30,14 @@ TEXT_WARM_UP_TOKENS = 2048
 LETTER_INCHES = (8.5, 11.0)
 
 
-def warm_up_replica(engine, config: JobConfig, modality: str, grammar: str | None = None) -> float:
+def warm_up_replica(engine, config: JobConfig, modality: str, grammar: str | None = None,
+                    call_items: int | None = None) -> float:
     """Warm `engine` (actors/engine.py: Phi4MMEngine.warm_up) for `modality`'s calls of this job; the
     seconds spent (0 when the engine has nothing to warm, or warming is off). Never raises."""
     if not config.batching.warm_up or not getattr(engine, "use_static", False):
         return 0.0
     try:
-        items, max_new, call_items = warm_up_work(engine.model_dir, config, modality)
+        items, max_new, call_items = warm_up_work(engine.model_dir, config, modality, call_items)
     except Exception as exc:  # noqa: BLE001 - a replica that cannot warm up still works
         log.warning("warm-up items for the %s pool could not be built (%s: %s); not warming up", modality,
                     type(exc).__name__, exc)
@@ -47,15 +48,18 @@ def warm_up_replica(engine, config: JobConfig, modality: str, grammar: str | Non
     return spent
 
 
-def warm_up_work(model_dir: str, config: JobConfig, modality: str) -> tuple[list[dict], int, int]:
-    """(items, max_new tokens, items per call) a pool's warm-up runs on."""
-    from actors.stages import rows_per_call
+def warm_up_work(model_dir: str, config: JobConfig, modality: str, call_items: int | None = None
+                 ) -> tuple[list[dict], int, int]:
+    """(items, max_new tokens, items per call) a pool's warm-up runs on; `call_items`: the pool's rows per
+    call (the vision pool's cache holds one call's pages)."""
     from pipeline.model.inputs import InputBuilder
 
     builder = InputBuilder(model_dir, config.system_prompt, config.image.dynamic_hd,
                            audio_bucket_s=config.audio.batch_bucket_s)
     limits = config.generation.max_new_tokens
-    tasks = job_tasks(config.job, config.translate_to, config.summarize, config.extract.json_schema is not None)
+    tasks = config.tasks
+    # the tasks this pool may answer (a prompt's pool is decided per row: it may be any)
+    served = [t for t in tasks if MODALITY_FOR_TASK.get(t, modality) == modality]
     if modality == "speech":
         rng = np.random.default_rng(0)
         clip = (0.01 * rng.standard_normal(int(config.audio.max_chunk_s * SAMPLE_RATE))).astype(np.float32)
@@ -63,7 +67,7 @@ def warm_up_work(model_dir: str, config: JobConfig, modality: str) -> tuple[list
         target = (config.translate_to or ["fr"])[0]
         items = [builder.audio(clip, task_instruction(t, target if t == "translate" else None)).inputs
                  for t in spoken]
-        max_new = max(limits.get(t, 256) for t in (tasks if config.job == "prompt" else spoken))
+        max_new = max(limits.get(t, 256) for t in served or spoken)
         if config.benchmark.new_tokens_per_30s:
             max_new = config.benchmark.new_tokens_per_30s
         return items, max_new, config.batching.decode_slots
@@ -73,7 +77,7 @@ def warm_up_work(model_dir: str, config: JobConfig, modality: str) -> tuple[list
         dpi = config.image.pdf_dpi
         page = Image.new("RGB", (int(LETTER_INCHES[0] * dpi), int(LETTER_INCHES[1] * dpi)), "white")
         items = [builder.image(page, task_instruction("ocr")).inputs]
-        return items, limits.get("ocr" if config.job == "ocr" else "prompt", 1024), rows_per_call(config, "vision")
+        return items, max(limits.get(t, 1024) for t in served or ["ocr"]), call_items or config.batching.rows_per_call
     words = builder.token_ids("word " * TEXT_WARM_UP_TOKENS)[:TEXT_WARM_UP_TOKENS]
     item = builder.text_pieces([words]).inputs
     text_tasks = [t for t in tasks if t in ("summarize", "extract", "prompt")] or ["summarize"]

@@ -139,7 +139,7 @@ class PreparePrompts(ManifestStage):
         self.context_len = context_tokens(self.processor_dir)
         longest = max((len(t) for t in self.builder.processor.tokenizer.get_vocab()), default=1)
         self.max_prompt_chars = self.context_len * max(longest, 1)
-        # (the GPU stages' default for a task the config's limits leave out: actors/stages.py)
+        # (the GPU stages' default for a task the config's limits leave out: actors/model_stage.py)
         self.max_new = self.config.generation.max_new_tokens.get("prompt", 256)
 
     def process(self, batch: pa.Table) -> pa.Table:
