@@ -17,10 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.io.lakehouse import SUMMARY_OUTPUT, SUMMARY_RUN_ID, commit_output, load_table, reader_storage_options
+from pipeline.io.lakehouse import (SUMMARY_OUTPUT, SUMMARY_RUN_ID, commit_output, iceberg_ready, load_table,
+                                   reader_storage_options)
 from pipeline.io.resume import REWRITTEN_BY
 from pipeline.io.storage import locate
-from schemas.manifest import passthrough_columns, validate_manifest
+from schemas.manifest import validate_manifest
 from schemas.results import KEY_COLUMNS, result_schema
 from tests.conftest import read_output
 
@@ -105,14 +106,16 @@ def test_runs_commit_once_each_and_a_resume_replaces_error_rows_in_the_same_comm
     assert run_job("transcribe", manifest, out, *args, "--run-id", "second", "--resume") == 0
     table = load_table(uri)
     second = table.current_snapshot()
-    assert len(table.snapshots()) == 2 and second.summary[SUMMARY_RUN_ID] == "second"
+    assert second.summary[SUMMARY_RUN_ID] == "second" and second.summary["operation"] == "overwrite"
     rows = _table_rows(uri)
     _keys_once(rows)
     assert len(rows) == 6 and (rows.status == "ok").all(), rows[["id", "task", "status"]]
     assert set(rows[rows.id == "late_call"].run_id) == {"second"} and set(rows[rows.id != "late_call"].run_id) == {"first"}
-    # a reader of the first snapshot still sees the first run whole, error rows included
-    before = _table_rows(uri, first.snapshot_id)
-    assert len(before) == 6 and (before[before.id == "late_call"].status == "error").all()
+    # the first snapshot listed the files whose rows were replaced, which are deleted now: it was expired
+    # in the same commit, so every snapshot the table keeps can be read
+    record = json.loads((out / "_runs" / "second.json").read_text())["table"]
+    assert record["files_removed"] >= 1 and record["snapshots_expired"] == 1
+    assert [s.snapshot_id for s in table.snapshots()] == [second.snapshot_id]
     _same_as_parquet(uri, out)
     assert not [p for p in out.rglob(f"*{REWRITTEN_BY}*") if pq.read_metadata(p).num_rows == 0]
 
@@ -217,7 +220,10 @@ def test_a_crash_between_the_replacement_and_the_commit_changes_no_answer(tmp_pa
 
     outcome = commit_output(load_table(uri), location, "second")
     assert outcome["committed"] and outcome["files_removed"] == 2 and outcome["files_added"] == 2  # c's is empty
+    assert outcome["snapshots_expired"] == 1  # the first run's snapshot lists the files about to go
     assert len(remove_replaced(location.path, location.fs)) == 3  # 2 replaced, 1 empty marker
+    for snapshot in load_table(uri).snapshots():  # every snapshot kept can be read
+        assert len(_table_rows(uri, snapshot.snapshot_id)) == 3
     rows = _table_rows(uri).set_index("id")
     assert rows.status.to_dict() == {"a": "ok", "b": "ok", "c": "ok"} and rows.run_id["a"] == "first"
     assert len(list(out.rglob("*.parquet"))) == 2 and not commit_output(load_table(uri), location, "second")["committed"]
@@ -230,14 +236,21 @@ def test_a_run_with_new_columns_evolves_the_table(tmp_path):
     _write_rows(out, "asr", "first", [{"id": "a", "text": "one", "customer_segment": "business"}])
     commit_output(table, location, "first")
 
-    wider = pa.schema([*PASSTHROUGH, ("priority", pa.int64()), ("empty_in_every_row", pa.null())])
-    table, _ = _prepared(uri, out, wider)  # not refused: new columns are welcome (no-type ones as strings)
-    _write_rows(out, "asr", "second", [{"id": "b", "text": "two", "priority": 3, "empty_in_every_row": None}],
-                passthrough=pa.schema([*PASSTHROUGH, ("priority", pa.int64()), ("empty_in_every_row", pa.string())]))
+    # new columns are welcome: a manifest column empty in every row (no type) and a pandas timestamp (ns)
+    # as the run writes them with a table (jobs/table_output.py: table_passthrough)
+    wider = pa.schema([*PASSTHROUGH, ("priority", pa.int64()), ("empty_in_every_row", pa.null()),
+                       ("called_at", pa.timestamp("ns", tz="UTC"))])
+    table, _ = _prepared(uri, out, wider)
+    written = iceberg_ready(wider)
+    assert written.field("empty_in_every_row").type == pa.string() and written.field("called_at").type.unit == "us"
+    _write_rows(out, "asr", "second", [{"id": "b", "text": "two", "priority": 3, "empty_in_every_row": None,
+                                        "called_at": pd.Timestamp("2024-05-02 10:00", tz="UTC")}], passthrough=written)
+    assert len(load_table(uri).schema().fields) == len(result_schema(PASSTHROUGH))  # changed at the commit only
     commit_output(table, location, "second")
     table = load_table(uri)
     assert str(table.schema().find_field("priority").field_type) == "long"
     assert str(table.schema().find_field("empty_in_every_row").field_type) == "string"
+    assert str(table.schema().find_field("called_at").field_type) == "timestamptz"
     rows = _table_rows(uri).set_index("id")
     assert rows.priority.isna()["a"] and rows.priority["b"] == 3 and len(rows) == 2
     _same_as_parquet(uri, out)
@@ -305,21 +318,22 @@ def test_table_uris_are_parsed_and_bad_ones_refused_with_an_example():
     assert "credential" not in json.dumps(config.model_dump(mode="json"))  # never in a run record
 
 
-def test_a_named_catalog_is_configured_as_pyiceberg_configures_it(tmp_path, monkeypatch):
-    """`iceberg://lake/...`: pyiceberg's own configuration of the catalog named `lake` (here from the
-    environment, as a REST catalog's uri would be given), plus the run's S3 settings for its files."""
-    from pipeline.io.lakehouse import catalog_properties, open_catalog
+def test_a_named_catalog_takes_the_configs_catalog_properties(tmp_path):
+    """`iceberg://lake/...`: the catalog named `lake`, as pyiceberg's configuration and `table_catalog`
+    (JobConfig) describe it (here a SQL catalog; a REST one is {type: rest, uri: https://...}), plus the
+    run's S3 settings for its files."""
+    from pipeline.io.lakehouse import catalog_properties, open_catalog, prepare_table
     from pipeline.io.storage import StorageOptions
     from schemas.table_uri import parse_table_uri
 
-    monkeypatch.setenv("PYICEBERG_CATALOG__LAKE__TYPE", "sql")
-    monkeypatch.setenv("PYICEBERG_CATALOG__LAKE__URI", f"sqlite:///{tmp_path / 'named.db'}")
     ref = parse_table_uri("iceberg://lake/calls.results")
+    extra = {"type": "sql", "uri": f"sqlite:///{tmp_path / 'named.db'}"}
     out = tmp_path / "out"
-    table, location = _prepared(ref.uri, out)
+    location = locate(str(out))
+    table = prepare_table(ref, open_catalog(ref, StorageOptions(), extra), result_schema(PASSTHROUGH), location)
     _write_rows(out, "asr", "first", [{"id": "a", "text": "one"}])
     commit_output(table, location, "first")
-    assert len(_table_rows(ref.uri)) == 1 and (tmp_path / "named.db").exists()
+    assert load_table(ref.uri, extra=extra).scan().to_arrow().num_rows == 1 and (tmp_path / "named.db").exists()
     props = catalog_properties(ref, StorageOptions(endpoint_url="http://127.0.0.1:9"), {"warehouse": "w"})
     assert props["s3.endpoint"] == "http://127.0.0.1:9" and props["s3.region"] == "us-east-1"
     assert props["warehouse"] == "w" and "type" not in props  # the kind comes from pyiceberg's configuration

@@ -123,10 +123,17 @@ def reader_storage_options(table) -> dict[str, str]:
 # -- the schema ---------------------------------------------------------------------------------------
 
 def iceberg_ready(schema: pa.Schema) -> pa.Schema:
-    """`schema` with the columns Iceberg (format 2) cannot type given one: a manifest column that is
-    empty in every row (pyarrow reads it as the null type) becomes a string column."""
-    return pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in schema],
-                     metadata=schema.metadata)
+    """`schema` with the manifest columns Iceberg (format 2) cannot hold as they are given a type it
+    can: a column empty in every row (pyarrow reads it as the null type) becomes a string column, a
+    nanosecond timestamp (pandas writes them) a microsecond one."""
+    def ready(field: pa.Field) -> pa.Field:
+        if pa.types.is_null(field.type):
+            return field.with_type(pa.string())
+        if pa.types.is_timestamp(field.type) and field.type.unit == "ns":
+            return field.with_type(pa.timestamp("us", tz=field.type.tz))
+        return field
+
+    return pa.schema([ready(f) for f in schema], metadata=schema.metadata)
 
 
 def _iceberg_columns(schema: pa.Schema):
@@ -206,7 +213,10 @@ def prepare_table(ref: TableUri, catalog, run_schema: pa.Schema, output: Locatio
     if not _is_task_partitioned(table):
         raise TableError(f"table {ref} is partitioned by {table.spec()}, not by identity(task) as the output's "
                          "task= folders are; commit to a new table")
-    conflicts = schema_conflicts(table.schema(), run_schema)
+    try:
+        conflicts = schema_conflicts(table.schema(), run_schema)
+    except ValueError as exc:  # a column type Iceberg has none for (uint64, ...)
+        raise TableError(f"table {ref}: the run's columns cannot all be typed in Iceberg ({first_line(exc)})") from exc
     if conflicts:
         raise TableError(f"table {ref}: {'; '.join(conflicts)}; write to another table, or rename the column")
     return table
@@ -284,10 +294,31 @@ def _data_file(metadata, found: _Found):
 
 
 def files_in_table(table, prefix: str) -> dict:
-    """{file uri: DataFile} of the table's current files under `prefix` (one output's files)."""
-    if table.current_snapshot() is None:
+    """{file uri: (DataFile, id of the snapshot that added it)} of the table's current files under
+    `prefix` (one output's files)."""
+    from pyiceberg.manifest import ManifestContent
+
+    snapshot = table.current_snapshot()
+    if snapshot is None:
         return {}
-    return {t.file.file_path: t.file for t in table.scan().plan_files() if t.file.file_path.startswith(prefix)}
+    found = {}
+    for manifest in snapshot.manifests(table.io):
+        if manifest.content != ManifestContent.DATA:
+            continue
+        for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
+            if entry.data_file.file_path.startswith(prefix):
+                found[entry.data_file.file_path] = (entry.data_file, entry.snapshot_id)
+    return found
+
+
+def snapshots_listing(table, added_in: set[int]) -> list[int]:
+    """The snapshots that still list a file added in one of `added_in`: the current one and its
+    ancestors back to the oldest of those (a file, once added, stays listed until it is removed)."""
+    from pyiceberg.table.snapshots import ancestors_of
+
+    chain = [s.snapshot_id for s in ancestors_of(table.current_snapshot(), table.metadata)]
+    oldest = max((chain.index(i) for i in added_in if i in chain), default=-1)
+    return chain[:oldest + 1]
 
 
 def run_snapshot(table, run_id: str):
@@ -306,28 +337,33 @@ def commit_output(table, output: Location, run_id: str) -> dict:
         table.refresh()
         live = {file_uri(output, p): p for p in _output_files(output)}
         current = files_in_table(table, prefix)
+        new = [live[uri] for uri in sorted(set(live) - set(current))]
         with ThreadPoolExecutor(FOOTER_READERS) as pool:  # one footer read per new file (S3: a round trip)
-            described = pool.map(lambda uri: _describe(output, live[uri]), sorted(set(live) - set(current)))
-        added = [f for f in described if f is not None]
+            added = [f for f in pool.map(lambda path: _describe(output, path), new) if f is not None]
         added = [f for f in added if f.metadata.num_rows]  # an empty replacement only marks a file as gone
-        removed = [current[uri] for uri in sorted(set(current) - set(live))]
-        if not added and not removed:
+        gone = sorted(set(current) - set(live))
+        if not added and not gone:
             snapshot = run_snapshot(table, run_id) or table.current_snapshot()
-            return _outcome(table, snapshot, committed=False, added=0, removed=0)
+            return _outcome(table, snapshot, committed=False, added=0, removed=0, expired=0)
+        # the snapshots that list a file the output no longer keeps could not be read once it is deleted:
+        # they are expired in the same commit, so the table never lists a missing file
+        expire = snapshots_listing(table, {current[uri][1] for uri in gone}) if gone else []
+        holds = sorted((set(current) - set(gone)) | {f.uri for f in added})
         try:
-            snapshot = _commit(table, output, run_id, added, removed, holds=sorted(set(current) - {
-                f.file_path for f in removed} | {f.uri for f in added}))
+            snapshot = _commit(table, output, run_id, added, [current[uri][0] for uri in gone], expire, holds)
         except CommitFailedException as exc:
             log.warning("table: another writer committed first (%s); comparing again (attempt %d of %d)",
                         exc, attempt + 1, COMMIT_ATTEMPTS)
             continue
-        return _outcome(table, snapshot, committed=True, added=len(added), removed=len(removed))
+        return _outcome(table, snapshot, committed=True, added=len(added), removed=len(gone), expired=len(expire))
     raise TableError(f"table {'.'.join(table.name())}: the commit of run {run_id} kept losing to other "
                      f"writers ({COMMIT_ATTEMPTS} attempts); rerun with --resume to commit it")
 
 
-def _commit(table, output: Location, run_id: str, added: list[_Found], removed: list, holds: list[str]):
+def _commit(table, output: Location, run_id: str, added: list[_Found], removed: list, expire: list[int],
+            holds: list[str]):
     from pyiceberg.table import TableProperties
+    from pyiceberg.table.update.snapshot import ExpireSnapshots
 
     tx = table.transaction()
     for found in added:  # the run's new columns join the table in the same commit
@@ -350,13 +386,15 @@ def _commit(table, output: Location, run_id: str, added: list[_Found], removed: 
             snapshot.delete_data_file(data_file)
         for found in added:
             snapshot.append_data_file(_data_file(tx.table_metadata, found))
+    if expire:  # after the new snapshot, which heads the branch now: the older ones are free to go
+        ExpireSnapshots(tx).by_ids(expire).commit()
     tx.commit_transaction()
     return table.current_snapshot()
 
 
-def _outcome(table, snapshot, committed: bool, added: int, removed: int) -> dict:
+def _outcome(table, snapshot, committed: bool, added: int, removed: int, expired: int) -> dict:
     return {"table": ".".join(table.name()), "snapshot_id": snapshot.snapshot_id if snapshot else None,
-            "committed": committed, "files_added": added, "files_removed": removed,
+            "committed": committed, "files_added": added, "files_removed": removed, "snapshots_expired": expired,
             # what a reader without the catalog opens (DuckDB's iceberg_scan): the table's current metadata
             "metadata_location": table.metadata_location,
             "run_id_of_snapshot": (snapshot.summary or {}).get(SUMMARY_RUN_ID) if snapshot else None}
