@@ -106,7 +106,7 @@ def test_runs_commit_once_each_and_a_resume_replaces_error_rows_in_the_same_comm
     assert run_job("transcribe", manifest, out, *args, "--run-id", "second", "--resume") == 0
     table = load_table(uri)
     second = table.current_snapshot()
-    assert second.summary[SUMMARY_RUN_ID] == "second" and second.summary["operation"] == "overwrite"
+    assert second.summary[SUMMARY_RUN_ID] == "second" and second.summary.operation.value == "overwrite"
     rows = _table_rows(uri)
     _keys_once(rows)
     assert len(rows) == 6 and (rows.status == "ok").all(), rows[["id", "task", "status"]]
