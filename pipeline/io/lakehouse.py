@@ -11,14 +11,16 @@ the table sees all of a run or none of it. The files are added as they are (noth
   their partition column). pyiceberg's `add_files` reads partition values from the files' column
   statistics, so it cannot add them; the data files are described here instead, with the partition
   value taken from the folder. The Iceberg spec lets a file omit a column its partition holds by
-  identity: readers (pyiceberg, Polars, Spark, Trino, DuckDB) fill it from the partition value;
+  identity, and has readers fill it from the partition value (pyiceberg and Polars do: tests);
 - the files carry no Iceberg field ids, so the table keeps a name mapping (`schema.name-mapping.default`),
   which readers use to find columns by name.
 
 Idempotent: the commit compares the table with the output's files, so a commit retried after a crash
 (the snapshot written, the run record not) adds nothing, and a `--resume` commits the whole run (the
 files of the killed run and its own) once. Each snapshot's summary names the run (`phi4mm.run-id`), the
-output, and a hash of the file list it made the table hold.
+output, and a hash of the file list it made the table hold. A commit that removes files (rows a resume
+replaced, deleted right after it) expires in the same commit the older snapshots that list them, so
+every snapshot the table keeps can be read.
 
 The table is created on first use with the run's result schema (the manifest's pass-through columns
 and a --schema's typed columns included, every column optional); a run with new columns adds them in
