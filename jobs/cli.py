@@ -84,6 +84,9 @@ def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
     parser.add_argument("--accelerator-type", default=None, help="GPU type for the actor pools, e.g. L40S")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--config", default=None, help="YAML with further JobConfig fields")
+    parser.add_argument("--table", default=None, metavar="iceberg://CATALOG/NAMESPACE.TABLE",
+                        help="also commit the run's files to this Iceberg table, in one snapshot when the run "
+                             "finishes (CATALOG: a SQLite file such as ./catalog.db, glue, or a named catalog)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines or bars")
     if job == "transcribe":
         parser.add_argument("--translate-to", action="append", default=[], metavar="LANG",
@@ -128,7 +131,7 @@ def config_from_args(job: str, args: argparse.Namespace) -> JobConfig:
     for key in ("resume",):
         if getattr(args, key):
             data[key] = True
-    for key, value in (("run_id", args.run_id), ("s3_endpoint", args.s3_endpoint),
+    for key, value in (("run_id", args.run_id), ("s3_endpoint", args.s3_endpoint), ("table", args.table),
                        ("manifest_suffixes", args.suffixes), ("modified_since", args.modified_since)):
         if value:
             data[key] = value

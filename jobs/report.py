@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.report OUTPUT [--html FILE] [--json FILE]`; returns the exit status."""
     parser = argparse.ArgumentParser(prog="phi4mm report", description="Counts, throughput, errors and scores "
                                      "of an output dataset, as text, HTML and JSON.")
-    parser.add_argument("output", help="the output dataset (local path or s3://...)")
+    parser.add_argument("output", help="the output dataset (local path or s3://...), or the Iceberg table a "
+                        "job committed to (iceberg://CATALOG/NAMESPACE.TABLE)")
     parser.add_argument("--html", metavar="FILE", help="write a self-contained HTML page here")
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON here")
     parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (MinIO, Ceph, R2)")
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     options = StorageOptions(endpoint_url=args.s3_endpoint)  # the jobs' settings: endpoint, region, profile
     try:
         report = build_report(args.output, options=options)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # ValueError: a table whose catalog cannot be read
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(report))

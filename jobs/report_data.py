@@ -30,6 +30,7 @@ from schemas.results import KEY_COLUMNS, STATUS_OK
 from schemas.tasks import AUDIO_TASKS, TASKS
 
 RUNS_DIR = "_runs"
+TABLE_SCHEME = "iceberg://"  # `phi4mm report iceberg://CATALOG/NAMESPACE.TABLE`: the table, not a folder
 # Columns every report reads for every row (`text`, `reference*` only for rows that are scored).
 LIGHT_COLUMNS = ["id", "task", "page", "status", "error", "language", "target_language", "duration_s",
                  "pages", "input_tokens", "output_tokens", "latency_s", "model", "run_id", "processed_at",
@@ -71,6 +72,30 @@ def _dataset(fs: pafs.FileSystem, root: str) -> ds.Dataset | None:
     schema = pa.unify_schemas([*files, part], promote_options="permissive")
     return ds.dataset(root, schema=schema, format="parquet", partitioning=found.partitioning,
                       filesystem=fs, ignore_prefixes=["_", "."], exclude_invalid_files=True)
+
+
+def _from_table(uri: str, options: StorageOptions | None) -> tuple[ds.Dataset | None, list[dict], list[str]]:
+    """An Iceberg table (`--table`) as the report reads it: the rows of its current snapshot (the
+    columns a report uses: never `segments`), and the run records of the outputs its snapshots name."""
+    from pipeline.io.lakehouse import SUMMARY_OUTPUT, load_table
+
+    table = load_table(uri, options)
+    records: list[dict] = []
+    warnings: list[str] = []
+    outputs = sorted({s.summary[SUMMARY_OUTPUT] for s in table.snapshots() if s.summary and
+                      s.summary.get(SUMMARY_OUTPUT)})
+    for output in outputs:
+        try:
+            found, problems = read_runs(*resolve_filesystem(output, None, options))
+        except OSError as exc:
+            found, problems = [], [f"{output}: run records unreadable ({exc})"]
+        records += found
+        warnings += problems
+    if table.current_snapshot() is None:
+        return None, records, warnings
+    names = table.schema().column_names
+    wanted = [n for n in names if n in LIGHT_COLUMNS or n == "text" or n == "reference" or n.startswith("reference_")]
+    return ds.dataset(table.scan(selected_fields=tuple(wanted)).to_arrow()), records, warnings
 
 
 def read_rows(dataset: ds.Dataset | None) -> pd.DataFrame:
@@ -355,10 +380,13 @@ def build_report(output: str, filesystem: pafs.FileSystem | None = None,
     `filesystem`: read through this one (OUTPUT's path taken without its scheme); else OUTPUT is
     resolved with `options` as the jobs resolve it (`resolve_filesystem`).
     """
-    fs, root = resolve_filesystem(output, filesystem, options)
-    dataset = _dataset(fs, root)
+    if output.lower().startswith(TABLE_SCHEME):
+        dataset, records, warnings = _from_table(output, options)
+    else:
+        fs, root = resolve_filesystem(output, filesystem, options)
+        dataset = _dataset(fs, root)
+        records, warnings = read_runs(fs, root)
     rows = read_rows(dataset)
-    records, warnings = read_runs(fs, root)
     runs = sorted((run_summary(r, rows) for r in records),  # runs without a time last
                   key=lambda r: (not (r["started_at"] or r["finished_at"]), r["started_at"] or r["finished_at"] or "",
                                  r["run_id"]))

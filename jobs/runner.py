@@ -18,12 +18,13 @@ from jobs.run_record import run_record
 from jobs.settings import Settings, from_environment
 from jobs.specs import job_spec
 from jobs.stall import JobStalled, stall_message, stall_reason
+from jobs.table_output import commit_run, prepare_run_table, table_passthrough
 from pipeline.context import RunContext, run_storage
 from pipeline.core.errors import OutputError
 from pipeline.core.run_state import start_run_state
 from pipeline.io.manifest import read_manifest
 from pipeline.io.output import io_cause, probe_output, read_results, write_run_record
-from pipeline.io.resume import drop_superseded, rows_to_redo
+from pipeline.io.resume import drop_superseded, remove_replaced, rows_to_redo
 from pipeline.io.storage import StorageOptions, is_local, locate, remove_directory_markers
 from pipeline.model.inputs import load_processor
 from pipeline.model.source import describe_model
@@ -102,7 +103,9 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
         output = locate(config.output, storage)
         probe_output(output, config.run_id)
         remove_directory_markers(output)
-    passthrough_schema = manifest.select(passthrough_columns(manifest.schema)).schema
+    passthrough_schema = table_passthrough(config, manifest.select(passthrough_columns(manifest.schema)).schema)
+    # --table: checked (or created) now, before Ray: a changed column's type fails here, naming it
+    table = prepare_run_table(config, storage, output, passthrough_schema)
     if config.resume:
         manifest = rows_to_redo(manifest, config, output)
         log.info("resume: %d input rows left to process", manifest.num_rows)
@@ -134,13 +137,17 @@ def run_job(config: JobConfig, settings: Settings | None = None) -> dict:
                 progress.stop()
             ray.kill(run_state)
     with _output_errors(config.output):
-        if config.resume:
-            drop_superseded(output.path, output.fs, config.run_id)
+        if config.resume:  # with a table, the replaced files stay until its commit has swapped them
+            drop_superseded(output.path, output.fs, config.run_id, keep_replaced=table is not None)
         rows = read_results(output.path, output.fs, run_id=config.run_id) if manifest.num_rows \
             else RESULT_SCHEMA.empty_table()
         record = run_record(config.model_dump(mode="json"), rows, started, datetime.now(timezone.utc), gpus,
                             counters, model=provenance)
         record["stages"] = stages
+        if table is not None:  # one snapshot with every live file of the output; retried: adds nothing
+            record["table"] = commit_run(table, config, output)
+        if config.resume or table is not None:
+            remove_replaced(output.path, output.fs)
         write_run_record(output, record)
         remove_directory_markers(output)  # what deletes on S3 re-created (resume)
     return record

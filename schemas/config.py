@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from schemas.languages import language_name
 from schemas.results import RESULT_COLUMNS
 from schemas.structured import SchemaFileError, check_output_schema, grammar_problem
+from schemas.table_uri import parse_table_uri
 from schemas.tasks import TASKS, job_tasks
 from schemas.templates import TemplateError, template_parts
 
@@ -438,6 +439,21 @@ class JobConfig(_Strict):
     inputs: InputsConfig = Field(default_factory=InputsConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    table: str | None = Field(None, description=(
+        "an Iceberg table the run's result files are committed to when the run finishes, all in one snapshot "
+        "(the Parquet output is written as without it): iceberg://CATALOG/NAMESPACE.TABLE, CATALOG a SQLite "
+        "file (iceberg://./catalog.db/calls.results, made on first use), `glue`, or a catalog named in "
+        "pyiceberg's configuration (a REST catalog); None: the Parquet output only"))
+    table_catalog: dict[str, str] = Field(default_factory=dict, exclude=True, description=(
+        "catalog properties for `table`, added to pyiceberg's own configuration of CATALOG and winning over "
+        "it, e.g. {uri: https://catalog.example/api, warehouse: lake}; the s3.endpoint and s3.region of its "
+        "files default to the run's S3 endpoint. Kept out of the run record (it may hold a credential: "
+        "better given as PYICEBERG_CATALOG__<NAME>__CREDENTIAL)"))
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, value: str | None) -> str | None:
+        return None if value is None else parse_table_uri(value).uri
 
     @field_validator("translate_to")
     @classmethod
