@@ -26,12 +26,16 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     """Which checkpoint every replica loads, and how."""
-    source: str = DEFAULT_MODEL  # hub id, local folder or s3:// prefix
-    revision: str | None = None  # None: DEFAULT_REVISION for the default hub id, else the hub's default
-    cache_dir: str | None = None  # where s3:// checkpoints are copied, once per node
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
-    merge_adapters: bool = True  # merge the modality's LoRA into the base weights (no per-token cost)
+    source: str = Field(DEFAULT_MODEL, description="hub id, local folder or s3:// prefix")
+    revision: str | None = Field(None, description=(
+        "None: DEFAULT_REVISION for the default hub id, else the hub's default"))
+    cache_dir: str | None = Field(None, description="where s3:// checkpoints are copied, once per node")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description=(
+        "auto: bf16 on GPU, fp32 on CPU"))
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field("auto", description=(
+        "the text decoder's attention kernel; auto: flash_attention_2 when installed on a GPU, else sdpa"))
+    merge_adapters: bool = Field(True, description=(
+        "merge the modality's LoRA into the base weights (no per-token cost)"))
 
     def resolved_revision(self) -> str | None:
         if self.revision is None and self.source == DEFAULT_MODEL:
@@ -42,7 +46,8 @@ class ModelConfig(_Strict):
 class GenerationConfig(_Strict):
     """Greedy decoding limits per task (the model card decodes greedily)."""
     max_new_tokens: dict[str, int] = Field(default_factory=lambda: {
-        "asr": 256, "translate": 320, "ocr": 1024, "summarize": 512, "extract": 512, "prompt": 512})
+        "asr": 256, "translate": 320, "ocr": 1024, "summarize": 512, "extract": 512, "prompt": 512},
+        description="most new tokens per answer, by task (a longer answer is cut there)")
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -57,40 +62,41 @@ class GenerationConfig(_Strict):
 
 class BatchingConfig(_Strict):
     """How work is grouped on the GPU actors."""
-    # work rows (recording x task, or page) per actor call; with decode_slots, what one GPU call holds
-    # in flight (512: +10 % asr throughput over 256 on an H200, bench/RESULTS.md)
-    rows_per_call: int = Field(512, ge=1)
-    # the same for the meetings job, whose work row is one part of a recording (up to audio.part_chunks,
-    # 16, chunks of ~1 MB of features each), so 32 rows make a call of ~512 chunks like rows_per_call's
-    meeting_rows_per_call: int = Field(32, ge=1)
-    # prepared image features one vision call may carry (the vision pool's calls are sized by bytes, not
-    # by `rows_per_call`, which is tuned for 30 s audio chunks of ~1 MB each): rows per vision call = this
-    # / the most one page's features can take under `image.dynamic_hd` ((dynamic_hd + 1) crops of
-    # 3x448x448 float32: 89 MB at the default 36; a Letter page at 150 dpi is 13 crops, 31 MB), at most
-    # `rows_per_call`. 4 GiB: 48 pages a call, each with its own decode slot
-    vision_call_bytes: int = Field(4 << 30, ge=1 << 20)
-    # pages per vision call of a replica on CPU (gpus_per_replica 0, or no GPU: the tiny model, tests): a
-    # CPU gains nothing from batching pages (the tiny model reads 8 Letter pages 30 % faster in batches of
-    # 2 than of 8) and each page of a batch holds ~100 MB of activations there
-    cpu_vision_rows_per_call: int = Field(4, ge=1)
-    # calls' worth of prepared features the object store may hold per GPU replica (what the pool takes
-    # soon: the call running and the one queued behind it, plus one being formed); Ray Data holds the
-    # CPU stages back past it, so a fast prepare pool never piles up pages the GPU is hours from reading
-    queued_calls_per_replica: int = Field(3, ge=1)
-    # sequences prefilled (or, with `generate`, decoded) together; 64: the fused asr prefill measured
-    # 9.56 -> 8.74 ms per 30 s clip on an H200 from 32 to 64 (longer prompts are held by max_batch_tokens)
-    max_batch_size: int = Field(64, ge=1)
-    max_batch_tokens: int = Field(65536, ge=512)  # prompt tokens in one prefill batch (memory bound)
-    # "static": static KV cache, decode step as a CUDA graph, finished slots refilled (continuous
-    # batching); "generate": transformers' generate per batch; "auto": static on GPU, generate on CPU
-    decoder: Literal["auto", "static", "generate"] = "auto"
-    decode_slots: int = Field(512, ge=1)  # sequences decoded together (fewer when the KV cache does not fit)
-    kv_cache_fraction: float = Field(0.5, gt=0.0, le=0.9)  # of free GPU memory, for the static cache
-    check_every: int = Field(8, ge=1)  # decode steps between looks for finished slots
-    # the static decoder's prefill: "fused" runs the text decoder as one compiled function per layer
-    # after the model's own encoders (actors/fast_prefill.py); "model" runs the model's forward;
-    # "auto": fused on GPU, model on CPU
-    prefill: Literal["auto", "fused", "model"] = "auto"
+    rows_per_call: int = Field(512, ge=1, description=(
+        "work rows (recording x task, or page) per actor call; with decode_slots, what one GPU call holds in "
+        "flight (512: +10 % asr throughput over 256 on an H200, bench/RESULTS.md)"))
+    meeting_rows_per_call: int = Field(32, ge=1, description=(
+        "the same for the meetings job, whose work row is one part of a recording (up to audio.part_chunks, "
+        "16, chunks of ~1 MB of features each), so 32 rows make a call of ~512 chunks like rows_per_call's"))
+    vision_call_bytes: int = Field(4 << 30, ge=1 << 20, description=(
+        "prepared image features one vision call may carry (the vision pool's calls are sized by bytes, not "
+        "by `rows_per_call`, which is tuned for 30 s audio chunks of ~1 MB each): rows per vision call = this"
+        " / the most one page's features can take under `image.dynamic_hd` ((dynamic_hd + 1) crops of "
+        "3x448x448 float32: 89 MB at the default 36; a Letter page at 150 dpi is 13 crops, 31 MB), at most "
+        "`rows_per_call`. 4 GiB: 48 pages a call, each with its own decode slot"))
+    cpu_vision_rows_per_call: int = Field(4, ge=1, description=(
+        "pages per vision call of a replica on CPU (gpus_per_replica 0, or no GPU: the tiny model, tests): a "
+        "CPU gains nothing from batching pages (the tiny model reads 8 Letter pages 30 % faster in batches of"
+        " 2 than of 8) and each page of a batch holds ~100 MB of activations there"))
+    queued_calls_per_replica: int = Field(3, ge=1, description=(
+        "calls' worth of prepared features the object store may hold per GPU replica (what the pool takes "
+        "soon: the call running and the one queued behind it, plus one being formed); Ray Data holds the CPU "
+        "stages back past it, so a fast prepare pool never piles up pages the GPU is hours from reading"))
+    max_batch_size: int = Field(64, ge=1, description=(
+        "sequences prefilled (or, with `generate`, decoded) together; 64: the fused asr prefill measured 9.56"
+        " -> 8.74 ms per 30 s clip on an H200 from 32 to 64 (longer prompts are held by max_batch_tokens)"))
+    max_batch_tokens: int = Field(65536, ge=512, description="prompt tokens in one prefill batch (memory bound)")
+    decoder: Literal["auto", "static", "generate"] = Field("auto", description=(
+        "\"static\": static KV cache, decode step as a CUDA graph, finished slots refilled (continuous "
+        "batching); \"generate\": transformers' generate per batch; \"auto\": static on GPU, generate on CPU"))
+    decode_slots: int = Field(512, ge=1, description=(
+        "sequences decoded together (fewer when the KV cache does not fit)"))
+    kv_cache_fraction: float = Field(0.5, gt=0.0, le=0.9, description="of free GPU memory, for the static cache")
+    check_every: int = Field(8, ge=1, description="decode steps between looks for finished slots")
+    prefill: Literal["auto", "fused", "model"] = Field("auto", description=(
+        "the static decoder's prefill: \"fused\" runs the text decoder as one compiled function per layer "
+        "after the model's own encoders (actors/fast_prefill.py); \"model\" runs the model's forward; "
+        "\"auto\": fused on GPU, model on CPU"))
     grammar_pipeline: Literal["auto", "on", "off"] = Field("auto", description=(
         "Constrained (--schema) decode steps with the host's grammar work (filling the next masks, the "
         "matchers taking the chosen tokens) run while the GPU computes the next step's forward, the masks "
@@ -155,36 +161,43 @@ class BatchingConfig(_Strict):
 
 
 class AudioConfig(_Strict):
-    max_chunk_s: float = Field(30.0, gt=1.0, le=40.0)  # the model is trained on clips up to ~40 s
-    grid_s: float = Field(0.5, gt=0.0)  # long audio's cuts prefer points on this grid (fewer distinct lengths)
-    # clips and chunks batch on the GPU by length bucket of this width (pipeline/model/inputs.py:
-    # audio_bucket): wider buckets form fuller batches, narrower ones pad less
-    batch_bucket_s: float = Field(2.0, gt=0.0, le=40.0)
-    split_channels: bool = False  # stereo call recordings: one transcript per channel (agent/customer)
-    reject_no_speech: bool = True  # a clip where the VAD finds no speech becomes an error row
-    summarize_from_audio: bool = False  # summaries of recordings up to 30 min from the audio itself
-    max_summary_audio_s: float = 1800.0
-    # longest recording accepted (4 h): a longer one is an error row, refused from the file's header
-    # before it is decoded where the header says its length (an 8 h FLAC of silence is 0.7 MB to send
-    # and ~1.8 GB of 16 kHz samples to hold), and when the decoded samples pass it otherwise
-    max_audio_s: float = Field(4 * 3600.0, gt=0.0)
-    # chunks per work row: a longer recording's row travels in parts of this many chunks (~1 MB of
-    # features each), regrouped after the GPU (pipeline/stages/regroup_parts.py), so no Ray object holds an hour
-    part_chunks: int = Field(16, ge=1)
+    max_chunk_s: float = Field(30.0, gt=1.0, le=40.0, description="the model is trained on clips up to ~40 s")
+    grid_s: float = Field(0.5, gt=0.0, description=(
+        "long audio's cuts prefer points on this grid (fewer distinct lengths)"))
+    batch_bucket_s: float = Field(2.0, gt=0.0, le=40.0, description=(
+        "clips and chunks batch on the GPU by length bucket of this width (pipeline/model/inputs.py: "
+        "audio_bucket): wider buckets form fuller batches, narrower ones pad less"))
+    split_channels: bool = Field(False, description=(
+        "stereo call recordings: one transcript per channel (agent/customer)"))
+    reject_no_speech: bool = Field(True, description="a clip where the VAD finds no speech becomes an error row")
+    summarize_from_audio: bool = Field(False, description=(
+        "summaries of recordings up to 30 min from the audio itself"))
+    max_summary_audio_s: float = Field(1800.0, description=(
+        "longest recording summarised from its audio (with summarize_from_audio); longer ones are summarised "
+        "from the transcript"))
+    max_audio_s: float = Field(4 * 3600.0, gt=0.0, description=(
+        "longest recording accepted (4 h): a longer one is an error row, refused from the file's header "
+        "before it is decoded where the header says its length (an 8 h FLAC of silence is 0.7 MB to send and "
+        "~1.8 GB of 16 kHz samples to hold), and when the decoded samples pass it otherwise"))
+    part_chunks: int = Field(16, ge=1, description=(
+        "chunks per work row: a longer recording's row travels in parts of this many chunks (~1 MB of "
+        "features each), regrouped after the GPU (pipeline/stages/regroup_parts.py), so no Ray object holds "
+        "an hour"))
 
 
 class SummaryConfig(_Strict):
     """Summaries of whole recordings."""
-    # tokens one summary call may hold, prompt and summary together; a longer transcript is cut at segment
-    # boundaries into sections, each summarised, then the section summaries summarised (recursively)
-    window_tokens: int = Field(16384, ge=256, le=131072)
+    window_tokens: int = Field(16384, ge=256, le=131072, description=(
+        "tokens one summary call may hold, prompt and summary together; a longer transcript is cut at segment"
+        " boundaries into sections, each summarised, then the section summaries summarised (recursively)"))
 
 
 class ImageConfig(_Strict):
-    max_pixels: int = Field(40_000_000, ge=10_000)  # decompression-bomb guard per page
-    pdf_dpi: int = Field(150, ge=36, le=600)
-    max_pages: int | None = Field(None, ge=1)
-    dynamic_hd: int = Field(36, ge=1, le=64)  # crop cap: fewer crops trade detail for speed
+    max_pixels: int = Field(40_000_000, ge=10_000, description="decompression-bomb guard per page")
+    pdf_dpi: int = Field(150, ge=36, le=600, description="resolution PDF pages are rendered at")
+    max_pages: int | None = Field(None, ge=1, description=(
+        "pages read per document (the rest are error rows that say so); None: every page"))
+    dynamic_hd: int = Field(36, ge=1, le=64, description="crop cap: fewer crops trade detail for speed")
 
 
 def checked_answer_schema(value: dict | None, info: ValidationInfo) -> dict | None:
@@ -242,31 +255,32 @@ def tool_problem(tool: dict, number: int, names: list[str]) -> str | None:
 
 class PromptConfig(_Strict):
     """The prompt job (`phi4mm prompt`): one prompt per manifest row over any mix of its media."""
-    # the prompt when a row has no `prompt` column value: `{column}` placeholders are filled from the row
-    # (a row without that column is an error row naming it); `{{` / `}}` are literal braces
-    template: str | None = None
-    fps: float = Field(1.0, gt=0.0, le=30.0)  # video frames sampled per second
-    max_frames: int = Field(64, ge=1, le=64)  # frames per video at most (evenly spread when longer)
-    # longest side of a video frame: a 448 px frame is one crop (+ the global one, ~545 tokens), so 64
-    # frames stay near 35k prompt tokens, inside the model's context
-    frame_max_side: int = Field(448, ge=14, le=1344)
-    max_images: int = Field(64, ge=1, le=256)  # images of one prompt (a document's pages included)
-    max_audio_s: float = Field(1800.0, gt=0.0)  # longest audio of a prompt (30 min: ~22.5k tokens)
-    # bounds the grammar adds where the schema sets none (a wandering model still ends within its tokens)
-    max_string_chars: int = Field(2000, ge=1)
-    max_array_items: int = Field(64, ge=1)
-    # digits after the point of a number in an answer, where the schema sets no multipleOf (numbers also
-    # stay within +-1e15 and integers within +-9e18: schemas/structured.py, generation_schema)
-    number_decimals: int = Field(6, ge=0, le=15)
-    # --schema: the JSON Schema (an object at the top) every answer is constrained to (schemas/structured.py);
-    # after the bounds above, which its check reads
-    json_schema: dict | None = None
-    # --tools: the functions the model may call, in the card's format ({"name", "description",
-    # "parameters"}), listed in the system message; its calls land in `tool_calls`
-    tools: list[dict] | None = None
-    # which GPU pools the run needs, from the manifest's media (the driver fills it: jobs/runner.py);
-    # None: all three
-    modalities: list[Literal["speech", "vision", "text"]] | None = None
+    template: str | None = Field(None, description=(
+        "the prompt when a row has no `prompt` column value: `{column}` placeholders are filled from the row "
+        "(a row without that column is an error row naming it); `{{` / `}}` are literal braces"))
+    fps: float = Field(1.0, gt=0.0, le=30.0, description="video frames sampled per second")
+    max_frames: int = Field(64, ge=1, le=64, description="frames per video at most (evenly spread when longer)")
+    frame_max_side: int = Field(448, ge=14, le=1344, description=(
+        "longest side of a video frame: a 448 px frame is one crop (+ the global one, ~545 tokens), so 64 "
+        "frames stay near 35k prompt tokens, inside the model's context"))
+    max_images: int = Field(64, ge=1, le=256, description="images of one prompt (a document's pages included)")
+    max_audio_s: float = Field(1800.0, gt=0.0, description="longest audio of a prompt (30 min: ~22.5k tokens)")
+    max_string_chars: int = Field(2000, ge=1, description=(
+        "bounds the grammar adds where the schema sets none (a wandering model still ends within its tokens)"))
+    max_array_items: int = Field(64, ge=1, description=(
+        "most array items the answer grammar allows where the schema sets no maxItems"))
+    number_decimals: int = Field(6, ge=0, le=15, description=(
+        "digits after the point of a number in an answer, where the schema sets no multipleOf (numbers also "
+        "stay within +-1e15 and integers within +-9e18: schemas/structured.py, generation_schema)"))
+    json_schema: dict | None = Field(None, description=(
+        "--schema: the JSON Schema (an object at the top) every answer is constrained to "
+        "(schemas/structured.py); after the bounds above, which its check reads"))
+    tools: list[dict] | None = Field(None, description=(
+        "--tools: the functions the model may call, in the card's format ({\"name\", \"description\", "
+        "\"parameters\"}), listed in the system message; its calls land in `tool_calls`"))
+    modalities: list[Literal["speech", "vision", "text"]] | None = Field(None, description=(
+        "which GPU pools the run needs, from the manifest's media (the driver fills it: jobs/runner.py); "
+        "None: all three"))
 
     @field_validator("template")
     @classmethod
@@ -301,17 +315,20 @@ class ExtractConfig(_Strict):
     `json` and each top-level scalar property in a typed column (schemas/structured.py). A transcript
     longer than `summary.window_tokens` is read in sections (notes on the fields per section, combined
     like summaries), then the fields are extracted from the notes."""
-    # what to ask for, before the transcript (`--extract-prompt`); None: the project's wording
-    # (pipeline/model/prompts.py: EXTRACT_TRANSCRIPT_PROMPT)
-    instruction: str | None = None
-    # bounds the grammar adds where the schema sets none (as the prompt job's: a wandering model still
-    # ends within its tokens, numbers have a bounded count of digits)
-    max_string_chars: int = Field(2000, ge=1)
-    max_array_items: int = Field(64, ge=1)
-    number_decimals: int = Field(6, ge=0, le=15)
-    # the JSON Schema (an object at the top) of what to extract; None: no extract rows (after the bounds
-    # above, which its check reads)
-    json_schema: dict | None = None
+    instruction: str | None = Field(None, description=(
+        "what to ask for, before the transcript (`--extract-prompt`); None: the project's wording "
+        "(pipeline/model/prompts.py: EXTRACT_TRANSCRIPT_PROMPT)"))
+    max_string_chars: int = Field(2000, ge=1, description=(
+        "bounds the grammar adds where the schema sets none (as the prompt job's: a wandering model still "
+        "ends within its tokens, numbers have a bounded count of digits)"))
+    max_array_items: int = Field(64, ge=1, description=(
+        "most array items the answer grammar allows where the schema sets no maxItems"))
+    number_decimals: int = Field(6, ge=0, le=15, description=(
+        "digits after the point of a number in an answer where the schema sets no multipleOf (numbers also "
+        "stay within +-1e15 and integers within +-9e18)"))
+    json_schema: dict | None = Field(None, description=(
+        "the JSON Schema (an object at the top) of what to extract; None: no extract rows (after the bounds "
+        "above, which its check reads)"))
 
     @field_validator("json_schema")
     @classmethod
@@ -331,18 +348,18 @@ class InputsConfig(_Strict):
     A uri outside these rules, or a read that passes its deadline, becomes an error row for that input
     (the message names the rule or the timeout); the other rows go on. Rows with `data` read nothing.
     """
-    # uri schemes a worker may read ("file" covers plain paths and file:// uris); add "https" to fetch web
-    # uris, "memory" for fsspec's in-memory filesystem
-    allowed_schemes: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOWED_SCHEMES))
-    # when set, every uri must lie under one of these: "s3://calls-in/", "/mnt/recordings" (local paths
-    # are compared after symlinks and ".." are resolved); None: anywhere the schemes allow. Local paths
-    # under /proc, /sys and /dev are refused whatever this says.
-    allowed_prefixes: list[str] | None = None
-    connect_timeout_s: float = Field(10.0, gt=0.0)  # to open a connection to S3 / an HTTP server
-    read_timeout_s: float = Field(60.0, gt=0.0)  # with no byte arriving from an open connection
-    # the whole fetch of one input, retries included; past it the row is an error and the read is left
-    # to its thread (at most `pipeline.io.fetch.MAX_STALLED_READS` of them per worker)
-    fetch_timeout_s: float = Field(300.0, gt=0.0)
+    allowed_schemes: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOWED_SCHEMES), description=(
+        "uri schemes a worker may read (\"file\" covers plain paths and file:// uris); add \"https\" to fetch"
+        " web uris, \"memory\" for fsspec's in-memory filesystem"))
+    allowed_prefixes: list[str] | None = Field(None, description=(
+        "when set, every uri must lie under one of these: \"s3://calls-in/\", \"/mnt/recordings\" (local "
+        "paths are compared after symlinks and \"..\" are resolved); None: anywhere the schemes allow. Local "
+        "paths under /proc, /sys and /dev are refused whatever this says."))
+    connect_timeout_s: float = Field(10.0, gt=0.0, description="to open a connection to S3 / an HTTP server")
+    read_timeout_s: float = Field(60.0, gt=0.0, description="with no byte arriving from an open connection")
+    fetch_timeout_s: float = Field(300.0, gt=0.0, description=(
+        "the whole fetch of one input, retries included; past it the row is an error and the read is left to "
+        "its thread (at most `pipeline.io.fetch.MAX_STALLED_READS` of them per worker)"))
 
     @field_validator("allowed_schemes")
     @classmethod
@@ -381,64 +398,83 @@ class InputsConfig(_Strict):
 
 class ResourcesConfig(_Strict):
     """Actor pools: Ray Data sizes them between min and max from the cluster's resources."""
-    gpus_per_replica: float = Field(1.0, ge=0.0)  # 0.5 puts two replicas on one GPU; 0 runs on CPU
-    min_replicas: int = Field(1, ge=1)
-    max_replicas: int | None = Field(None, ge=1)  # None: as many as the cluster has GPUs for
-    autoscale_max_replicas: int = Field(16, ge=1)  # joining a cluster: how far pools may grow
-    accelerator_type: str | None = None  # e.g. "L40S", "H100": which GPU nodes the autoscaler adds
-    cpus_per_prepare_task: float = Field(1.0, gt=0.0)
-    # a work row whose GPU worker process died while it was generating alone this many times becomes an
-    # error row without running again (a poison input); the rest of its batch is retried and finishes
-    poison_after_deaths: int = Field(2, ge=1)
-    # a run whose progress (any stage's counters) has not moved for this long stops with one line naming
-    # the stage that holds the work and what it waits for (e.g. a GPU replica no node can hold), exit code
-    # non-zero; what was written stays and --resume continues. 20 min is longer than any one GPU call
-    # at the largest sizes; a first model download on a slow link may need more. None: wait forever
-    stall_timeout_s: float | None = Field(1200.0, gt=0.0)
+    gpus_per_replica: float = Field(1.0, ge=0.0, description="0.5 puts two replicas on one GPU; 0 runs on CPU")
+    min_replicas: int = Field(1, ge=1, description="GPU replicas each pool starts with")
+    max_replicas: int | None = Field(None, ge=1, description="None: as many as the cluster has GPUs for")
+    autoscale_max_replicas: int = Field(16, ge=1, description="joining a cluster: how far pools may grow")
+    accelerator_type: str | None = Field(None, description=(
+        "e.g. \"L40S\", \"H100\": which GPU nodes the autoscaler adds"))
+    cpus_per_prepare_task: float = Field(1.0, gt=0.0, description="CPUs each decoding worker reserves")
+    poison_after_deaths: int = Field(2, ge=1, description=(
+        "a work row whose GPU worker process died while it was generating alone this many times becomes an "
+        "error row without running again (a poison input); the rest of its batch is retried and finishes"))
+    stall_timeout_s: float | None = Field(1200.0, gt=0.0, description=(
+        "a run whose progress (any stage's counters) has not moved for this long stops with one line naming "
+        "the stage that holds the work and what it waits for (e.g. a GPU replica no node can hold), exit code"
+        " non-zero; what was written stays and --resume continues. 20 min is longer than any one GPU call at "
+        "the largest sizes; a first model download on a slow link may need more. None: wait forever"))
 
 
 class BenchmarkConfig(_Strict):
     """Knobs for benchmarks and stress tests, not for production runs: they change what is computed."""
-    # the checkpoint's config with random weights made on the device (real shapes, no weights read)
-    random_weights: bool = False
-    # decode at least this many tokens per item: with min == max every engine does the same work
-    min_new_tokens: int = Field(0, ge=0)
-    # audio: decode exactly this many tokens per 30 s of a chunk's length bucket instead (a 7.3 s call
-    # on the 2 s grid: 8 s -> 27 of 100), so calls of every length cost what their audio would
-    new_tokens_per_30s: int | None = Field(None, ge=1)
-    # fault injection, for tests only: a GPU stage whose call includes a row with one of these ids
-    # ends its own process (os._exit), as a segfaulting kernel or an OOM kill would
-    exit_worker_on_ids: list[str] = Field(default_factory=list)
-    # fault injection, for tests only: every write call of a local result file sleeps this long first,
-    # so that a kill can land while a Parquet file is half written
-    write_delay_s: float = Field(0.0, ge=0.0)
+    random_weights: bool = Field(False, description=(
+        "the checkpoint's config with random weights made on the device (real shapes, no weights read)"))
+    min_new_tokens: int = Field(0, ge=0, description=(
+        "decode at least this many tokens per item: with min == max every engine does the same work"))
+    new_tokens_per_30s: int | None = Field(None, ge=1, description=(
+        "audio: decode exactly this many tokens per 30 s of a chunk's length bucket instead (a 7.3 s call on "
+        "the 2 s grid: 8 s -> 27 of 100), so calls of every length cost what their audio would"))
+    exit_worker_on_ids: list[str] = Field(default_factory=list, description=(
+        "fault injection, for tests only: a GPU stage whose call includes a row with one of these ids ends "
+        "its own process (os._exit), as a segfaulting kernel or an OOM kill would"))
+    write_delay_s: float = Field(0.0, ge=0.0, description=(
+        "fault injection, for tests only: every write call of a local result file sleeps this long first, so "
+        "that a kill can land while a Parquet file is half written"))
 
 
 class JobConfig(_Strict):
     """One run of one job. `phi4mm run JOB.yaml` reads this from YAML; the subcommands build it."""
-    job: JobName
-    input: str
-    output: str
-    translate_to: list[str] = Field(default_factory=list)
-    summarize: bool = False
-    resume: bool = False
+    job: JobName = Field(description="which job runs: transcribe, ocr, meetings or prompt")
+    input: str = Field(description=(
+        "the manifest (Parquet file/folder/glob, CSV, JSON Lines; local or s3://) or a media prefix"))
+    output: str = Field(description=(
+        "the output dataset folder (local or s3://): OUTPUT/task=<task>/*.parquet and _runs/<run_id>.json"))
+    translate_to: list[str] = Field(default_factory=list, description=(
+        "target languages (ISO 639-1) of a translate row per recording (transcribe only)"))
+    summarize: bool = Field(False, description=(
+        "also write a summarize row per recording (transcribe; meetings always summarise)"))
+    resume: bool = Field(False, description=(
+        "skip (id, task, page) already written with status=ok; error rows are redone and replaced"))
     run_id: str = Field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-                        + "-" + uuid.uuid4().hex[:6])
-    system_prompt: str | None = None
-    s3_endpoint: str | None = None
-    manifest_suffixes: list[str] | None = None
-    modified_since: datetime | None = None
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)
-    audio: AudioConfig = Field(default_factory=AudioConfig)
-    image: ImageConfig = Field(default_factory=ImageConfig)
-    summary: SummaryConfig = Field(default_factory=SummaryConfig)
-    prompt: PromptConfig = Field(default_factory=PromptConfig)
-    extract: ExtractConfig = Field(default_factory=ExtractConfig)
-    inputs: InputsConfig = Field(default_factory=InputsConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+                        + "-" + uuid.uuid4().hex[:6], description=(
+        "names this run's files and its _runs/<run_id>.json (a plain file name); default: UTC time + random"))
+    system_prompt: str | None = Field(None, description=(
+        "system message of every prompt (None: the model card's default)"))
+    s3_endpoint: str | None = Field(None, description=(
+        "S3-compatible endpoint (MinIO, Ceph, R2) for every s3:// read and write; None: AWS (or "
+        "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, read once on the driver)"))
+    manifest_suffixes: list[str] | None = Field(None, description=(
+        "with a media prefix as input: only keys ending in one of these (e.g. .wav)"))
+    modified_since: datetime | None = Field(None, description=(
+        "with a media prefix as input: only objects modified at or after this time"))
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the checkpoint every replica loads")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description=(
+        "greedy decoding limits per task"))
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description=(
+        "how work is grouped on the GPU replicas"))
+    audio: AudioConfig = Field(default_factory=AudioConfig, description="decoding and chunking of recordings")
+    image: ImageConfig = Field(default_factory=ImageConfig, description="decoding of images and documents")
+    summary: SummaryConfig = Field(default_factory=SummaryConfig, description="summaries of whole transcripts")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description=(
+        "the prompt job's template, media limits, --schema and --tools"))
+    extract: ExtractConfig = Field(default_factory=ExtractConfig, description=(
+        "--extract: fields read from each whole transcript under a JSON Schema"))
+    inputs: InputsConfig = Field(default_factory=InputsConfig, description=(
+        "what a manifest's uris may make a worker read, and how long one read may take"))
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description=(
+        "GPU replicas, CPU pools and the run's fault limits"))
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description=(
+        "benchmark and fault-injection knobs (they change what is computed: not for production)"))
     table: str | None = Field(None, description=(
         "an Iceberg table the run's result files are committed to when the run finishes, all in one snapshot "
         "(the Parquet output is written as without it): iceberg://CATALOG/NAMESPACE.TABLE, CATALOG a SQLite "
