@@ -340,7 +340,7 @@ class Phi4MMEngine:
         self._decoder = SlotDecoder(self.model, slots, max_len, self.eos_ids, self.banned_ids,
                                     fast_prefill=self._fast_prefill(), compiled=compiled,
                                     length_bucket=b.decode_length_bucket, row_buckets=b.decode_row_buckets,
-                                    attention="matmul" if b.decode_attention == "matmul" else "flex",
+                                    attention="flex" if b.decode_attention == "flex" else "matmul",
                                     on_time=self._add)
         self._add("caches_built", 1)
         return self._decoder
