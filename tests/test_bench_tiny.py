@@ -74,6 +74,7 @@ def check_suite_outputs(out: Path, stdout: str) -> None:
         ["asr_calls 6->6 calls: marginal vs equal 30 s clips"], figures  # every target has a figure but that
 
 
+@pytest.mark.realsize  # a command of its own that starts its own Ray and runs every whole job
 def test_suite_tiny_runs_every_step(tmp_path):
     """`python -m bench.suite --tiny` as the lead runs it on the GPU (a command of its own, its own Ray):
     every engine workload through the card recipe, batched generate and the engine, extract both ways,
