@@ -118,8 +118,11 @@ def test_extract_and_profile_scripts_tiny(bench_env, tmp_path):
     from bench import extract_bench, profile_prefill
 
     rows = extract_bench.main(["--tiny", "--out", str(tmp_path), "--scratch", str(tmp_path / "scratch")])
-    assert [r["engine"] for r in rows] == ["engine_constrained", "engine_unconstrained"]
-    assert rows[0]["all_valid"] and rows[0]["engine_stats"]["steps"] > 0
+    # the constrained run serial, then pipelined (--grammar-pipeline both, the default), then unconstrained
+    assert [(r["engine"], r.get("grammar_pipeline")) for r in rows] == \
+        [("engine_constrained", "off"), ("engine_constrained", "auto"), ("engine_unconstrained", None)]
+    assert all(r["all_valid"] and r["engine_stats"]["steps"] > 0 for r in rows[:2])
+    assert rows[0]["vs_unconstrained"] > 0 and rows[1]["vs_unconstrained"] > 0
     profile_prefill.main(["--tiny", "--batches", "4", "--slots", "8", "--out", str(tmp_path),
                           "--scratch", str(tmp_path / "scratch")])
     parts = {json.loads(line).get("part") for line in (tmp_path / "profile.jsonl").read_text().splitlines()}
