@@ -443,6 +443,7 @@ def test_placeholder_ids_fall_back_to_the_remote_code_constants():
 # -- provenance: the run record and every row say which weights wrote them -------------------------------
 # (last in this file: it starts the session's Ray, which the refusal test above must not find running)
 
+@pytest.mark.realsize  # a whole job on a converted checkpoint (the generation-equality test above stays in the fast tier)
 def test_job_on_main_branch_checkpoint_records_its_provenance(run_job, remote_model, tiny_model, tmp_path):
     import pandas as pd
 

@@ -136,6 +136,7 @@ def test_manifest_media_model_and_output_all_on_s3(s3, run_job, tiny_model, mode
     assert not [f for f in light["files"] if f.endswith(".safetensors") or "/" in f], light["files"]
 
 
+@pytest.mark.realsize  # a whole job over an S3 media prefix (the listing itself: tests/test_storage_s3.py, fast tier)
 def test_media_prefix_as_manifest(s3, run_job, tiny_model, model_cache, tmp_path):
     """`s3://calls-in/audio/` with suffix filters: every matching object is an input, its key the id."""
     before = _marker_stat(model_cache)  # set when the test above ran first: the copy must be reused
