@@ -24,6 +24,7 @@ def main(manifest: str, output: str, model: str, report_path: str) -> int:
     from ray.cluster_utils import Cluster
 
     from jobs.cli import main as cli
+    from pipeline.core.run_state import run_state_name
 
     # shutdown_at_exit=False: with it, every node added registers a SIGTERM handler, which only the main
     # thread may do, and the replacement node below is added from the killer thread (it failed there,
@@ -46,7 +47,7 @@ def main(manifest: str, output: str, model: str, report_path: str) -> int:
         while time.monotonic() < deadline:
             time.sleep(0.2)
             try:
-                journal = ray.get_actor(f"phi4mm-counters-{run_id}")
+                journal = ray.get_actor(run_state_name(run_id))
                 busy = ray.get(journal.calls_in_flight.remote("SpeechStage"), timeout=5)
             except Exception:  # noqa: BLE001 - not started yet
                 continue

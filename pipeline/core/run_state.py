@@ -113,13 +113,18 @@ class RunState:
                 for stage, c in self.totals.items()}
 
 
+def run_state_name(run_id: str) -> str:
+    """The name of a run's state actor (for a tool that looks at a run in flight: tests/node_loss_driver.py)."""
+    return f"phi4mm-run-state-{run_id}"
+
+
 def start_run_state(run_id: str):
     """(name, handle) of the run's state actor; the name goes into the RunContext every stage is built
     with. Kill it after reading it."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    name = f"phi4mm-run-state-{run_id}"
+    name = run_state_name(run_id)
     # on the driver's node: losing a worker node must not lose the run's counters and journal
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return name, ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(RunState).options(
