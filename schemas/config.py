@@ -254,7 +254,20 @@ def tool_problem(tool: dict, number: int, names: list[str]) -> str | None:
     return None
 
 
-class PromptConfig(_Strict):
+class AnswerBounds(_Strict):
+    """What the answer grammar adds where a --schema / --extract schema sets no bound, so a wandering model
+    still ends within its tokens (schemas/structured.py: generation_schema); validated before the schema,
+    whose check reads them."""
+    max_string_chars: int = Field(2000, ge=1, description=(
+        "longest string the answer grammar allows where the schema sets no maxLength"))
+    max_array_items: int = Field(64, ge=1, description=(
+        "most array items the answer grammar allows where the schema sets no maxItems"))
+    number_decimals: int = Field(6, ge=0, le=15, description=(
+        "digits after the point of a number in an answer, where the schema sets no multipleOf (numbers also "
+        "stay within +-1e15 and integers within +-9e18)"))
+
+
+class PromptConfig(AnswerBounds):
     """The prompt job (`phi4mm prompt`): one prompt per manifest row over any mix of its media."""
     template: str | None = Field(None, description=(
         "the prompt when a row has no `prompt` column value: `{column}` placeholders are filled from the row "
@@ -266,16 +279,9 @@ class PromptConfig(_Strict):
         "frames stay near 35k prompt tokens, inside the model's context"))
     max_images: int = Field(64, ge=1, le=256, description="images of one prompt (a document's pages included)")
     max_audio_s: float = Field(1800.0, gt=0.0, description="longest audio of a prompt (30 min: ~22.5k tokens)")
-    max_string_chars: int = Field(2000, ge=1, description=(
-        "bounds the grammar adds where the schema sets none (a wandering model still ends within its tokens)"))
-    max_array_items: int = Field(64, ge=1, description=(
-        "most array items the answer grammar allows where the schema sets no maxItems"))
-    number_decimals: int = Field(6, ge=0, le=15, description=(
-        "digits after the point of a number in an answer, where the schema sets no multipleOf (numbers also "
-        "stay within +-1e15 and integers within +-9e18: schemas/structured.py, generation_schema)"))
     json_schema: dict | None = Field(None, description=(
         "--schema: the JSON Schema (an object at the top) every answer is constrained to "
-        "(schemas/structured.py); after the bounds above, which its check reads"))
+        "(schemas/structured.py), checked under the bounds of AnswerBounds"))
     tools: list[dict] | None = Field(None, description=(
         "--tools: the functions the model may call, in the card's format ({\"name\", \"description\", "
         "\"parameters\"}), listed in the system message; its calls land in `tool_calls`"))
@@ -310,7 +316,7 @@ class PromptConfig(_Strict):
         return checked_answer_schema(value, info)
 
 
-class ExtractConfig(_Strict):
+class ExtractConfig(AnswerBounds):
     """`transcribe` / `meetings --extract SCHEMA.json`: an `extract` row per recording, the schema's fields
     read from its whole transcript by the text pool, generation constrained to the schema, the answer in
     `json` and each top-level scalar property in a typed column (schemas/structured.py). A transcript
@@ -319,17 +325,9 @@ class ExtractConfig(_Strict):
     instruction: str | None = Field(None, description=(
         "what to ask for, before the transcript (`--extract-prompt`); None: the project's wording "
         "(pipeline/model/prompts.py: EXTRACT_TRANSCRIPT_PROMPT)"))
-    max_string_chars: int = Field(2000, ge=1, description=(
-        "bounds the grammar adds where the schema sets none (as the prompt job's: a wandering model still "
-        "ends within its tokens, numbers have a bounded count of digits)"))
-    max_array_items: int = Field(64, ge=1, description=(
-        "most array items the answer grammar allows where the schema sets no maxItems"))
-    number_decimals: int = Field(6, ge=0, le=15, description=(
-        "digits after the point of a number in an answer where the schema sets no multipleOf (numbers also "
-        "stay within +-1e15 and integers within +-9e18)"))
     json_schema: dict | None = Field(None, description=(
-        "the JSON Schema (an object at the top) of what to extract; None: no extract rows (after the bounds "
-        "above, which its check reads)"))
+        "the JSON Schema (an object at the top) of what to extract, checked under the bounds of AnswerBounds; "
+        "None: no extract rows"))
 
     @field_validator("json_schema")
     @classmethod

@@ -22,18 +22,8 @@ LAYERS = ["schemas", "pipeline", "actors", "jobs"]  # bottom to top: a folder im
 
 def project_imports() -> dict[str, set[str]]:
     """{module path: project modules it imports}, for every module of the four folders."""
-    found: dict[str, set[str]] = {}
-    for folder in LAYERS:
-        for path in sorted((REPO / folder).rglob("*.py")):
-            names: set[str] = set()
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.Import):
-                    names.update(alias.name for alias in node.names)
-                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                    names.add(node.module)
-                    names.update(f"{node.module}.{alias.name}" for alias in node.names)
-            found[str(path.relative_to(REPO))] = {n for n in names if n.split(".")[0] in LAYERS}
-    return found
+    return {str(path.relative_to(REPO)): {n for n in all_imports(path, names=True) if n.split(".")[0] in LAYERS}
+            for folder in LAYERS for path in sorted((REPO / folder).rglob("*.py"))}
 
 
 def folder_edges() -> dict[tuple[str, str], list[str]]:
@@ -80,15 +70,18 @@ def module_name(path: str) -> str:
     return name[: -len(".__init__")] if name.endswith(".__init__") else name
 
 
-def all_imports(path: Path) -> set[str]:
-    """Every module name `path` imports (project or not), also inside functions."""
-    names: set[str] = set()
+def all_imports(path: Path, names: bool = False) -> set[str]:
+    """Every module `path` imports (project or not), also inside functions; with `names`, also each
+    `module.name` a `from module import name` takes (a name may be a submodule)."""
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
+            found.add(node.module)
+            if names:
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
 
 
 def rule_breaks() -> list[str]:
