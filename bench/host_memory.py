@@ -99,13 +99,15 @@ class PeakMemory:
         total = sum(by_pid.values())
         if total > self.peak:  # who held what at the peak, largest first (a session's processes only)
             top = sorted(by_pid.items(), key=lambda kv: -kv[1])[:8]
-            self.at_peak = [(process_name(pid), n) for pid, n in top]
-            self.shmem_at_peak = sum(_pss_by_pid(by_pid, "Pss_Shmem").values())
+            shmem = _pss_by_pid(by_pid, "Pss_Shmem")
+            self.at_peak = [(process_name(pid), n, shmem.get(pid, 0)) for pid, n in top]
+            self.shmem_at_peak = sum(shmem.values())
         return total
 
     def breakdown(self) -> str:
-        """The largest processes at the peak, for a failure message ("ray::VisionStage 2.1 GB, ...")."""
-        return (", ".join(f"{name} {n / 1e9:.2f} GB" for name, n in self.at_peak)
+        """The largest processes at the peak, for a failure message ("ray::VisionStage 2.10 GB (1.20 shared), ...": the part of each
+        process's PSS in shared memory, the object store's pages it maps, in brackets)."""
+        return (", ".join(f"{name} {n / 1e9:.2f} GB ({shared / 1e9:.2f} shared)" for name, n, shared in self.at_peak)
                 + f"; {self.shmem_at_peak / 1e9:.2f} GB of the total in shared memory (the object store)")
 
     def __enter__(self):

@@ -108,14 +108,18 @@ def build_dataset(config: JobConfig, manifest: pa.Table, cluster: Cluster, conte
 
 # the least object store a dataset is limited to: Ray Data splits a limit among the graph's 5-7 operators,
 # and under a few GiB the writer's share falls below what one of its tasks needs while the decoding pool's
-# pages hold the rest, and the job stalls (seen with 1 GiB: Write "backpressured", budget 0)
+# pages hold the rest, and the job stalls (seen with 1 GiB and 48-page GPU calls: Write "backpressured",
+# budget 0). With replicas on CPU (a cluster without GPUs; calls of `cpu_vision_rows_per_call` pages)
+# 1 GiB runs the 300-page PDF and the mixed scans folder without a stall, and the store's high-water
+# mark (which every worker that touched it keeps mapped) falls from ~1.9 to ~0.75 GB.
 MIN_QUEUED_FEATURES_BYTES = 4 << 30
+MIN_QUEUED_FEATURES_BYTES_CPU = 1 << 30
 
 
 def queued_features_limit(config: JobConfig, cluster: Cluster) -> int | None:
     """Object-store bytes a job's dataset may hold, for jobs whose GPU calls are sized in bytes (vision):
     `queued_calls_per_replica` calls of the largest size per replica of each media pool, at least
-    MIN_QUEUED_FEATURES_BYTES. Ray Data (below its own default share of the object store, whichever is
+    MIN_QUEUED_FEATURES_BYTES (MIN_QUEUED_FEATURES_BYTES_CPU on a cluster without GPUs). Ray Data (below its own default share of the object store, whichever is
     less) then holds the CPU stages back instead of letting them prepare pages that no GPU will read for
     a long time. None: Ray's default."""
     total = 0
@@ -125,7 +129,8 @@ def queued_features_limit(config: JobConfig, cluster: Cluster) -> int | None:
         if bound is None:
             return None
         total += bound * res.pool_size[1] * config.batching.queued_calls_per_replica
-    return max(total, MIN_QUEUED_FEATURES_BYTES) if total else None
+    floor = MIN_QUEUED_FEATURES_BYTES if cluster.gpus > 0 or cluster.autoscaling else MIN_QUEUED_FEATURES_BYTES_CPU
+    return max(total, floor) if total else None
 
 
 def manifest_blocks(manifest: pa.Table, rows_per_block: int) -> list[pa.Table]:

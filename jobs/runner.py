@@ -26,7 +26,7 @@ from pipeline.io.manifest import read_manifest
 from pipeline.io.output import io_cause, probe_output, read_results, write_run_record
 from pipeline.io.resume import drop_superseded, remove_replaced, rows_to_redo
 from pipeline.io.storage import StorageOptions, is_local, locate, remove_directory_markers
-from pipeline.model.inputs import load_processor
+from pipeline.model.inputs import load_processor  # imports transformers only when called
 from pipeline.model.source import describe_model
 from schemas.config import JobConfig
 from schemas.manifest import ManifestError, passthrough_columns, unknown_target_languages
@@ -208,8 +208,41 @@ def _output_errors(uri: str):
         raise OutputError(f"output {uri}: {type(cause).__name__}: {cause}") from exc
 
 
+# the check in a process of its own: loading the processor imports torch and transformers, ~0.9 GB that
+# the driver would otherwise hold for the whole run (measured on the 2-core machine) and never use again
+_PROCESSOR_CHECK = """
+import sys
+from pipeline.model.inputs import load_processor  # imports transformers only when called
+try:
+    load_processor(sys.argv[1])
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__, file=sys.stderr)
+    sys.exit(3)
+"""
+PROCESSOR_CHECK_TIMEOUT_S = 300
+
+
 def _check_processor(model_dir: str) -> None:
+    """Refuse a model whose processor (tokenizer, image processor, feature extractor) does not load.
+
+    In this process when transformers is loaded here already (nothing is saved by a child then: a
+    test session, or a notebook), else in a child process that exits once it has answered."""
+    if "transformers" in sys.modules:
+        try:
+            load_processor(model_dir)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"--model {model_dir}: cannot load the processor/tokenizer ({exc})") from exc
+        return
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p))
     try:
-        load_processor(model_dir)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"--model {model_dir}: cannot load the processor/tokenizer ({exc})") from exc
+        done = subprocess.run([sys.executable, "-c", _PROCESSOR_CHECK, model_dir], env=env, capture_output=True,
+                              text=True, timeout=PROCESSOR_CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"--model {model_dir}: loading the processor/tokenizer took over "
+                         f"{PROCESSOR_CHECK_TIMEOUT_S} s") from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise ValueError(f"--model {model_dir}: cannot load the processor/tokenizer "
+                         f"({lines[-1] if lines else f'exit code {done.returncode}'})")

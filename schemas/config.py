@@ -74,10 +74,11 @@ class BatchingConfig(_Strict):
         " / the most one page's features can take under `image.dynamic_hd` ((dynamic_hd + 1) crops of "
         "3x448x448 float32: 89 MB at the default 36; a Letter page at 150 dpi is 13 crops, 31 MB), at most "
         "`rows_per_call`. 4 GiB: 48 pages a call, each with its own decode slot"))
-    cpu_vision_rows_per_call: int = Field(4, ge=1, description=(
+    cpu_vision_rows_per_call: int = Field(2, ge=1, description=(
         "pages per vision call of a replica on CPU (gpus_per_replica 0, or no GPU: the tiny model, tests): a "
         "CPU gains nothing from batching pages (the tiny model reads 8 Letter pages 30 % faster in batches of"
-        " 2 than of 8) and each page of a batch holds ~100 MB of activations there"))
+        " 2 than of 8) and each page of a batch holds ~100 MB of activations there (2 rather than 4: the "
+        "300-page PDF's replica peaked 0.4 GB lower)"))
     queued_calls_per_replica: int = Field(3, ge=1, description=(
         "calls' worth of prepared features the object store may hold per GPU replica (what the pool takes "
         "soon: the call running and the one queued behind it, plus one being formed); Ray Data holds the CPU "

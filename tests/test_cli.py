@@ -208,3 +208,19 @@ def test_batch_size_help_says_it_sets_the_prefill_batch(capsys):
         main(["transcribe", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--batch-size" in help_text and "prefilled together" in help_text and "decode_slots" in help_text
+
+
+def test_the_driver_checks_the_processor_without_loading_torch(tiny_model, tmp_path):
+    """The driver refuses a model whose processor does not load, before Ray starts, and does it in a
+    child process: torch and transformers (~0.9 GB) are never loaded by the driver of a job."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from jobs.runner import _check_processor; _check_processor(sys.argv[1]); "
+              "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'loaded by the driver'\n"
+              "try:\n    _check_processor(sys.argv[2])\nexcept ValueError as exc:\n    print(exc)")
+    done = subprocess.run([sys.executable, "-c", script, tiny_model, str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"--model {tmp_path}: cannot load the processor/tokenizer ("), done.stdout
+    assert len(done.stdout.strip().splitlines()) == 1  # one line, no stack

@@ -176,8 +176,11 @@ def test_vision_calls_are_sized_by_features_bytes_and_speech_keeps_its_rows():
     assert queued_features_limit(ocr, cluster) == 3 * rows * max_page_feature_bytes(36)
     # a replica on CPU (the tiny model): a few pages a call, and so a few in the object store
     on_cpu = Cluster(cpus=16, gpus=0)
-    assert VisionStage.resources(ocr, on_cpu).batch_size == 4
-    assert 3 * 4 * max_page_feature_bytes(36) < queued_features_limit(ocr, on_cpu) == 4 << 30  # the floor
+    assert VisionStage.resources(ocr, on_cpu).batch_size == 2
+    assert 3 * 2 * max_page_feature_bytes(36) < queued_features_limit(ocr, on_cpu) == 1 << 30  # the CPU floor
+    # a GPU cluster with small calls still gets the 4 GiB floor (the writer's share must fit a task)
+    few = ocr.model_copy(update={"batching": ocr.batching.model_copy(update={"rows_per_call": 2})})
+    assert queued_features_limit(few, cluster) == 4 << 30
     # speech and meetings: as before (30 s chunks, ~1 MB each)
     assert SpeechStage.resources(JobConfig(job="transcribe", input="m", output="o"), cluster).batch_size == 512
     # (a meetings row is one part of up to 16 chunks: 32 rows, ~512 chunks, pipeline/stages/regroup_parts.py)

@@ -29,6 +29,7 @@ from typing import ClassVar
 
 import pyarrow as pa
 
+from pipeline.core.heap import release_free_heap
 from schemas.config import JobConfig
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Stage:
         out = self.process(batch)
         if isinstance(out, pa.Table):
             self.counters.update(calls=1, rows_in=batch.num_rows, rows_out=out.num_rows)
+            release_free_heap()  # what the call made and let go of, not kept resident while idle
             self.counters["busy_s"] += time.perf_counter() - started
             self.push_counters()
             return out
@@ -130,6 +132,8 @@ class Stage:
             self.push_counters()
             yield block
             busy_from = time.perf_counter()
+            release_free_heap()
+        release_free_heap()
         self.counters["busy_s"] += time.perf_counter() - busy_from
         self.push_counters()
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # at 150 dpi is ~31 MB of image features: two pages a block), or of this many rows (error rows for the
 # pages past image.max_pages carry no features): a block is handed on as soon as it is full, so neither
 # this worker nor the object store ever holds a whole long document's pages
-DOCUMENT_BLOCK_BYTES = 64 << 20
+DOCUMENT_BLOCK_BYTES = 32 << 20
 DOCUMENT_BLOCK_ROWS = 1024
 
 
