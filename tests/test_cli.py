@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from tests.conftest import REPO, read_output
+from tests.conftest import REPO
 from schemas.tasks import TASKS
 
 
@@ -24,9 +24,9 @@ def _python_m(module: str, *args: str, env: dict | None = None, timeout: float =
                           timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
-def test_run_job_yaml_gives_the_same_rows_as_the_subcommand(run_job, samples_copy, tiny_model, monkeypatch):
+def test_run_job_yaml_runs_what_the_subcommand_runs(samples_copy, tiny_model, monkeypatch):
     """`phi4mm run JOB.yaml` runs the job the subcommand with the same settings would: the same JobConfig
-    (but for output and run id), and its run writes every row ok."""
+    (but for output and run id)."""
     from jobs import runner
 
     calls = pd.read_csv(samples_copy / "transcribe.csv").head(2)
@@ -45,12 +45,8 @@ def test_run_job_yaml_gives_the_same_rows_as_the_subcommand(run_job, samples_cop
         assert main(["run", "nightly.yaml"]) == 0
     cli, from_yaml = (c.model_dump(exclude={"output", "run_id"}) for c in seen)
     assert cli == from_yaml and seen[0].output.endswith("out-cli") and seen[1].run_id == "yaml"
-
-    assert main(["run", "nightly.yaml"]) == 0  # and the YAML's run itself
-    rows = read_output(samples_copy / "out-yaml").to_pandas()
-    assert len(rows) == len(calls) and (rows.status == "ok").all(), rows.error.tolist()
-    assert (rows.run_id == "yaml").all() and sorted(rows.id) == sorted(calls.id)
-    assert (samples_copy / "out-yaml" / "_runs" / "yaml.json").exists()
+    # both commands hand it to the same runner.run_job, which every whole-job test runs for real (a third
+    # whole run here, 20 s, showed nothing those do not)
 
 
 def test_tiny_model_command_builds_a_loadable_checkpoint(tmp_path, capsys):
@@ -210,16 +206,17 @@ def test_batch_size_help_says_it_sets_the_prefill_batch(capsys):
     assert "--batch-size" in help_text and "prefilled together" in help_text and "decode_slots" in help_text
 
 
-def test_the_driver_checks_the_processor_without_loading_torch(tiny_model, tmp_path):
+def test_the_driver_checks_the_processor_without_loading_torch(tmp_path):
     """The driver refuses a model whose processor does not load, before Ray starts, and does it in a
     child process: torch and transformers (~0.9 GB) are never loaded by the driver of a job."""
     import subprocess
     import sys
 
-    script = ("import sys; from jobs.runner import _check_processor; _check_processor(sys.argv[1]); "
-              "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'loaded by the driver'\n"
-              "try:\n    _check_processor(sys.argv[2])\nexcept ValueError as exc:\n    print(exc)")
-    done = subprocess.run([sys.executable, "-c", script, tiny_model, str(tmp_path)], cwd=REPO, capture_output=True,
+    # (a model that loads passes the same check in every command-line job of the real-size tier)
+    script = ("import sys; from jobs.runner import _check_processor\n"
+              "try:\n    _check_processor(sys.argv[1])\nexcept ValueError as exc:\n    print(exc)\n"
+              "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'loaded by the driver'")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(f"--model {tmp_path}: cannot load the processor/tokenizer ("), done.stdout

@@ -143,6 +143,7 @@ def test_a_long_transcript_is_read_in_sections_then_extracted_from_the_notes(tin
         assert row["schema:mood"] in {"happy", "neutral", "angry"}
 
 
+@pytest.mark.realsize  # a whole meetings run (34 s); the fast tier extracts from calls (the transcribe run) and from a long transcript's section notes
 def test_meetings_extract_writes_one_row_per_meeting(run_job, samples_copy, tmp_path):
     schema = tmp_path / "actions.json"
     schema.write_text(json.dumps({"type": "object", "properties": {

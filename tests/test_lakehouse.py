@@ -78,6 +78,7 @@ def _manifest(samples: Path, n: int, late: bool = False, **extra) -> Path:
     return path
 
 
+@pytest.mark.realsize  # two whole runs (44 s); the fast tier keeps the commit, refusal and reader tests on hand-made runs
 def test_runs_commit_once_each_and_a_resume_replaces_error_rows_in_the_same_commit(run_job, samples_copy, tmp_path):
     manifest = _manifest(samples_copy, 2, late=True)
     out, uri = tmp_path / "out", _table_uri(tmp_path)

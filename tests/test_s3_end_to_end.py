@@ -78,6 +78,7 @@ def _marker_stat(cache: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
+@pytest.mark.realsize  # a whole job on S3 (26 s); the fast tier keeps the S3 readers' and fetches' unit tests
 def test_manifest_media_model_and_output_all_on_s3(s3, run_job, tiny_model, model_cache, tmp_path):
     model_files = _upload_model(s3, tiny_model)
     _upload_audio(s3)

@@ -9,6 +9,8 @@ idle is multiplied by the node's cores.
 """
 from __future__ import annotations
 
+import pytest
+
 import pyarrow as pa
 
 from bench.documents import encoded, scan, text_pdf
@@ -28,6 +30,7 @@ def rollup(pid: int) -> dict[str, int]:
     return out
 
 
+@pytest.mark.realsize  # memory, measured (20 s)
 def test_an_idle_decoding_worker_holds_what_it_was_set_up_with(ray_session, tiny_model, tmp_path):
     from pipeline.context import RunContext
     from pipeline.stages.prepare_pages import PreparePages

@@ -6,6 +6,7 @@ never run on the GPU's critical path. An item travels through Ray as one pickled
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,11 +53,19 @@ class InputBuilder:
 
     def __init__(self, model_dir: str, system_prompt: str | None = None, dynamic_hd: int | None = None,
                  audio_bucket_s: float = DEFAULT_AUDIO_BUCKET_S):
-        self.processor = load_processor(model_dir)
+        self.model_dir = model_dir
         self.system_prompt = system_prompt
         self.dynamic_hd = dynamic_hd
         self._added_ids: frozenset[int] | None = None
         self.audio_bucket_frames = max(1, int(round(audio_bucket_s * FEATURE_FRAMES_PER_S)))
+
+    @functools.cached_property
+    def processor(self):
+        """The checkpoint's processor, loaded on first use: loading it imports torch and transformers
+        (~4.3 s of one core), which a stage that only passes rows on in a run (the long-audio features
+        pool of a job of short calls, the text pool's builder) never pays. The driver has checked that
+        it loads before any worker starts (jobs/runner.py)."""
+        return load_processor(self.model_dir)
 
     def prompt(self, instruction: str, media: str | None, system_prompt: str | None = None) -> str:
         """The chat prompt; `system_prompt` (when given) instead of the builder's own system message."""
