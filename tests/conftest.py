@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny offline checkpoint, one local Ray for the session, and job runners."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -226,9 +227,13 @@ def transcribe_run(run_job, tmp_path_factory):
     manifest = samples / "with_bad.csv"
     pd.concat([good, bad]).to_csv(manifest, index=False)
     out = samples.parent / "out"
-    rc = run_job("transcribe", manifest, out, "--translate-to", "fr", "--translate-to", "de", "--summarize",
-                 "--max-new-tokens", MAX_NEW, "--run-id", "e2e-transcribe")
-    assert rc == 0
+    console = io.StringIO()  # what a person sees: tests/test_progress.py reads the progress lines
+    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stderr(console):
+        env.setenv("PHI4MM_PROGRESS_EVERY_S", "1")
+        rc = run_job("transcribe", manifest, out, "--translate-to", "fr", "--translate-to", "de", "--summarize",
+                     "--max-new-tokens", MAX_NEW, "--run-id", "e2e-transcribe")
+    (samples.parent / "console.txt").write_text(console.getvalue())
+    assert rc == 0, console.getvalue()[-3000:]
     return samples, good, bad, out
 
 

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from jobs.progress import progress_line
-from tests.conftest import MAX_NEW, read_output
+from tests.conftest import read_output
 
 
 def test_progress_line_says_inputs_rows_audio_rate_and_time_left():
@@ -19,16 +19,19 @@ def test_progress_line_says_inputs_rows_audio_rate_and_time_left():
     assert "pages" not in line and "left" not in progress_line({}, 20, 5.0)
 
 
-def test_jobs_show_progress_by_default_and_not_with_quiet(run_job, samples_copy, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("PHI4MM_PROGRESS_EVERY_S", "1")
-    manifest = samples_copy / "transcribe.csv"
-    assert run_job("transcribe", manifest, tmp_path / "a", "--max-new-tokens", MAX_NEW) == 0
-    err = capsys.readouterr().err
-    lines = [l for l in err.splitlines() if l.startswith("phi4mm: progress")]
-    assert lines, err[-2000:]
-    n = sum(1 for _ in open(manifest)) - 1
-    assert re.search(rf"inputs {n}/{n} prepared, {n}/{n} done, {n} rows written \(0 errors\), [0-9.]+ h of audio",
-                     lines[-1]), lines[-1]
+def test_jobs_show_progress_by_default_and_not_with_quiet(transcribe_run, capsys, monkeypatch, tmp_path):
+    """The session's transcribe run (good and broken calls, every 1 s) printed progress lines that end
+    with every input prepared and done, every row written and its error rows counted."""
+    samples, good, bad, out = transcribe_run
+    lines = [l for l in (out.parent / "console.txt").read_text().splitlines() if l.startswith("phi4mm: progress")]
+    assert lines, (out.parent / "console.txt").read_text()[-2000:]
+    n = len(good) + len(bad)
+    rows = read_output(out)
+    errors = sum(s != "ok" for s in rows["status"].to_pylist())
+    assert errors > 0  # the broken calls' rows
+    assert re.search(rf"inputs {n}/{n} prepared, {n}/{n} done, {rows.num_rows} rows written \({errors} errors\), "
+                     r"[0-9.]+ h of audio", lines[-1]), lines[-1]
+    manifest = samples / "transcribe.csv"
     # --quiet: the job runs without a progress reporter (what it would run, not run again)
     from jobs import cli, runner
 
