@@ -143,6 +143,7 @@ def test_bad_manifest_is_refused_before_ray_starts(tmp_path, tiny_model, capsys)
     assert "xx" in capsys.readouterr().err
 
 
+@pytest.mark.realsize  # a whole job (30 s); the fast tier runs the same rows through the CPU stages below
 def test_stereo_calls_split_by_channel_and_summarised_from_audio(run_job, samples_copy, tmp_path):
     """Agent and customer on separate channels: one transcript with both, in time order, labelled."""
     import soundfile as sf
@@ -165,3 +166,40 @@ def test_stereo_calls_split_by_channel_and_summarised_from_audio(run_job, sample
     assert rows.loc[("stereo", "summarize"), "input_tokens"] > 100
     assert rows.loc[("stereo", "summarize"), "segments"] is None
     assert rows.loc[("mono", "asr"), "crm_ticket"] == 982
+
+
+def test_stereo_call_splits_by_channel_through_the_cpu_stages(samples_copy, tiny_model):
+    """The stereo test's rows through PrepareAudio, then (each chunk given a text, as the speech pool
+    would) AssembleChunks and ResultRows: one transcript with both channels, labelled, in time order; the
+    summary row is one chunk of audio for the speech pool; the mono call is one speaker."""
+    import pyarrow as pa
+
+    from pipeline.context import RunContext
+    from pipeline.stages.assemble import AssembleChunks
+    from pipeline.stages.prepare_audio import PrepareAudio
+    from pipeline.stages.result_rows import ResultRows
+    from schemas.config import JobConfig
+    from schemas.manifest import validate_manifest
+    from schemas.work_rows import set_column
+
+    audio = samples_copy / "audio"
+    table = validate_manifest(pa.table({"id": ["stereo", "mono"], "uri": [str(audio / "call_0002.flac"),
+                                                                          str(audio / "call_0001.wav")]}))
+    config = JobConfig(job="transcribe", input="m.csv", output="out", model={"source": tiny_model},
+                       audio={"split_channels": True, "summarize_from_audio": True}, summarize=True)
+    context = RunContext.for_tests(config, pa.schema([]))
+    work = PrepareAudio(context)(table)
+    rows = {(r["id"], r["task"]): r for r in work.to_pylist()}
+    assert sorted(rows) == [("mono", "asr"), ("mono", "summarize"), ("stereo", "asr"), ("stereo", "summarize")]
+    assert not any(r["error"] for r in rows.values())
+    assert set(rows[("stereo", "asr")]["chunk_speaker"]) == {"channel 1", "channel 2"}
+    assert set(rows[("mono", "asr")]["chunk_speaker"]) == {None}
+    summary = rows[("stereo", "summarize")]
+    assert summary["modality"] == "speech" and len(summary["chunk_inputs"]) == 1  # the audio itself, one chunk
+    texts = [[f"words {k}" for k in range(len(c))] for c in work["chunk_inputs"].to_pylist()]
+    done = set_column(work, "chunk_text", texts)
+    out = {(r["id"], r["task"]): r for r in ResultRows(context)(AssembleChunks(context)(done)).to_pylist()}
+    segments = out[("stereo", "asr")]["segments"]
+    assert sorted({s["text"].split("]")[0] + "]" for s in segments}) == ["[channel 1]", "[channel 2]"]
+    assert [s["start_s"] for s in segments] == sorted(s["start_s"] for s in segments)
+    assert out[("stereo", "summarize")]["status"] == "ok" and out[("stereo", "summarize")]["segments"] is None
