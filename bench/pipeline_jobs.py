@@ -83,6 +83,8 @@ class FirstRow:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=5)
+        if self.seconds is None and self._found():  # written within the last poll's 0.1 s: seen at the end
+            self.seconds = round(time.perf_counter() - self._start, 2)
 
 
 @dataclass

@@ -44,6 +44,7 @@ def test_an_idle_decoding_worker_holds_what_it_was_set_up_with(ray_session, tiny
             import os
 
             self.stage, self.pid = PreparePages(context), os.getpid()
+            self.stage.builder.processor  # noqa: B018 - loaded on first use; set up means ready for a page
 
         def prepare(self, table: pa.Table) -> list[dict]:
             """Every block's (id, page, error, feature bytes): the blocks themselves are let go."""
