@@ -44,6 +44,9 @@ class ModelStage(Stage):
         self.engine = Phi4MMEngine(context.model_dir(), self.modality, self.config.model,
                                    self.config.batching, random_weights=self.config.benchmark.random_weights)
         self.answer_grammar = answer_grammar(self.config)
+        # a GPU replica (one per GPU, not per core) keeps its heap for the next call, which would otherwise
+        # fault the pages of its host-side buffers in again
+        self.release_heap = self.engine.device.type != "cuda"
         warm_up_replica(self.engine, self.config, self.modality, self.answer_grammar,  # compile, capture, cache
                         call_items=call_rows(self.config, self.modality, on_gpu=self.engine.device.type == "cuda"))
 

@@ -94,6 +94,9 @@ class Stage:
         self.counters: Counter = Counter()  # this worker's totals since it started
         self._pushed: Counter = Counter()
         self._actor = None
+        # hand the heap a call freed back to the system after each call and block (core/heap.py): a node
+        # runs a CPU worker per core, each otherwise keeping its largest call's heap while idle
+        self.release_heap = True
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster, **options) -> StageResources:
@@ -113,7 +116,8 @@ class Stage:
         out = self.process(batch)
         if isinstance(out, pa.Table):
             self.counters.update(calls=1, rows_in=batch.num_rows, rows_out=out.num_rows)
-            release_free_heap()  # what the call made and let go of, not kept resident while idle
+            if self.release_heap:  # what the call made and let go of, not kept resident while idle
+                release_free_heap()
             self.counters["busy_s"] += time.perf_counter() - started
             self.push_counters()
             return out
@@ -132,8 +136,10 @@ class Stage:
             self.push_counters()
             yield block
             busy_from = time.perf_counter()
+            if self.release_heap:
+                release_free_heap()
+        if self.release_heap:
             release_free_heap()
-        release_free_heap()
         self.counters["busy_s"] += time.perf_counter() - busy_from
         self.push_counters()
 
