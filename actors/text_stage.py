@@ -25,7 +25,8 @@ class TextStage(ModelStage):
 
     def __init__(self, context: RunContext):
         super().__init__(context)
-        self.builder = InputBuilder(context.model_dir(processor_only=True), self.config.system_prompt)
+        self.builder = InputBuilder(self.engine.model_dir, self.config.system_prompt,
+                                    processor=self.engine.processor)  # the engine's, not a second copy
         self.max_new = answer_limits(self.config)
         self.extract_system, self.fields = extract_wording(self.config)
         self._label_tokens: int | None = None

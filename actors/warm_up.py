@@ -37,7 +37,8 @@ def warm_up_replica(engine, config: JobConfig, modality: str, grammar: str | Non
     if not config.batching.warm_up or not getattr(engine, "use_static", False):
         return 0.0
     try:
-        items, max_new, call_items = warm_up_work(engine.model_dir, config, modality, call_items)
+        items, max_new, call_items = warm_up_work(engine.model_dir, config, modality, call_items,
+                                                  processor=engine.processor)
     except Exception as exc:  # noqa: BLE001 - a replica that cannot warm up still works
         log.warning("warm-up items for the %s pool could not be built (%s: %s); not warming up", modality,
                     type(exc).__name__, exc)
@@ -48,14 +49,14 @@ def warm_up_replica(engine, config: JobConfig, modality: str, grammar: str | Non
     return spent
 
 
-def warm_up_work(model_dir: str, config: JobConfig, modality: str, call_items: int | None = None
-                 ) -> tuple[list[dict], int, int]:
+def warm_up_work(model_dir: str, config: JobConfig, modality: str, call_items: int | None = None,
+                 processor=None) -> tuple[list[dict], int, int]:
     """(items, max_new tokens, items per call) a pool's warm-up runs on; `call_items`: the pool's rows per
-    call (the vision pool's cache holds one call's pages)."""
+    call (the vision pool's cache holds one call's pages); `processor`: the replica's, already loaded."""
     from pipeline.model.inputs import InputBuilder
 
     builder = InputBuilder(model_dir, config.system_prompt, config.image.dynamic_hd,
-                           audio_bucket_s=config.audio.batch_bucket_s)
+                           audio_bucket_s=config.audio.batch_bucket_s, processor=processor)
     limits = config.generation.max_new_tokens
     tasks = config.tasks
     # the tasks this pool may answer (a prompt's pool is decided per row: it may be any)

@@ -29,16 +29,22 @@ def _parents() -> dict[int, int]:
     return {pid: int(fields[1]) for pid, fields in proc_stats()}
 
 
+def pss_rollup(pid: int) -> dict[str, int]:
+    """Every Pss field of a process's smaps rollup, in bytes ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem",
+    ...); raises OSError once the process is gone."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return {name: int(rest.split()[0]) * 1024 for name, _, rest in (line.partition(":") for line in f)
+                if name.startswith("Pss")}
+
+
 def _pss_by_pid(pids, field: str = "Pss") -> dict[int, int]:
     """pid -> a field of the smaps rollup (bytes) of each of `pids` still alive: "Pss", or "Pss_Shmem"
     (the part in shared memory: for a Ray worker, the object store's pages it maps)."""
     out = {}
-    prefix = field + ":"
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                out[pid] = next(int(line.split()[1]) * 1024 for line in f if line.startswith(prefix))
-        except (OSError, StopIteration):
+            out[pid] = pss_rollup(pid)[field]
+        except (OSError, KeyError):
             continue
     return out
 

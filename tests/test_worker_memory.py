@@ -14,23 +14,12 @@ import pytest
 import pyarrow as pa
 
 from bench.documents import encoded, scan, text_pdf
+from bench.host_memory import pss_rollup
 
 PAGES = 20
 SCANS = [(1275, 1650), (1240, 1754), (1700, 2200), (1654, 2339)]
 
 
-def rollup(pid: int) -> dict[str, int]:
-    """Pss, Pss_Anon and Pss_Shmem of a process, in bytes."""
-    out = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name in ("Pss", "Pss_Anon", "Pss_Shmem"):
-                out[name] = int(rest.split()[0]) * 1024
-    return out
-
-
-@pytest.mark.realsize  # memory, measured (20 s)
 def test_an_idle_decoding_worker_holds_what_it_was_set_up_with(ray_session, tiny_model, tmp_path):
     from pipeline.context import RunContext
     from pipeline.stages.prepare_pages import PreparePages
@@ -44,7 +33,6 @@ def test_an_idle_decoding_worker_holds_what_it_was_set_up_with(ray_session, tiny
             import os
 
             self.stage, self.pid = PreparePages(context), os.getpid()
-            self.stage.builder.processor  # noqa: B018 - loaded on first use; set up means ready for a page
 
         def prepare(self, table: pa.Table) -> list[dict]:
             """Every block's (id, page, error, feature bytes): the blocks themselves are let go."""
@@ -59,12 +47,12 @@ def test_an_idle_decoding_worker_holds_what_it_was_set_up_with(ray_session, tiny
     config = JobConfig(job="ocr", input="m.csv", output="out", model={"source": tiny_model})
     worker = DecodingWorker.remote(RunContext.for_tests(config, pa.schema([])))
     pid = ray.get(worker.process_id.remote(), timeout=300)
-    set_up = rollup(pid)
+    set_up = pss_rollup(pid)
     table = pa.table({"id": ["manual"] + [f"scan-{k}" for k in range(len(SCANS))],
                       "uri": [str(pdf)] + [None] * len(SCANS),
                       "data": [None] + [encoded(scan(size, seed=k), "PNG") for k, size in enumerate(SCANS)]})
     rows = ray.get(worker.prepare.remote(table), timeout=600)
-    idle = rollup(pid)
+    idle = pss_rollup(pid)
     ray.kill(worker)
     # every page and scan prepared, once, each with its features (the worker really did the work)
     assert sorted((r["id"], r["page"]) for r in rows) == sorted(

@@ -116,8 +116,7 @@ class Stage:
         out = self.process(batch)
         if isinstance(out, pa.Table):
             self.counters.update(calls=1, rows_in=batch.num_rows, rows_out=out.num_rows)
-            if self.release_heap:  # what the call made and let go of, not kept resident while idle
-                release_free_heap()
+            self._hand_back_heap()  # what the call made and let go of, not kept resident while idle
             self.counters["busy_s"] += time.perf_counter() - started
             self.push_counters()
             return out
@@ -136,12 +135,14 @@ class Stage:
             self.push_counters()
             yield block
             busy_from = time.perf_counter()
-            if self.release_heap:
-                release_free_heap()
-        if self.release_heap:
-            release_free_heap()
+            self._hand_back_heap()
+        self._hand_back_heap()
         self.counters["busy_s"] += time.perf_counter() - busy_from
         self.push_counters()
+
+    def _hand_back_heap(self) -> None:
+        if self.release_heap:
+            release_free_heap()
 
     def journal(self, method: str, *args):
         """Call the run's state actor (RunState: `deaths`, `begin`, `end`, `hold_part`) synchronously;

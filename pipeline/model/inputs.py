@@ -6,7 +6,6 @@ never run on the GPU's critical path. An item travels through Ray as one pickled
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,20 +51,24 @@ class InputBuilder:
     """Turns (media, instruction) into the processor's per-item arrays."""
 
     def __init__(self, model_dir: str, system_prompt: str | None = None, dynamic_hd: int | None = None,
-                 audio_bucket_s: float = DEFAULT_AUDIO_BUCKET_S):
+                 audio_bucket_s: float = DEFAULT_AUDIO_BUCKET_S, *, processor=None, load_now: bool = True):
+        """`processor`: one already loaded from `model_dir` (a replica's engine holds one) instead of a
+        second copy; `load_now=False`: load it on first use, for a stage that may never build an input in
+        a run (loading imports torch and transformers, ~4.3 s of one core; the driver has checked that it
+        loads before any worker starts, jobs/runner.py)."""
         self.model_dir = model_dir
         self.system_prompt = system_prompt
         self.dynamic_hd = dynamic_hd
         self._added_ids: frozenset[int] | None = None
         self.audio_bucket_frames = max(1, int(round(audio_bucket_s * FEATURE_FRAMES_PER_S)))
+        self._processor = processor if processor is not None or not load_now else load_processor(model_dir)
 
-    @functools.cached_property
+    @property
     def processor(self):
-        """The checkpoint's processor, loaded on first use: loading it imports torch and transformers
-        (~4.3 s of one core), which a stage that only passes rows on in a run (the long-audio features
-        pool of a job of short calls, the text pool's builder) never pays. The driver has checked that
-        it loads before any worker starts (jobs/runner.py)."""
-        return load_processor(self.model_dir)
+        """The checkpoint's processor (loaded here if the builder was made with `load_now=False`)."""
+        if self._processor is None:
+            self._processor = load_processor(self.model_dir)
+        return self._processor
 
     def prompt(self, instruction: str, media: str | None, system_prompt: str | None = None) -> str:
         """The chat prompt; `system_prompt` (when given) instead of the builder's own system message."""

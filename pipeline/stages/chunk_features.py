@@ -29,8 +29,10 @@ class BuildChunkFeatures(Stage):
     def __init__(self, context: RunContext):
         super().__init__(context)
         one_thread_per_worker()
+        # loaded on first use: only recordings longer than a chunk get their features here, and most
+        # runs of calls have none
         self.builder = InputBuilder(context.model_dir(processor_only=True), self.config.system_prompt,
-                                    audio_bucket_s=self.config.audio.batch_bucket_s)
+                                    audio_bucket_s=self.config.audio.batch_bucket_s, load_now=False)
 
     @classmethod
     def resources(cls, config: JobConfig, cluster: Cluster, start_whole: bool = False) -> StageResources:
