@@ -9,9 +9,8 @@ idle is multiplied by the node's cores.
 """
 from __future__ import annotations
 
-import pytest
-
 import pyarrow as pa
+import pytest
 
 from bench.documents import encoded, scan, text_pdf
 from bench.host_memory import pss_rollup
@@ -20,6 +19,7 @@ PAGES = 20
 SCANS = [(1275, 1650), (1240, 1754), (1700, 2200), (1654, 2339)]
 
 
+@pytest.mark.realsize  # memory, measured (20 s)
 def test_an_idle_decoding_worker_holds_what_it_was_set_up_with(ray_session, tiny_model, tmp_path):
     from pipeline.context import RunContext
     from pipeline.stages.prepare_pages import PreparePages
